@@ -1,0 +1,146 @@
+//! Typed errors that keep the server's SQLSTATE.
+
+use std::time::Duration;
+
+use tokio_postgres::error::SqlState;
+
+use crate::lsn::Lsn;
+use crate::token::TokenError;
+
+/// Everything that can go wrong while routing or running a statement.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The database returned an error (its SQLSTATE is kept, see [`Error::code`]).
+    #[error("{node}: {source}")]
+    Db {
+        /// The node that answered.
+        node: String,
+        /// The driver's error.
+        #[source]
+        source: tokio_postgres::Error,
+    },
+    /// No connection to a node could be had.
+    #[error("{node}: cannot get a connection: {message}")]
+    Connect {
+        /// The node.
+        node: String,
+        /// What the pool said.
+        message: String,
+    },
+    /// A consistency token could not be used.
+    #[error(transparent)]
+    Token(#[from] TokenError),
+    /// The token names a WAL position the current primary has not reached:
+    /// either it was forged, or the writes it stands for were lost in a
+    /// failover (asynchronous replication).
+    #[error(
+        "consistency token {token} is ahead of the primary ({primary}): the writes it stands for may have been lost in a failover"
+    )]
+    TokenAhead {
+        /// The token's position.
+        token: Lsn,
+        /// The primary's current position.
+        primary: Lsn,
+    },
+    /// No replica reached the token within the policy's `max_wait` and the
+    /// policy says not to fall back to the primary.
+    #[error("no replica reached {token} within {waited:?}")]
+    WaitTimeout {
+        /// The position waited for.
+        token: Lsn,
+        /// How long it waited.
+        waited: Duration,
+    },
+    /// No node can serve the request (no primary known, or every eligible
+    /// node is down).
+    #[error("no node available: {0}")]
+    Unavailable(String),
+    /// A configuration error.
+    #[error("configuration error: {0}")]
+    Config(String),
+}
+
+/// SQLSTATE used for [`Error::WaitTimeout`] (`query_canceled`, as a
+/// statement timeout).
+pub const SQLSTATE_WAIT_TIMEOUT: &str = "57014";
+
+impl Error {
+    pub(crate) fn db(node: &str, source: tokio_postgres::Error) -> Self {
+        Error::Db {
+            node: node.to_string(),
+            source,
+        }
+    }
+
+    /// The SQLSTATE of the error: the server's own for database errors, and
+    /// the nearest standard code for lagrouter's own errors (`08006` when a
+    /// node cannot be reached, `57014` for a wait timeout, `22023` for a bad
+    /// token, `55000` for a token ahead of the primary).
+    pub fn code(&self) -> Option<&str> {
+        match self {
+            Error::Db { source, .. } => match source.code() {
+                Some(c) => Some(c.code()),
+                None if source.is_closed() => Some(SqlState::CONNECTION_FAILURE.code()),
+                None => None,
+            },
+            Error::Connect { .. } | Error::Unavailable(_) => {
+                Some(SqlState::CONNECTION_FAILURE.code())
+            }
+            Error::Token(_) => Some(SqlState::INVALID_PARAMETER_VALUE.code()),
+            Error::TokenAhead { .. } => Some(SqlState::OBJECT_NOT_IN_PREREQUISITE_STATE.code()),
+            Error::WaitTimeout { .. } => Some(SQLSTATE_WAIT_TIMEOUT),
+            Error::Config(_) => Some(SqlState::INVALID_PARAMETER_VALUE.code()),
+        }
+    }
+
+    /// The driver error, when the database answered.
+    pub fn as_db_error(&self) -> Option<&tokio_postgres::error::DbError> {
+        match self {
+            Error::Db { source, .. } => source.as_db_error(),
+            _ => None,
+        }
+    }
+
+    /// True when the statement tried to write on a replica (`25006`).
+    pub fn is_read_only_violation(&self) -> bool {
+        self.code() == Some(SqlState::READ_ONLY_SQL_TRANSACTION.code())
+    }
+
+    /// True for a hot-standby recovery conflict: the query was cancelled to
+    /// let replay proceed, and can run elsewhere.
+    pub fn is_recovery_conflict(&self) -> bool {
+        match self.as_db_error() {
+            Some(db) => {
+                let code = db.code();
+                (code == &SqlState::T_R_SERIALIZATION_FAILURE
+                    || code == &SqlState::T_R_DEADLOCK_DETECTED
+                    || code == &SqlState::ADMIN_SHUTDOWN
+                    || code == &SqlState::DATABASE_DROPPED
+                    || code == &SqlState::QUERY_CANCELED)
+                    && db.message().contains("conflict with recovery")
+                    || db.detail().is_some_and(|d| d.contains("conflict with recovery"))
+            }
+            None => false,
+        }
+    }
+
+    /// True when the node could not be reached or the connection broke, so
+    /// the statement may be retried elsewhere (reads only).
+    pub fn is_connection_error(&self) -> bool {
+        match self {
+            Error::Connect { .. } => true,
+            Error::Db { source, .. } => {
+                source.is_closed()
+                    || source.code().is_some_and(|c| {
+                        let c = c.code();
+                        c.starts_with("08") || c == "57P01" || c == "57P02" || c == "57P03"
+                    })
+                    || (source.as_db_error().is_none() && source.code().is_none())
+            }
+            _ => false,
+        }
+    }
+}
+
+/// Shorthand for results of this crate.
+pub type Result<T, E = Error> = std::result::Result<T, E>;

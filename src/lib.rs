@@ -1,0 +1,77 @@
+//! # lagrouter
+//!
+//! Replication-lag-aware routing for PostgreSQL: writes go to the primary,
+//! reads go to a replica that is fresh enough, and a session always sees its
+//! own writes ("read-your-writes") and never goes back in time ("monotonic
+//! reads").
+//!
+//! The guarantee is carried by a [`ConsistencyToken`]: the WAL position
+//! (LSN) of the session's last commit, captured in the same round trip as
+//! the write. A read carrying a token is served only by a replica whose
+//! `pg_last_wal_replay_lsn()` has reached it; routing waits briefly for one
+//! (checking the replica's position in the same round trip as the read) and
+//! otherwise falls back to the primary.
+//!
+//! ```no_run
+//! use std::time::Duration;
+//! use lagrouter::{Cluster, Consistency};
+//!
+//! # async fn demo() -> Result<(), lagrouter::Error> {
+//! let cluster = Cluster::builder()
+//!     .primary("host=db-primary user=app password=secret dbname=app")
+//!     .replica("host=db-replica-1 user=app password=secret dbname=app")
+//!     .replica("host=db-replica-2 user=app password=secret dbname=app")
+//!     .policy(Consistency::read_your_writes(Duration::from_millis(100)))
+//!     .build()
+//!     .await?;
+//!
+//! let mut session = cluster.session();
+//! session
+//!     .execute("INSERT INTO notes(id, body) VALUES ($1, $2)", &[&1i32, &"hi"])
+//!     .await?;
+//! // Never stale: a replica that replayed the insert, or the primary.
+//! let row = session.query_one("SELECT body FROM notes WHERE id = $1", &[&1i32]).await?;
+//! let body: &str = row.get(0);
+//!
+//! // Carry the guarantee to the next HTTP request of this user:
+//! let token: String = session.token().map(|t| t.to_string()).unwrap_or_default();
+//! # let _ = (body, token);
+//! # Ok(()) }
+//! ```
+//!
+//! The same routing is available as a [`tower::Service`] ([`RouterService`])
+//! with [`layer`]s for policies and token tracking, and the test harness
+//! that starts real primary/replica clusters is in [`testing`] (feature
+//! `testing`).
+
+#![warn(missing_docs)]
+
+pub mod cluster;
+pub mod connect;
+pub mod error;
+pub mod exec;
+pub mod layer;
+pub mod lsn;
+pub mod monitor;
+pub mod policy;
+pub mod router;
+pub mod service;
+pub mod session;
+#[cfg(feature = "testing")]
+pub mod testing;
+pub mod token;
+pub mod topology;
+
+pub use cluster::{Cluster, ClusterBuilder, IntoNodeConfig, Node};
+pub use connect::Connector;
+pub use error::{Error, Result};
+pub use exec::{FallbackReason, ServedBy};
+pub use layer::{ConsistencyLayer, SharedToken, TokenTrackingLayer};
+pub use lsn::Lsn;
+pub use monitor::{LagMonitor, MonitorConfig, MonitorTarget};
+pub use policy::{Consistency, Fallback};
+pub use router::{LoadBalance, ReadContext, Route, Router};
+pub use service::{Intent, Request, Response, RouterService};
+pub use session::{Session, Transaction};
+pub use token::{ClusterId, ConsistencyToken, TokenError};
+pub use topology::{NodeState, Role, Topology};

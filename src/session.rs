@@ -1,0 +1,376 @@
+//! Sessions: a sequence of statements with read-your-writes and monotonic
+//! reads, carried by a consistency token.
+
+use std::time::Instant;
+
+use deadpool_postgres::Object;
+use tokio_postgres::Row;
+use tokio_postgres::types::ToSql;
+
+use crate::cluster::Cluster;
+use crate::error::{Error, Result};
+use crate::exec::{POSITION_SQL, ReadOpts, ServedBy, Stmt, parse_position};
+use crate::policy::Consistency;
+use crate::router::{ReadContext, Route};
+use crate::token::ConsistencyToken;
+use crate::topology::Role;
+
+/// A logical session: reads see the session's own writes and never go back
+/// in time, whichever nodes serve them.
+///
+/// The session keeps a [`ConsistencyToken`]: after each write it advances to
+/// the commit's WAL position (read in the same round trip as the write), and
+/// after each read to the position of the node that served it. Hand
+/// [`Session::token`] to another process and resume with
+/// [`Session::with_token`] to carry the guarantees across requests.
+///
+/// `query*` calls are reads (routed by the policy); `execute` and
+/// [`Session::write_query`] are writes (the primary). A "read" that turns out
+/// to write (SQLSTATE 25006 on a replica) is re-run on the primary.
+#[derive(Debug, Clone)]
+pub struct Session {
+    cluster: Cluster,
+    token: Option<ConsistencyToken>,
+    last_write: Option<Instant>,
+    policy: Consistency,
+    last_served: Option<ServedBy>,
+}
+
+impl Session {
+    pub(crate) fn new(cluster: Cluster) -> Self {
+        let policy = cluster.policy();
+        Session {
+            cluster,
+            token: None,
+            last_write: None,
+            policy,
+            last_served: None,
+        }
+    }
+
+    /// Resumes from a token handed back by a client (e.g. from a cookie).
+    pub fn with_token(mut self, token: ConsistencyToken) -> Self {
+        self.observe(Some(token));
+        self
+    }
+
+    /// Uses `policy` for this session's reads instead of the cluster default.
+    pub fn with_policy(mut self, policy: Consistency) -> Self {
+        self.policy = policy;
+        self
+    }
+
+    /// Changes the policy for subsequent reads.
+    pub fn set_policy(&mut self, policy: Consistency) {
+        self.policy = policy;
+    }
+
+    /// The session's token: at or after its last write and last read.
+    pub fn token(&self) -> Option<ConsistencyToken> {
+        self.token
+    }
+
+    /// Merges a token into the session's (keeps the newer one).
+    pub fn observe(&mut self, token: Option<ConsistencyToken>) {
+        self.token = match (self.token, token) {
+            (Some(a), Some(b)) => Some(a.max(b)),
+            (a, b) => a.or(b),
+        };
+    }
+
+    /// Where the last statement ran.
+    pub fn last_served(&self) -> Option<&ServedBy> {
+        self.last_served.as_ref()
+    }
+
+    /// The cluster.
+    pub fn cluster(&self) -> &Cluster {
+        &self.cluster
+    }
+
+    async fn read(&mut self, sql: &str, params: &[&(dyn ToSql + Sync)], expect_row: bool) -> Result<Vec<Row>> {
+        let opts = ReadOpts {
+            policy: self.policy,
+            token: self.token,
+            last_write: self.last_write,
+            capture: true,
+            expect_row,
+        };
+        let out = self.cluster.run_read(Stmt { sql, params }, opts).await?;
+        if out.served.fallback == Some(crate::exec::FallbackReason::ReadOnly) {
+            self.last_write = Some(Instant::now());
+        }
+        self.observe(out.token);
+        self.last_served = Some(out.served);
+        Ok(out.rows)
+    }
+
+    /// Runs a read and returns its rows.
+    pub async fn query(&mut self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<Vec<Row>> {
+        self.read(sql, params, false).await
+    }
+
+    /// Runs a read that must return exactly one row. With retry-on-miss on,
+    /// a replica that finds none is followed by a try on the primary.
+    pub async fn query_one(&mut self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<Row> {
+        let rows = self.read(sql, params, true).await?;
+        exactly_one(rows)
+    }
+
+    /// Runs a read that returns at most one row (retry-on-miss as
+    /// [`Session::query_one`]).
+    pub async fn query_opt(&mut self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<Option<Row>> {
+        let rows = self.read(sql, params, true).await?;
+        at_most_one(rows)
+    }
+
+    /// Runs a write on the primary and returns the number of rows affected.
+    pub async fn execute(&mut self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<u64> {
+        Ok(self.write(sql, params).await?.1)
+    }
+
+    /// Runs a write that returns rows (`INSERT … RETURNING`).
+    pub async fn write_query(&mut self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<Vec<Row>> {
+        Ok(self.write(sql, params).await?.0)
+    }
+
+    async fn write(&mut self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<(Vec<Row>, u64)> {
+        let out = self.cluster.run_write(Stmt { sql, params }).await?;
+        self.last_write = Some(Instant::now());
+        self.observe(out.token);
+        self.last_served = Some(out.served);
+        Ok((out.rows, out.rows_affected))
+    }
+
+    /// Starts a read-write transaction on the primary. Its commit advances
+    /// the session token (in the same round trip as the `COMMIT`).
+    pub async fn transaction(&mut self) -> Result<Transaction<'_>> {
+        let topo = self.cluster.topology();
+        let primary = topo
+            .primary
+            .ok_or_else(|| Error::Unavailable("no primary is known".into()))?;
+        let client = self.checkout(primary).await?;
+        client
+            .batch_execute("BEGIN")
+            .await
+            .map_err(|e| Error::db(self.cluster.node_name(primary), e))?;
+        Ok(Transaction {
+            session: self,
+            client: Some(client),
+            node: primary,
+            read_only: false,
+        })
+    }
+
+    /// Starts a read-only transaction (`REPEATABLE READ READ ONLY`) on a
+    /// node chosen by the session's policy: a replica that has reached the
+    /// session token, else the primary.
+    pub async fn read_transaction(&mut self) -> Result<Transaction<'_>> {
+        let start = Instant::now();
+        let max_wait = match self.policy {
+            Consistency::ReadYourWrites { max_wait, .. } => max_wait,
+            _ => std::time::Duration::ZERO,
+        };
+        let token = self.token.filter(|_| self.policy.uses_token()).map(|t| t.lsn);
+        let mut exclude = Vec::new();
+        loop {
+            let topo = self.cluster.topology();
+            let cx = ReadContext {
+                token,
+                last_write: self.last_write,
+                exclude: &exclude,
+            };
+            let node = match self.cluster.inner.router.route(&topo, &self.policy, &cx) {
+                Route::Replica(i) | Route::ReplicaIfCaughtUp(i) => i,
+                Route::Primary => topo
+                    .primary
+                    .ok_or_else(|| Error::Unavailable("no primary is known".into()))?,
+            };
+            let client = match self.checkout(node).await {
+                Ok(c) => c,
+                Err(e) if Some(node) != topo.primary => {
+                    exclude.push(node);
+                    tracing::debug!(error = %e, "replica unavailable for read transaction");
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
+            let name = self.cluster.node_name(node).to_string();
+            // Check the position first; replay is monotonic, so a snapshot
+            // taken after a passing check is fresh enough.
+            let (in_recovery, lsn) = parse_position(
+                &client
+                    .query_one(POSITION_SQL, &[])
+                    .await
+                    .map_err(|e| Error::db(&name, e))?,
+            );
+            let fresh = !in_recovery || token.is_none_or(|t| lsn.is_some_and(|l| l >= t));
+            if !fresh {
+                if start.elapsed() < max_wait {
+                    tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+                } else {
+                    exclude.push(node);
+                }
+                continue;
+            }
+            client
+                .batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+                .await
+                .map_err(|e| Error::db(&name, e))?;
+            return Ok(Transaction {
+                session: self,
+                client: Some(client),
+                node,
+                read_only: true,
+            });
+        }
+    }
+
+    async fn checkout(&self, node: usize) -> Result<Object> {
+        let n = &self.cluster.nodes()[node];
+        n.pool.get().await.map_err(|e| Error::Connect {
+            node: n.name.clone(),
+            message: e.to_string(),
+        })
+    }
+}
+
+fn exactly_one(rows: Vec<Row>) -> Result<Row> {
+    let n = rows.len();
+    let mut it = rows.into_iter();
+    match (it.next(), n) {
+        (Some(r), 1) => Ok(r),
+        _ => Err(Error::Unavailable(format!(
+            "query returned {n} rows where exactly one was expected"
+        ))),
+    }
+}
+
+fn at_most_one(rows: Vec<Row>) -> Result<Option<Row>> {
+    let n = rows.len();
+    if n > 1 {
+        return Err(Error::Unavailable(format!(
+            "query returned {n} rows where at most one was expected"
+        )));
+    }
+    Ok(rows.into_iter().next())
+}
+
+/// A transaction pinned to one node. Dropping it without
+/// [`Transaction::commit`] rolls it back.
+pub struct Transaction<'s> {
+    session: &'s mut Session,
+    client: Option<Object>,
+    node: usize,
+    read_only: bool,
+}
+
+impl std::fmt::Debug for Transaction<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Transaction")
+            .field("node", &self.node)
+            .field("read_only", &self.read_only)
+            .finish()
+    }
+}
+
+impl Transaction<'_> {
+    fn client(&self) -> &Object {
+        self.client.as_ref().expect("transaction is open")
+    }
+
+    fn name(&self) -> String {
+        self.session.cluster.node_name(self.node).to_string()
+    }
+
+    /// The node the transaction runs on.
+    pub fn node(&self) -> usize {
+        self.node
+    }
+
+    /// Runs a statement and returns its rows.
+    pub async fn query(&self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<Vec<Row>> {
+        let stmt = self
+            .client()
+            .prepare_cached(sql)
+            .await
+            .map_err(|e| Error::db(&self.name(), e))?;
+        self.client()
+            .query(&stmt, params)
+            .await
+            .map_err(|e| Error::db(&self.name(), e))
+    }
+
+    /// Runs a statement that returns exactly one row.
+    pub async fn query_one(&self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<Row> {
+        exactly_one(self.query(sql, params).await?)
+    }
+
+    /// Runs a statement and returns the number of rows affected.
+    pub async fn execute(&self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<u64> {
+        let stmt = self
+            .client()
+            .prepare_cached(sql)
+            .await
+            .map_err(|e| Error::db(&self.name(), e))?;
+        self.client()
+            .execute(&stmt, params)
+            .await
+            .map_err(|e| Error::db(&self.name(), e))
+    }
+
+    /// Commits. For a read-write transaction the session token advances to
+    /// the commit's position, read in the same round trip as the `COMMIT`.
+    pub async fn commit(mut self) -> Result<()> {
+        let client = self.client.take().expect("transaction is open");
+        let name = self.name();
+        let topo = self.session.cluster.topology();
+        let commit = client.batch_execute("COMMIT");
+        let pos = client.query_one(POSITION_SQL, &[]);
+        let (commit, pos) = tokio::join!(commit, pos);
+        commit.map_err(|e| Error::db(&name, e))?;
+        let (in_recovery, lsn) = parse_position(&pos.map_err(|e| Error::db(&name, e))?);
+        self.session
+            .observe(Cluster::token_at(&topo, (in_recovery, lsn)));
+        if !self.read_only {
+            self.session.last_write = Some(Instant::now());
+        }
+        self.session.last_served = Some(ServedBy {
+            node: self.node,
+            name,
+            role: if in_recovery { Role::Replica } else { Role::Primary },
+            waited: std::time::Duration::ZERO,
+            fallback: None,
+        });
+        Ok(())
+    }
+
+    /// Rolls back.
+    pub async fn rollback(mut self) -> Result<()> {
+        let client = self.client.take().expect("transaction is open");
+        client
+            .batch_execute("ROLLBACK")
+            .await
+            .map_err(|e| Error::db(&self.name(), e))
+    }
+}
+
+impl Drop for Transaction<'_> {
+    fn drop(&mut self) {
+        if let Some(client) = self.client.take() {
+            match tokio::runtime::Handle::try_current() {
+                Ok(h) => {
+                    h.spawn(async move {
+                        if client.batch_execute("ROLLBACK").await.is_err() {
+                            // Do not return a connection in an unknown state.
+                            let _ = Object::take(client);
+                        }
+                    });
+                }
+                Err(_) => {
+                    let _ = Object::take(client);
+                }
+            }
+        }
+    }
+}
