@@ -128,11 +128,14 @@ pub(crate) fn parse_position(row: &Row) -> (bool, Option<Lsn>) {
     (in_recovery, lsn)
 }
 
-async fn run_stmt(client: &Object, stmt: Stmt<'_>) -> Result<(Vec<Row>, u64), tokio_postgres::Error> {
-    let prepared = client.prepare_cached(stmt.sql).await?;
-    let stream = client
-        .query_raw(&prepared, stmt.params.iter().copied())
-        .await?;
+async fn run_stmt(
+    client: &Object,
+    prepared: &tokio_postgres::Statement,
+    params: &[&(dyn ToSql + Sync)],
+) -> Result<(Vec<Row>, u64), tokio_postgres::Error> {
+    // With a prepared statement the request is sent on the first poll, so
+    // futures joined with this one are pipelined in poll order.
+    let stream = client.query_raw(prepared, params.iter().copied()).await?;
     pin_mut!(stream);
     let mut rows = Vec::new();
     while let Some(row) = stream.try_next().await? {
@@ -177,10 +180,13 @@ impl Cluster {
         let name = &self.inner.nodes[node].name;
         let _inflight = self.inner.router.track(node);
         let client = self.checkout(node).await?;
-        let position = client
-            .prepare_cached(POSITION_SQL)
-            .await
-            .map_err(|e| Error::db(name, e))?;
+        // Prepare first (cached per connection; both in one round trip), so
+        // that the executions below go out in order in a single pipeline.
+        let (prepared, position) = tokio::try_join!(
+            client.prepare_cached(stmt.sql),
+            client.prepare_cached(POSITION_SQL)
+        )
+        .map_err(|e| Error::db(name, e))?;
         let pre = async {
             if before {
                 client.query_one(&position, &[]).await.map(Some)
@@ -188,7 +194,7 @@ impl Cluster {
                 Ok(None)
             }
         };
-        let main = run_stmt(&client, stmt);
+        let main = run_stmt(&client, &prepared, stmt.params);
         let post = async {
             if after {
                 client.query_one(&position, &[]).await.map(Some)
@@ -408,6 +414,8 @@ impl Cluster {
                             topo = self.inner.monitor.snapshot();
                             continue;
                         }
+                    }
+                    if counted_wait {
                         waited = start.elapsed();
                     }
                     if opts.expect_row && r.rows.is_empty() && self.inner.retry_on_empty {

@@ -50,6 +50,8 @@ pub mod cluster;
 pub mod connect;
 pub mod error;
 pub mod exec;
+#[cfg(feature = "http")]
+pub mod http;
 pub mod layer;
 pub mod lsn;
 pub mod monitor;

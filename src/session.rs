@@ -325,8 +325,14 @@ impl Transaction<'_> {
         let client = self.client.take().expect("transaction is open");
         let name = self.name();
         let topo = self.session.cluster.topology();
+        let position = client
+            .prepare_cached(POSITION_SQL)
+            .await
+            .map_err(|e| Error::db(&name, e))?;
+        // COMMIT and the position probe in one pipeline: the probe runs after
+        // the commit record is written.
         let commit = client.batch_execute("COMMIT");
-        let pos = client.query_one(POSITION_SQL, &[]);
+        let pos = client.query_one(&position, &[]);
         let (commit, pos) = tokio::join!(commit, pos);
         commit.map_err(|e| Error::db(&name, e))?;
         let (in_recovery, lsn) = parse_position(&pos.map_err(|e| Error::db(&name, e))?);

@@ -24,15 +24,17 @@
 //! panic unwinds) and removes its files.
 //!
 //! ```no_run
-//! # async fn demo() -> Result<(), lagrouter::testing::HarnessError> {
+//! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
 //! use std::time::Duration;
 //! use lagrouter::testing::PgCluster;
 //!
 //! let cluster = PgCluster::start(1).await?;
 //! let primary = cluster.connect(cluster.primary()).await?;
-//! primary.batch_execute("CREATE TABLE t (id int)").await?;
+//! primary.batch_execute("CREATE TABLE t (id int); INSERT INTO t VALUES (1)").await?;
 //! let lsn = cluster.current_lsn().await?;
 //! cluster.wait_for_replay(1, lsn, Duration::from_secs(10)).await?;
+//! let replica = cluster.connect(1).await?;
+//! assert_eq!(replica.query("SELECT id FROM t", &[]).await?.len(), 1);
 //! # Ok(()) }
 //! ```
 
@@ -263,7 +265,10 @@ pub fn docker_engine_reachable() -> bool {
 
 /// Errors of the test harness. Messages carry the failing command's output
 /// or the tail of the server log so that test failures are diagnosable.
-#[derive(thiserror::Error, Debug)]
+///
+/// `Debug` prints the same multi-line text as `Display`, so that
+/// `.unwrap()` / `.expect()` in tests show readable server logs.
+#[derive(thiserror::Error)]
 #[non_exhaustive]
 pub enum HarnessError {
     /// `LAGROUTER_TEST_BACKEND` holds an unknown value.
@@ -351,6 +356,12 @@ pub enum HarnessError {
     /// The container engine reported an error.
     #[error("docker: {0}")]
     Docker(String),
+}
+
+impl std::fmt::Debug for HarnessError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Display::fmt(self, f)
+    }
 }
 
 /// Boxed future returned by [`ClusterBackend`] methods.
@@ -453,15 +464,24 @@ impl ClusterSpec {
         );
         for src in tcp_sources {
             s.push_str(&format!("host all all {src} {}\n", self.auth_method));
-            s.push_str(&format!("host replication all {src} {}\n", self.auth_method));
+            s.push_str(&format!(
+                "host replication all {src} {}\n",
+                self.auth_method
+            ));
         }
         s
     }
 }
 
-/// Quotes a value for a `postgresql.conf` line or SQL string literal.
+/// Quotes an SQL string literal (`standard_conforming_strings` on).
 pub(crate) fn quote_literal(value: &str) -> String {
     format!("'{}'", value.replace('\'', "''"))
+}
+
+/// Quotes a value for a `postgresql.conf` line, whose lexer also treats
+/// backslashes as escapes.
+pub(crate) fn quote_conf(value: &str) -> String {
+    format!("'{}'", value.replace('\\', "\\\\").replace('\'', "''"))
 }
 
 /// Quotes a libpq connection-string value when needed.
@@ -635,7 +655,11 @@ impl PgClusterBuilder {
             ));
         }
         for (name, _) in &self.settings {
-            if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '.') {
+            if name.is_empty()
+                || !name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '.')
+            {
                 return Err(HarnessError::InvalidConfig(format!(
                     "invalid setting name {name:?}"
                 )));
@@ -792,7 +816,8 @@ impl PgCluster {
     /// `pg_get_wal_replay_pause_state()` reports `paused`.
     pub async fn pause_replay(&self, node: NodeIndex) -> Result<(), HarnessError> {
         let client = self.control(node).await?;
-        self.exec(node, &client, "SELECT pg_wal_replay_pause()").await?;
+        self.exec(node, &client, "SELECT pg_wal_replay_pause()")
+            .await?;
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             let row = client
@@ -819,7 +844,8 @@ impl PgCluster {
     /// pause state is `not paused`.
     pub async fn resume_replay(&self, node: NodeIndex) -> Result<(), HarnessError> {
         let client = self.control(node).await?;
-        self.exec(node, &client, "SELECT pg_wal_replay_resume()").await?;
+        self.exec(node, &client, "SELECT pg_wal_replay_resume()")
+            .await?;
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             let row = client
@@ -852,8 +878,13 @@ impl PgCluster {
                 "apply delay {d:?} is too large"
             )));
         }
-        self.set_config(node, "recovery_min_apply_delay", &format!("{ms}ms"), &ms.to_string())
-            .await
+        self.set_config(
+            node,
+            "recovery_min_apply_delay",
+            &format!("{ms}ms"),
+            &ms.to_string(),
+        )
+        .await
     }
 
     /// Fast shutdown of `node` (`SIGINT`); waits for the server to exit.
@@ -980,6 +1011,10 @@ impl PgCluster {
         if self.backend.is_running(node) {
             self.backend.stop_node(node).await?;
         }
+        // pg_rewind reads the source's timeline from pg_control, which a
+        // freshly promoted server only updates at its next checkpoint.
+        let source = self.control(primary).await?;
+        self.exec(primary, &source, "CHECKPOINT").await?;
         self.backend.rewind_node(node, primary).await?;
         self.backend.start_node(node).await?;
         self.topo().roles[node] = Role::Standby { upstream: primary };
@@ -1125,7 +1160,13 @@ impl PgCluster {
         }
     }
 
-    fn timeout(&self, node: NodeIndex, what: &str, timeout: Duration, state: String) -> HarnessError {
+    fn timeout(
+        &self,
+        node: NodeIndex,
+        what: &str,
+        timeout: Duration,
+        state: String,
+    ) -> HarnessError {
         HarnessError::Timeout {
             what: what.to_string(),
             timeout,
@@ -1257,7 +1298,12 @@ impl PgCluster {
 }
 
 /// `primary_conninfo` value: `peer` is the `host=... port=...` part.
-pub(crate) fn replication_conninfo(peer: &str, user: &str, password: &str, node: NodeIndex) -> String {
+pub(crate) fn replication_conninfo(
+    peer: &str,
+    user: &str,
+    password: &str,
+    node: NodeIndex,
+) -> String {
     format!(
         "{peer} user={} password={} application_name=node{node}",
         quote_conn_value(user),
@@ -1272,10 +1318,22 @@ mod tests {
     #[test]
     fn parse_backend_request() {
         assert_eq!(BackendRequest::parse(None).unwrap(), BackendRequest::Auto);
-        assert_eq!(BackendRequest::parse(Some("")).unwrap(), BackendRequest::Auto);
-        assert_eq!(BackendRequest::parse(Some("AUTO")).unwrap(), BackendRequest::Auto);
-        assert_eq!(BackendRequest::parse(Some("local")).unwrap(), BackendRequest::Local);
-        assert_eq!(BackendRequest::parse(Some("docker")).unwrap(), BackendRequest::Docker);
+        assert_eq!(
+            BackendRequest::parse(Some("")).unwrap(),
+            BackendRequest::Auto
+        );
+        assert_eq!(
+            BackendRequest::parse(Some("AUTO")).unwrap(),
+            BackendRequest::Auto
+        );
+        assert_eq!(
+            BackendRequest::parse(Some("local")).unwrap(),
+            BackendRequest::Local
+        );
+        assert_eq!(
+            BackendRequest::parse(Some("docker")).unwrap(),
+            BackendRequest::Docker
+        );
         assert!(matches!(
             BackendRequest::parse(Some("k8s")),
             Err(HarnessError::InvalidBackend { .. })
@@ -1288,6 +1346,7 @@ mod tests {
         assert_eq!(quote_conn_value(""), "''");
         assert_eq!(quote_conn_value("a b'c\\"), "'a b\\'c\\\\'");
         assert_eq!(quote_literal("it's"), "'it''s'");
+        assert_eq!(quote_conf("a\\'b"), "'a\\\\''b'");
         assert_eq!(quote_ident("a\"b"), "\"a\"\"b\"");
     }
 
