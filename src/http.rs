@@ -22,6 +22,13 @@
 //! `lagrouter_http_rejected_tokens_total{reason}`; they never fail the
 //! request.
 //!
+//! Without a signing key a client can present a token of this cluster from
+//! the future; reads carrying it wait for replicas in vain and then fail
+//! with [`Error::TokenAhead`](crate::Error::TokenAhead) on the primary.
+//! Handlers can recover with [`TokenCell::clear`] and a fresh session (see
+//! `examples/axum_app.rs`); with [`ConsistencyTokenLayer::signing_key`] such
+//! tokens cannot be made.
+//!
 //! ```no_run
 //! use axum::{Extension, Router, extract::State, routing::post};
 //! use lagrouter::Cluster;
@@ -109,8 +116,13 @@ const MAX_CANDIDATES: usize = 8;
 /// open their [`Session`] from it and write the session's token back; after
 /// the handler the layer sends the newest token to the client.
 ///
+/// Without the layer there is no cell: axum's `Extension<TokenCell>`
+/// then rejects the request (500), so install the layer on every route
+/// whose handlers take the cell.
+///
 /// Cloning is cheap and clones share the token. Tokens only move forward:
-/// [`TokenCell::observe`] keeps the newer of the current and the given one.
+/// [`TokenCell::observe`] keeps the newer of the current and the given one
+/// (only [`TokenCell::clear`] goes back).
 #[derive(Clone, Debug, Default)]
 pub struct TokenCell(Arc<Mutex<Option<ConsistencyToken>>>);
 
@@ -130,6 +142,15 @@ impl TokenCell {
         let Some(t) = token else { return };
         let mut g = self.0.lock().unwrap_or_else(|p| p.into_inner());
         *g = Some(g.map_or(t, |cur| cur.max(t)));
+    }
+
+    /// Forgets the token: the response then tells the client to drop it
+    /// (an expired cookie, an empty header). Use it when the token turned
+    /// out to be useless, e.g. after
+    /// [`Error::TokenAhead`](crate::Error::TokenAhead): a token ahead of the
+    /// primary was forged or stands for writes lost in a failover.
+    pub fn clear(&self) {
+        *self.0.lock().unwrap_or_else(|p| p.into_inner()) = None;
     }
 
     /// A new session of `cluster` resuming from the cell's token: its reads
@@ -273,7 +294,7 @@ struct Config {
 
 impl fmt::Debug for Config {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("ConsistencyTokenLayer")
+        f.debug_struct("Config")
             .field("header_name", &self.header_name)
             .field("cookie_name", &self.cookie_name)
             .field("cookie_max_age", &self.cookie_max_age)
@@ -486,6 +507,9 @@ impl ConsistencyTokenLayer {
         // (value, where it came from); `None` for a value that is not text.
         let mut candidates: Vec<(Option<&str>, &'static str)> = Vec::new();
         for value in headers.get_all(&self.config.header_name) {
+            if candidates.len() == MAX_CANDIDATES {
+                break;
+            }
             candidates.push((value.to_str().ok(), "header"));
         }
         let name = self.config.cookie_name.as_bytes();
@@ -503,11 +527,14 @@ impl ConsistencyTokenLayer {
                     .strip_prefix(b"\"")
                     .and_then(|r| r.strip_suffix(b"\""))
                     .unwrap_or(raw);
+                if candidates.len() == MAX_CANDIDATES {
+                    break;
+                }
                 candidates.push((std::str::from_utf8(raw).ok(), "cookie"));
             }
         }
         let mut best: Option<ConsistencyToken> = None;
-        for (value, source) in candidates.into_iter().take(MAX_CANDIDATES) {
+        for (value, source) in candidates {
             let result = match value {
                 Some(v) if v.trim().is_empty() => continue,
                 Some(v) => self.decode(v),
@@ -525,17 +552,27 @@ impl ConsistencyTokenLayer {
     /// `Set-Cookie` (`Path=/; Max-Age=…; HttpOnly; SameSite=Lax`, plus
     /// `Secure` when configured), as configured.
     pub fn write_token(&self, headers: &mut HeaderMap, token: &ConsistencyToken) {
+        let max_age = self.config.cookie_max_age;
+        self.write_wire(headers, &self.encode(token), max_age);
+    }
+
+    /// Tells the client to drop its token: an empty token header and/or an
+    /// expired cookie (`Max-Age=0`), as configured.
+    pub fn clear_token(&self, headers: &mut HeaderMap) {
+        self.write_wire(headers, "", 0);
+    }
+
+    fn write_wire(&self, headers: &mut HeaderMap, wire: &str, max_age: u64) {
         let c = &self.config;
-        let wire = self.encode(token);
         if c.write_header {
-            if let Ok(v) = HeaderValue::from_str(&wire) {
+            if let Ok(v) = HeaderValue::from_str(wire) {
                 headers.insert(c.header_name.clone(), v);
             }
         }
         if c.write_cookie {
             let mut cookie = format!(
-                "{}={wire}; Path=/; Max-Age={}; HttpOnly; SameSite=Lax",
-                c.cookie_name, c.cookie_max_age
+                "{}={wire}; Path=/; Max-Age={max_age}; HttpOnly; SameSite=Lax",
+                c.cookie_name
             );
             if c.secure {
                 cookie.push_str("; Secure");
@@ -665,8 +702,12 @@ where
         let this = self.project();
         let mut response = std::task::ready!(this.inner.poll(cx))?;
         if let Some(wb) = this.write_back.take() {
-            if let Some(token) = wb.cell.get().filter(|t| Some(*t) != wb.initial) {
-                wb.layer.write_token(response.headers_mut(), &token);
+            let token = wb.cell.get();
+            if token != wb.initial {
+                match token {
+                    Some(t) => wb.layer.write_token(response.headers_mut(), &t),
+                    None => wb.layer.clear_token(response.headers_mut()),
+                }
             }
         }
         Poll::Ready(Ok(response))
@@ -923,6 +964,28 @@ mod tests {
         assert_eq!(res.body(), &wire);
         assert!(res.headers().get(SET_COOKIE).is_none());
         assert!(res.headers().get(DEFAULT_HEADER_NAME).is_none());
+    }
+
+    #[tokio::test]
+    async fn service_clear_tells_the_client_to_drop_its_token() {
+        let layer = ConsistencyTokenLayer::new();
+        let svc = layer.layer(tower::service_fn(|req: Request<()>| async move {
+            req.extensions().get::<TokenCell>().unwrap().clear();
+            Ok::<_, Infallible>(Response::new(String::new()))
+        }));
+        let req = Request::builder()
+            .header("cookie", format!("lagrouter_token={}", token(9)))
+            .body(())
+            .unwrap();
+        let res = svc.clone().oneshot(req).await.unwrap();
+        assert_eq!(
+            res.headers()[SET_COOKIE],
+            "lagrouter_token=; Path=/; Max-Age=0; HttpOnly; SameSite=Lax"
+        );
+        assert_eq!(res.headers()[DEFAULT_HEADER_NAME], "");
+        // Nothing to clear: nothing written.
+        let res = svc.oneshot(Request::new(())).await.unwrap();
+        assert!(res.headers().get(SET_COOKIE).is_none());
     }
 
     #[tokio::test]

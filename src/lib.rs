@@ -77,3 +77,8 @@ pub use service::{Intent, Request, Response, RouterService};
 pub use session::{Session, Transaction};
 pub use token::{ClusterId, ConsistencyToken, TokenError};
 pub use topology::{NodeState, Role, Topology};
+
+/// The README's examples, compiled as doc tests.
+#[cfg(all(doctest, feature = "testing"))]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;

@@ -352,8 +352,7 @@ fn build_snapshot(
         let candidate = (0..results.len())
             .filter(|&i| answers_as_primary(i))
             .max_by_key(|&i| (next.nodes[i].timeline.unwrap_or(0), std::cmp::Reverse(i)));
-        if candidate != prev.primary && candidate.is_some() {
-            let new = candidate.expect("checked");
+        if let Some(new) = candidate.filter(|&c| Some(c) != prev.primary) {
             info!(from = ?prev.primary.map(|p| &prev.nodes[p].name), to = %next.nodes[new].name, "primary changed");
             metrics::counter!("lagrouter_primary_changes_total").increment(1);
         }

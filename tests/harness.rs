@@ -65,9 +65,31 @@ async fn create_table(pg: &PgCluster, table: &str) {
         .expect("create table");
 }
 
+/// The futures of `PgCluster` methods can be spawned on a multi-threaded
+/// runtime (compile-time check).
+fn assert_futures_are_send(pg: &PgCluster) {
+    fn is_send<T: Send>(_: T) {}
+    is_send(pg.connect(0));
+    is_send(pg.pause_replay(1));
+    is_send(pg.resume_replay(1));
+    is_send(pg.set_apply_delay(1, Duration::ZERO));
+    is_send(pg.stop_node(1));
+    is_send(pg.kill_node(1));
+    is_send(pg.start_node(1));
+    is_send(pg.promote(1));
+    is_send(pg.rejoin_as_standby(0));
+    is_send(pg.replay_lsn(1));
+    is_send(pg.current_lsn());
+    is_send(pg.flush_lsn());
+    is_send(pg.wait_for_replay(1, Lsn(0), DEADLINE));
+    is_send(pg.wait_caught_up(DEADLINE));
+    is_send(PgCluster::start(0));
+}
+
 #[tokio::test]
 async fn writes_reach_both_replicas() {
     let pg = start(2).await;
+    assert_futures_are_send(&pg);
     assert_eq!(pg.node_count(), 3);
     assert_eq!(pg.primary(), 0);
     assert_eq!(pg.replicas(), vec![1, 2]);
@@ -368,12 +390,52 @@ async fn md5_auth_and_custom_user_and_settings() {
 }
 
 #[tokio::test]
+async fn password_and_trust_auth_methods() {
+    let pg = PgCluster::builder()
+        .replicas(1)
+        .auth_method("password")
+        .start()
+        .await
+        .unwrap();
+    let lsn = {
+        let c = pg.connect(0).await.unwrap();
+        c.batch_execute("CREATE TABLE t (id int)").await.unwrap();
+        pg.current_lsn().await.unwrap()
+    };
+    pg.wait_for_replay(1, lsn, DEADLINE).await.unwrap();
+    let mut bad = pg.config(1);
+    bad.password("wrong");
+    assert!(bad.connect(tokio_postgres::NoTls).await.is_err());
+    drop(pg);
+
+    let pg = PgCluster::builder()
+        .replicas(0)
+        .auth_method("trust")
+        .start()
+        .await
+        .unwrap();
+    assert!(pg.replicas().is_empty());
+    pg.wait_caught_up(DEADLINE).await.unwrap();
+    let mut any = pg.config(0);
+    any.password("whatever");
+    let (c, conn) = any.connect(tokio_postgres::NoTls).await.unwrap();
+    tokio::spawn(conn);
+    c.simple_query("SELECT 1").await.unwrap();
+}
+
+#[tokio::test]
 async fn invalid_options_are_rejected() {
     let err = PgCluster::builder()
         .auth_method("ident")
         .start()
         .await
         .expect_err("unsupported auth method");
+    assert!(matches!(err, HarnessError::InvalidConfig(_)), "{err}");
+    let err = PgCluster::builder()
+        .setting("work_mem", "1MB\nfsync = on")
+        .start()
+        .await
+        .expect_err("multi-line setting value");
     assert!(matches!(err, HarnessError::InvalidConfig(_)), "{err}");
     let err = PgCluster::builder()
         .setting("bad name", "1")

@@ -153,6 +153,18 @@ fn token_cookie(headers: &HeaderMap) -> Option<String> {
         .map(|c| c.split(';').next().unwrap_or("").to_string())
 }
 
+async fn pause_replicas(pg: &PgCluster) {
+    for r in pg.replicas() {
+        pg.pause_replay(r).await.expect("pause replay");
+    }
+}
+
+async fn resume_replicas(pg: &PgCluster) {
+    for r in pg.replicas() {
+        pg.resume_replay(r).await.expect("resume replay");
+    }
+}
+
 /// A token of the cluster that issued `genuine`, far ahead of anything the
 /// cluster will reach: a read carrying it can only be served by the primary
 /// (after waiting in vain for a replica).
@@ -271,7 +283,7 @@ async fn reads_without_recent_writes_use_replicas_and_bad_tokens_are_ignored() {
 
     let writer = client(true);
     let (id, headers) = post_item(&writer, &a, "old news").await;
-    let genuine = token_of(&token_cookie(&headers).expect("token cookie"));
+    assert!(token_cookie(&headers).is_some());
     pg.wait_caught_up(DEADLINE)
         .await
         .expect("replicas catch up");
@@ -297,19 +309,26 @@ async fn reads_without_recent_writes_use_replicas_and_bad_tokens_are_ignored() {
         "only {by_replica}/20 reads without a token used a replica"
     );
 
-    // A token from the future of this very cluster is honoured: the read
-    // waits for a replica in vain and goes to the primary. This makes the
-    // checks below meaningful: an accepted bad token would show.
-    let future = far_future(&genuine).to_string();
-    let cookie = format!("lagrouter_token={future}");
-    let (status, served, _, _) = get_item(&client(false), &b, id, &[("cookie", &cookie)]).await;
+    // With replay paused, a token of a new write can only be honoured by
+    // the primary: a read carrying it waits for the replicas in vain and
+    // falls back. So "served by replica" below means "token ignored".
+    pause_replicas(&pg).await;
+    let (_, headers) = post_item(&writer, &a, "newer").await;
+    let ahead = token_of(&token_cookie(&headers).expect("token cookie"));
+    let (status, served, _, _) = get_item(
+        &client(false),
+        &b,
+        id,
+        &[("cookie", &format!("lagrouter_token={ahead}"))],
+    )
+    .await;
     assert_eq!((status, served.as_str()), (StatusCode::OK, "primary"));
 
     // Garbage and foreign tokens are ignored: 200 from a replica.
     let foreign = ConsistencyToken::new(
-        Lsn(u64::MAX / 2),
-        genuine.cluster.system_identifier ^ 1,
-        genuine.cluster.timeline,
+        ahead.lsn,
+        ahead.cluster.system_identifier ^ 1,
+        ahead.cluster.timeline,
     )
     .to_string();
     let bad_cookies = [
@@ -320,11 +339,14 @@ async fn reads_without_recent_writes_use_replicas_and_bad_tokens_are_ignored() {
         format!("lagrouter_token={foreign}"),
     ];
     for cookie in &bad_cookies {
-        let (status, served, got, _) =
+        let (status, served, got, headers) =
             get_item(&client(false), &b, id, &[("cookie", cookie)]).await;
         assert_eq!(status, StatusCode::OK, "{cookie:.40}");
         assert_eq!(got, "old news");
         assert_eq!(served, "replica", "{cookie:.40} was not ignored");
+        // The bad cookie is replaced by a genuine token.
+        let fresh = token_of(&token_cookie(&headers).expect("token cookie"));
+        assert_eq!(fresh.cluster, ahead.cluster);
     }
     for header in ["garbage", "v9.AAAA", foreign.as_str()] {
         let (status, served, _, _) =
@@ -332,6 +354,22 @@ async fn reads_without_recent_writes_use_replicas_and_bad_tokens_are_ignored() {
         assert_eq!(status, StatusCode::OK, "{header}");
         assert_eq!(served, "replica", "{header} was not ignored");
     }
+
+    // A token of this cluster from the future (forged, or its writes lost in
+    // a failover) makes the primary answer TokenAhead; the app forgets it
+    // and answers from current data instead of failing.
+    let future = far_future(&ahead);
+    let (status, _, got, headers) = get_item(
+        &client(false),
+        &b,
+        id,
+        &[("cookie", &format!("lagrouter_token={future}"))],
+    )
+    .await;
+    assert_eq!((status, got.as_str()), (StatusCode::OK, "old news"));
+    let replaced = token_of(&token_cookie(&headers).expect("token cookie"));
+    assert!(replaced.lsn < future.lsn);
+    resume_replicas(&pg).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -372,22 +410,49 @@ async fn signed_tokens_carry_across_instances_and_forgeries_are_ignored() {
     pg.wait_caught_up(DEADLINE)
         .await
         .expect("replicas catch up");
-    let genuine = token_of(&last_wire);
-    let signature = last_wire.rsplit('.').next().expect("signature");
-    let future = far_future(&genuine).to_string();
+    // As above: with replay paused, only the primary can honour a new token.
+    pause_replicas(&pg).await;
+    let (_, headers) = post_item(&browser, &a, "newer").await;
+    let genuine = token_cookie(&headers).expect("token cookie");
+    let (token, signature) = genuine.rsplit_once('.').expect("signed");
+    let (status, served, _, _) = get_item(
+        &client(false),
+        &b,
+        id,
+        &[("cookie", &format!("lagrouter_token={genuine}"))],
+    )
+    .await;
+    assert_eq!((status, served.as_str()), (StatusCode::OK, "primary"));
+
+    let mut flipped = signature.as_bytes().to_vec();
+    flipped[0] = if flipped[0] == b'A' { b'B' } else { b'A' };
+    let flipped = String::from_utf8(flipped).expect("ASCII");
+    let t = token_of(token);
+    let nearby = ConsistencyToken::new(
+        Lsn(t.lsn.0 - 1),
+        t.cluster.system_identifier,
+        t.cluster.timeline,
+    );
     let forgeries = [
         // Unsigned.
-        future.clone(),
-        // Someone else's signature.
-        format!("{future}.{signature}"),
+        token.to_string(),
+        // Tampered signature.
+        format!("{token}.{flipped}"),
+        // Another token's signature.
+        format!(
+            "{token}.{}",
+            last_wire.rsplit('.').next().expect("signature")
+        ),
+        // This token's signature on another token.
+        format!("{nearby}.{signature}"),
         // Signed with another key.
         ConsistencyTokenLayer::new()
             .signing_key(b"not the key")
-            .encode(&far_future(&genuine)),
-        // Truncated or garbage signatures.
-        format!("{future}."),
-        format!("{future}.!!!!"),
-        format!("{future}.{}", &signature[..10]),
+            .encode(&t),
+        // Empty, garbage and truncated signatures.
+        format!("{token}."),
+        format!("{token}.!!!!"),
+        format!("{token}.{}", &signature[..10]),
     ];
     for forged in &forgeries {
         let cookie = format!("lagrouter_token={forged}");
@@ -397,19 +462,10 @@ async fn signed_tokens_carry_across_instances_and_forgeries_are_ignored() {
         assert_eq!(served, "replica", "forged token {forged} was not ignored");
         // The read hands out a genuine, signed token instead.
         let fresh = token_cookie(&headers).expect("token cookie");
-        assert_eq!(fresh.split('.').count(), 3);
-        assert_ne!(token_of(&fresh).lsn, Lsn(u64::MAX / 2));
+        assert_eq!(fresh.split('.').count(), 3, "{fresh}");
+        assert_ne!(fresh, genuine);
     }
-    // The genuinely signed far-future token would be honoured.
-    let signed_future = layer(&cb).encode(&far_future(&genuine));
-    let (status, served, _, _) = get_item(
-        &client(false),
-        &b,
-        id,
-        &[("cookie", &format!("lagrouter_token={signed_future}"))],
-    )
-    .await;
-    assert_eq!((status, served.as_str()), (StatusCode::OK, "primary"));
+    resume_replicas(&pg).await;
 }
 
 // ---------------------------------------------------------------------------

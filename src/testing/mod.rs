@@ -415,6 +415,14 @@ pub(crate) trait ClusterBackend: Send + Sync {
     fn log_tail(&self, node: NodeIndex, lines: usize) -> String;
 }
 
+// `PgCluster` is shared between tasks and threads.
+const _: fn() = || {
+    fn assert_send_sync<T: Send + Sync>() {}
+    assert_send_sync::<PgCluster>();
+    assert_send_sync::<PgClusterBuilder>();
+    assert_send_sync::<HarnessError>();
+};
+
 /// Settings shared by both backends, collected by [`PgClusterBuilder`].
 #[derive(Debug, Clone)]
 pub(crate) struct ClusterSpec {
@@ -615,6 +623,10 @@ impl PgClusterBuilder {
 
     /// Adds a `postgresql.conf` setting for every node (applied after the
     /// harness defaults, so it can override them). The value is quoted.
+    ///
+    /// The Docker backend passes settings as `-c` server options, which
+    /// `ALTER SYSTEM` (used by [`PgCluster::set_apply_delay`] and
+    /// [`PgCluster::promote`]) cannot override there.
     pub fn setting(mut self, name: &str, value: &str) -> Self {
         self.settings.push((name.to_string(), value.to_string()));
         self
@@ -654,7 +666,7 @@ impl PgClusterBuilder {
                 "the password must be non-empty and on one line".into(),
             ));
         }
-        for (name, _) in &self.settings {
+        for (name, value) in &self.settings {
             if name.is_empty()
                 || !name
                     .chars()
@@ -662,6 +674,11 @@ impl PgClusterBuilder {
             {
                 return Err(HarnessError::InvalidConfig(format!(
                     "invalid setting name {name:?}"
+                )));
+            }
+            if value.contains(['\n', '\r', '\0']) {
+                return Err(HarnessError::InvalidConfig(format!(
+                    "the value of setting {name} must be on one line"
                 )));
             }
         }
@@ -903,6 +920,9 @@ impl PgCluster {
     /// Restarts a stopped or killed node on the same port and waits until it
     /// accepts connections. A standby whose upstream was replaced by a
     /// promotion while it was down is repointed to the current primary.
+    ///
+    /// With the Docker backend the engine may map a different host port
+    /// after a restart; [`PgCluster::config`] always reports the current one.
     pub async fn start_node(&self, node: NodeIndex) -> Result<(), HarnessError> {
         self.check(node)?;
         if self.backend.is_running(node) {
