@@ -41,7 +41,7 @@
 //!
 //! The same routing is available as a [`tower::Service`] ([`RouterService`])
 //! with [`layer`]s for policies and token tracking, and the test harness
-//! that starts real primary/replica clusters is in [`testing`] (feature
+//! that starts real primary/replica clusters is in `lagrouter::testing` (feature
 //! `testing`).
 
 #![warn(missing_docs)]

@@ -1,1 +1,1 @@
-//! config
+//! stub
