@@ -19,7 +19,9 @@ pub enum Error {
         #[source]
         source: tokio_postgres::Error,
     },
-    /// No connection to a node could be had.
+    /// No connection to a node could be had: it cannot be reached (within
+    /// the connect and pool timeouts), or every pooled connection stayed busy
+    /// for the pool timeout ([`Error::is_pool_exhausted`]).
     #[error("{node}: cannot get a connection: {message}")]
     Connect {
         /// The node.
@@ -32,14 +34,19 @@ pub enum Error {
     Token(#[from] TokenError),
     /// The token names a WAL position the current primary has not reached:
     /// either it was forged, or the writes it stands for were lost in a
-    /// failover (asynchronous replication).
+    /// failover (asynchronous replication). Also returned, before any node
+    /// is tried, for a token of an earlier timeline that lies past the point
+    /// where the current primary's history left that timeline: its writes
+    /// were lost even if the new timeline has since passed its position.
     #[error(
         "consistency token {token} is ahead of the primary ({primary}): the writes it stands for may have been lost in a failover"
     )]
     TokenAhead {
         /// The token's position.
         token: Lsn,
-        /// The primary's current position.
+        /// The primary's current position or, for a token of an earlier
+        /// timeline, the last position of that timeline in the primary's
+        /// history (its switch point).
         primary: Lsn,
     },
     /// No replica reached the token within the policy's `max_wait` and the
@@ -63,6 +70,9 @@ pub enum Error {
 /// SQLSTATE used for [`Error::WaitTimeout`] (`query_canceled`, as a
 /// statement timeout).
 pub const SQLSTATE_WAIT_TIMEOUT: &str = "57014";
+
+/// How the message of an [`Error::Connect`] for an exhausted pool starts.
+pub(crate) const POOL_EXHAUSTED: &str = "connection pool exhausted";
 
 impl Error {
     pub(crate) fn db(node: &str, source: tokio_postgres::Error) -> Self {
@@ -122,6 +132,13 @@ impl Error {
             }
             None => false,
         }
+    }
+
+    /// True when no pooled connection became free within the pool timeout
+    /// (an [`Error::Connect`], SQLSTATE `08006`): the node is busy, not
+    /// known to be down, so lagrouter does not eject it.
+    pub fn is_pool_exhausted(&self) -> bool {
+        matches!(self, Error::Connect { message, .. } if message.starts_with(POOL_EXHAUSTED))
     }
 
     /// True when the node could not be reached or the connection broke, so

@@ -3,7 +3,7 @@
 
 use std::time::{Duration, Instant};
 
-use deadpool_postgres::Object;
+use deadpool_postgres::{Object, PoolError, TimeoutType};
 use futures_util::{TryStreamExt, pin_mut};
 use serde::Serialize;
 use tokio_postgres::Row;
@@ -11,7 +11,7 @@ use tokio_postgres::types::ToSql;
 use tracing::{Instrument, debug, debug_span};
 
 use crate::cluster::Cluster;
-use crate::error::{Error, Result};
+use crate::error::{Error, POOL_EXHAUSTED, Result};
 use crate::lsn::Lsn;
 use crate::policy::{Consistency, Fallback};
 use crate::router::{ReadContext, Route};
@@ -24,9 +24,18 @@ use crate::topology::{Role, Topology};
 /// `pg_current_wal_insert_lsn()`, read after the statement in the same
 /// pipeline. Either way the statement's effects (or the data it read) are at
 /// or before it.
-pub const POSITION_SQL: &str = "SELECT pg_is_in_recovery(), \
-     (CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn() \
-           ELSE pg_current_wal_insert_lsn() END)::text";
+///
+/// The third column is the node's own timeline: the primary's insert
+/// timeline, or the timeline a replica's WAL receiver streams (NULL when it
+/// is not streaming or the user may not see `pg_stat_wal_receiver`). Tokens
+/// are labelled with it rather than with the monitor's last view, which can
+/// lag behind a promotion. `pg_is_in_recovery()` is read once, so the three
+/// columns agree even while the node is being promoted.
+pub const POSITION_SQL: &str = "SELECT r, \
+     (CASE WHEN r THEN pg_last_wal_replay_lsn() ELSE pg_current_wal_insert_lsn() END)::text, \
+     CASE WHEN r THEN (SELECT received_tli FROM pg_stat_wal_receiver) \
+          ELSE ('x' || substr(pg_walfile_name(pg_current_wal_insert_lsn()), 1, 8))::bit(32)::int END \
+     FROM (SELECT pg_is_in_recovery() AS r) AS s";
 
 /// Why a read was not served by the replica routing first chose.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -115,17 +124,39 @@ struct RunResult {
     rows: Vec<Row>,
     rows_affected: u64,
     /// Position read before the statement (only when a pre-check was asked).
-    before: Option<(bool, Option<Lsn>)>,
+    before: Option<Position>,
     /// Position read after the statement (only when capture was asked).
-    after: Option<(bool, Option<Lsn>)>,
+    after: Option<Position>,
 }
 
-pub(crate) fn parse_position(row: &Row) -> (bool, Option<Lsn>) {
+/// A node's position, as read by [`POSITION_SQL`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Position {
+    /// `pg_is_in_recovery()`.
+    pub in_recovery: bool,
+    /// Replay position (replica) or insert position (primary).
+    pub lsn: Option<Lsn>,
+    /// The node's timeline, when it could be read.
+    pub timeline: Option<u32>,
+}
+
+pub(crate) fn parse_position(row: &Row) -> Position {
     let in_recovery: bool = row.get(0);
     let lsn = row
         .get::<_, Option<&str>>(1)
         .and_then(|s| s.parse::<Lsn>().ok());
-    (in_recovery, lsn)
+    let timeline = if row.len() > 2 {
+        row.get::<_, Option<i32>>(2)
+            .and_then(|t| u32::try_from(t).ok())
+            .filter(|&t| t > 0)
+    } else {
+        None
+    };
+    Position {
+        in_recovery,
+        lsn,
+        timeline,
+    }
 }
 
 async fn run_stmt(
@@ -146,12 +177,35 @@ async fn run_stmt(
 }
 
 impl Cluster {
-    async fn checkout(&self, node: usize) -> Result<Object> {
+    /// A pooled connection to `node`. Fails with [`Error::Connect`] when the
+    /// node cannot be reached (bounded by the connect timeout and the pool
+    /// timeout) or when no pooled connection becomes free within the pool
+    /// timeout ([`Error::is_pool_exhausted`]).
+    pub(crate) async fn checkout(&self, node: usize) -> Result<Object> {
         let n = &self.inner.nodes[node];
         n.pool.get().await.map_err(|e| Error::Connect {
             node: n.name.clone(),
-            message: e.to_string(),
+            message: match e {
+                PoolError::Timeout(TimeoutType::Wait) => {
+                    let status = n.pool.status();
+                    format!(
+                        "{POOL_EXHAUSTED}: all {} connections stayed busy for {:?}",
+                        status.max_size,
+                        n.pool.timeouts().wait.unwrap_or_default()
+                    )
+                }
+                e => e.to_string(),
+            },
         })
+    }
+
+    /// Reports a failed statement on `node` to the monitor, which ejects it
+    /// until a probe succeeds, unless the failure says nothing about the
+    /// node's health (a busy pool).
+    fn report(&self, node: usize, e: &Error) {
+        if e.is_connection_error() && !e.is_pool_exhausted() {
+            self.inner.monitor.report_failure(node, &e.to_string());
+        }
     }
 
     fn cluster_id(topo: &Topology) -> ClusterId {
@@ -161,17 +215,18 @@ impl Cluster {
         })
     }
 
-    /// Turns an observed position into a token.
-    pub(crate) fn token_at(topo: &Topology, pos: (bool, Option<Lsn>)) -> Option<ConsistencyToken> {
-        let (in_recovery, lsn) = pos;
-        let lsn = lsn?;
-        let lsn = if in_recovery {
+    /// Turns an observed position into a token, labelled with the node's
+    /// own timeline when known (else the primary's, as last probed).
+    pub(crate) fn token_at(topo: &Topology, pos: Position) -> Option<ConsistencyToken> {
+        let lsn = pos.lsn?;
+        let lsn = if pos.in_recovery {
             lsn
         } else {
             lsn.round_to_record_boundary(topo.wal_segment_size)
         };
         let id = Self::cluster_id(topo);
-        Some(ConsistencyToken::new(lsn, id.system_identifier, id.timeline))
+        let timeline = pos.timeline.unwrap_or(id.timeline);
+        Some(ConsistencyToken::new(lsn, id.system_identifier, timeline))
     }
 
     /// Runs `stmt` on `node`, pipelining position checks before and/or after
@@ -215,7 +270,7 @@ impl Cluster {
     }
 
     /// Reads the node's position alone (while waiting for a token).
-    async fn position_of(&self, node: usize) -> Result<(bool, Option<Lsn>)> {
+    async fn position_of(&self, node: usize) -> Result<Position> {
         let name = &self.inner.nodes[node].name;
         let client = self.checkout(node).await?;
         let position = client
@@ -254,9 +309,7 @@ impl Cluster {
             let r = match r {
                 Ok(r) => r,
                 Err(e) => {
-                    if e.is_connection_error() {
-                        self.inner.monitor.report_failure(primary, &e.to_string());
-                    }
+                    self.report(primary, &e);
                     return Err(e);
                 }
             };
@@ -309,6 +362,7 @@ impl Cluster {
                 if let Some(id) = &topo.cluster {
                     t.check_cluster(id)?;
                 }
+                check_not_lost(&topo, &t)?;
                 Some(t)
             }
             _ => None,
@@ -353,7 +407,7 @@ impl Cluster {
                     if optimistic_done {
                         // Poll the position only, until it passes or time is up.
                         match self.position_of(i).await {
-                            Ok((_, Some(l))) if token_lsn.is_none_or(|t| l >= t) => {
+                            Ok(Position { lsn: Some(l), .. }) if token_lsn.is_none_or(|t| l >= t) => {
                                 verified = Some(i);
                                 waited = start.elapsed();
                                 continue;
@@ -362,6 +416,7 @@ impl Cluster {
                             Err(e) => {
                                 self.eject(i, &e);
                                 exclude.push(i);
+                                verified = None;
                                 continue;
                             }
                         }
@@ -408,7 +463,7 @@ impl Cluster {
             match self.run_on(node, stmt, check, opts.capture).await {
                 Ok(r) => {
                     if check {
-                        let reached = matches!(r.before, Some((_, Some(l))) if token_lsn.is_none_or(|t| l >= t));
+                        let reached = matches!(r.before, Some(Position { lsn: Some(l), .. }) if token_lsn.is_none_or(|t| l >= t));
                         if !reached {
                             // Not there yet: wait (the result is discarded).
                             topo = self.inner.monitor.snapshot();
@@ -425,7 +480,7 @@ impl Cluster {
                             .await;
                     }
                     let role = match r.after.or(r.before) {
-                        Some((false, _)) => Role::Primary,
+                        Some(p) if !p.in_recovery => Role::Primary,
                         _ => Role::Replica,
                     };
                     return Ok(Outcome {
@@ -460,9 +515,11 @@ impl Cluster {
         }
     }
 
-    fn eject(&self, node: usize, e: &Error) {
+    /// Ejects replica `node` after `e` (never the primary, see
+    /// [`Cluster::report`]).
+    pub(crate) fn eject(&self, node: usize, e: &Error) {
         if self.inner.monitor.snapshot().primary != Some(node) {
-            self.inner.monitor.report_failure(node, &e.to_string());
+            self.report(node, e);
         }
     }
 
@@ -482,13 +539,19 @@ impl Cluster {
         let r = match self.run_on(primary, stmt, false, capture).await {
             Ok(r) => r,
             Err(e) => {
-                if e.is_connection_error() {
-                    self.inner.monitor.report_failure(primary, &e.to_string());
-                }
+                self.report(primary, &e);
                 return Err(e);
             }
         };
-        if let (Some(t), Some((false, Some(pos)))) = (token, r.after) {
+        if let (
+            Some(t),
+            Some(Position {
+                in_recovery: false,
+                lsn: Some(pos),
+                ..
+            }),
+        ) = (token, r.after)
+        {
             if pos < t.lsn {
                 metrics::counter!("lagrouter_tokens_ahead_total").increment(1);
                 return Err(Error::TokenAhead {
@@ -507,5 +570,29 @@ impl Cluster {
             rows_affected: r.rows_affected,
             served: self.served(primary, Role::Primary, waited, fallback),
         })
+    }
+}
+
+/// Fails with [`Error::TokenAhead`] (and counts it) when `token` stands for
+/// writes that the current primary's history does not contain: acknowledged
+/// on a former primary and lost in a failover (see
+/// [`Topology::token_lost`]). A replica of the new timeline may well have
+/// replayed past the token's position, so this is checked before routing.
+pub(crate) fn check_not_lost(topo: &Topology, token: &ConsistencyToken) -> Result<()> {
+    match topo.token_lost(token) {
+        Some(survived) => {
+            metrics::counter!("lagrouter_tokens_ahead_total").increment(1);
+            tracing::warn!(
+                token = %token.lsn,
+                token_timeline = token.cluster.timeline,
+                survived = %survived,
+                "consistency token names writes lost in a failover"
+            );
+            Err(Error::TokenAhead {
+                token: token.lsn,
+                primary: survived,
+            })
+        }
+        None => Ok(()),
     }
 }

@@ -65,6 +65,10 @@ pub struct LagMonitor {
 struct Shared {
     tx: watch::Sender<Arc<Topology>>,
     wake: Notify,
+    /// The last query failure reported per node (see
+    /// [`LagMonitor::report_failure`]): a probe round that started before
+    /// it must not re-admit the node.
+    failures: std::sync::Mutex<Vec<Option<(Instant, String)>>>,
 }
 
 impl LagMonitor {
@@ -82,6 +86,7 @@ impl LagMonitor {
         let shared = Arc::new(Shared {
             tx,
             wake: Notify::new(),
+            failures: std::sync::Mutex::new(vec![None; targets.len()]),
         });
         let task = tokio::spawn(run(targets, config, connector, shared.clone()));
         LagMonitor { shared, rx, task }
@@ -123,8 +128,18 @@ impl LagMonitor {
     }
 
     /// Ejects node `index` at once after a query failed on it; it is
-    /// re-admitted by a later successful probe.
+    /// re-admitted by a later successful probe (one that started after the
+    /// failure).
     pub fn report_failure(&self, index: usize, error: &str) {
+        if let Some(slot) = self
+            .shared
+            .failures
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get_mut(index)
+        {
+            *slot = Some((Instant::now(), error.to_string()));
+        }
         let mut ejected = false;
         self.shared.tx.send_if_modified(|topo| {
             let Some(node) = topo.nodes.get(index) else {
@@ -167,6 +182,11 @@ const PROBE_SQL: &str = "SELECT pg_is_in_recovery(), \
      CASE WHEN pg_is_in_recovery() THEN NULL \
           ELSE ('x' || substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8))::bit(32)::int END";
 
+/// The timeline history file of timeline `$1` (needs superuser,
+/// `pg_read_server_files` or `EXECUTE` on `pg_read_file(text)`).
+const HISTORY_SQL: &str =
+    "SELECT pg_read_file('pg_wal/' || upper(lpad(to_hex($1::int), 8, '0')) || '.history')";
+
 const IDENTITY_SQL: &str = "SELECT (SELECT system_identifier FROM pg_control_system())::text, \
      (SELECT setting FROM pg_settings WHERE name = 'wal_segment_size')";
 
@@ -175,6 +195,27 @@ struct NodeProbe {
     client: Option<tokio_postgres::Client>,
     system_identifier: Option<u64>,
     wal_segment_size: Option<u64>,
+    /// The timeline history read from this node while it was a primary:
+    /// `(its timeline, entries)`; the entries are empty when the file could
+    /// not be read. Read once per timeline and connection.
+    history: Option<(u32, Vec<(u32, Lsn)>)>,
+}
+
+/// Parses a timeline history file: one `parent_tli<TAB>switch_lsn<TAB>reason`
+/// line per ancestor timeline. Unparsable lines are skipped.
+fn parse_timeline_history(text: &str) -> Vec<(u32, Lsn)> {
+    text.lines()
+        .filter_map(|line| {
+            let line = line.trim();
+            if line.is_empty() || line.starts_with('#') {
+                return None;
+            }
+            let mut fields = line.split_whitespace();
+            let tli = fields.next()?.parse().ok()?;
+            let lsn = fields.next()?.parse().ok()?;
+            Some((tli, lsn))
+        })
+        .collect()
 }
 
 impl NodeProbe {
@@ -206,6 +247,7 @@ impl NodeProbe {
                 .get::<_, Option<String>>(0)
                 .and_then(|s| s.parse().ok());
             self.wal_segment_size = row.get::<_, Option<String>>(1).and_then(|s| s.parse().ok());
+            self.history = None;
             self.client = Some(client);
         }
         let client = self.client.as_ref().expect("connected above");
@@ -218,6 +260,29 @@ impl NodeProbe {
             .get::<_, Option<&str>>(1)
             .and_then(|s| s.parse::<Lsn>().ok());
         let timeline = row.get::<_, Option<i32>>(2).map(|t| t as u32);
+        if let Some(tli) = timeline.filter(|&t| t > 1 && !in_recovery) {
+            if self.history.as_ref().is_none_or(|(t, _)| *t != tli) {
+                let entries = match client.query_one(HISTORY_SQL, &[&(tli as i32)]).await {
+                    Ok(row) => {
+                        let entries = parse_timeline_history(row.get::<_, &str>(0));
+                        info!(node = %self.target.name, timeline = tli, ?entries, "timeline history read");
+                        entries
+                    }
+                    Err(e) if e.is_closed() => return Err(e.to_string()),
+                    Err(e) => {
+                        warn!(
+                            node = %self.target.name,
+                            timeline = tli,
+                            error = %e,
+                            "cannot read the timeline history; writes lost in a failover are \
+                             detected only while ahead of the primary's position"
+                        );
+                        Vec::new()
+                    }
+                };
+                self.history = Some((tli, entries));
+            }
+        }
         Ok(Probe {
             in_recovery,
             lsn,
@@ -278,6 +343,7 @@ async fn run(
             client: None,
             system_identifier: None,
             wal_segment_size: None,
+            history: None,
         })
         .collect();
     let mut history = LsnHistory {
@@ -290,7 +356,8 @@ async fn run(
             _ = ticker.tick() => {}
             _ = shared.wake.notified() => {}
         }
-        let results = futures_util::future::join_all(
+        let round_start = Instant::now();
+        let mut results = futures_util::future::join_all(
             probes
                 .iter_mut()
                 .map(|p| p.probe(&connector, config.probe_timeout)),
@@ -298,6 +365,18 @@ async fn run(
         .await;
         let now = Instant::now();
         let prev = shared.tx.borrow().clone();
+        // A query failed on a replica while this round was under way: the
+        // probe may have run just before the failure, so it does not count.
+        {
+            let failures = shared.failures.lock().unwrap_or_else(|p| p.into_inner());
+            for (i, f) in failures.iter().enumerate() {
+                if let Some((at, error)) = f {
+                    if *at >= round_start && prev.primary != Some(i) && results[i].is_ok() {
+                        results[i] = Err(error.clone());
+                    }
+                }
+            }
+        }
         let next = build_snapshot(&prev, &probes, results, &mut history, &config, now);
         publish_metrics(&next);
         shared.tx.send_replace(Arc::new(next));
@@ -344,21 +423,32 @@ fn build_snapshot(
     }
 
     // Which node is the primary: keep the current one while it answers as a
-    // primary; otherwise follow the node that now does (a promotion), the
-    // highest timeline first.
+    // primary and no other node answers as one on a later timeline;
+    // otherwise follow the node that now does (a promotion), the highest
+    // timeline first.
     let answers_as_primary = |i: usize| results[i].as_ref().is_ok_and(|p| !p.in_recovery);
-    let current_ok = prev.primary.is_some_and(answers_as_primary);
-    if !current_ok {
-        let candidate = (0..results.len())
-            .filter(|&i| answers_as_primary(i))
-            .max_by_key(|&i| (next.nodes[i].timeline.unwrap_or(0), std::cmp::Reverse(i)));
-        if let Some(new) = candidate.filter(|&c| Some(c) != prev.primary) {
+    let timeline = |i: usize| next.nodes[i].timeline.unwrap_or(0);
+    let best = (0..results.len())
+        .filter(|&i| answers_as_primary(i))
+        .max_by_key(|&i| (timeline(i), std::cmp::Reverse(i)));
+    let keep_current = prev
+        .primary
+        .is_some_and(|p| answers_as_primary(p) && best.is_none_or(|b| timeline(b) <= timeline(p)));
+    if !keep_current {
+        if let Some(new) = best.filter(|&b| Some(b) != prev.primary) {
             info!(from = ?prev.primary.map(|p| &prev.nodes[p].name), to = %next.nodes[new].name, "primary changed");
             metrics::counter!("lagrouter_primary_changes_total").increment(1);
         }
         // Without any node answering as primary, keep pointing at the old
-        // one: writes then fail fast with a connection error.
-        next.primary = candidate.or(prev.primary);
+        // one while it is unreachable: writes then fail fast with a
+        // connection error. One that answers as a standby is no primary.
+        let demoted = prev
+            .primary
+            .is_some_and(|p| results[p].as_ref().is_ok_and(|r| r.in_recovery));
+        if demoted && best.is_none() {
+            warn!(node = ?prev.primary.map(|p| &prev.nodes[p].name), "the primary is in recovery and no node answers as primary");
+        }
+        next.primary = best.or(if demoted { None } else { prev.primary });
     }
     // Any other node answering as a primary is not ours to route to.
     for (i, node) in next.nodes.iter_mut().enumerate() {
@@ -388,6 +478,10 @@ fn build_snapshot(
             if let Some(seg) = probes[p].wal_segment_size {
                 next.wal_segment_size = seg;
             }
+            next.timeline_history = match (&probes[p].history, tli) {
+                (Some((read_for, entries)), Some(t)) if *read_for == t => entries.clone(),
+                _ => Vec::new(),
+            };
         }
     }
 
@@ -402,6 +496,12 @@ fn build_snapshot(
             node.lag_bytes = Some(0);
             node.lag = Some(Duration::ZERO);
             node.healthy = true;
+            continue;
+        }
+        if node.role != Role::Replica {
+            // A second primary (ejected above): no lag, and not healthy.
+            node.lag_bytes = None;
+            node.lag = None;
             continue;
         }
         match (node.lsn, next.primary_lsn) {
@@ -462,6 +562,119 @@ mod tests {
         assert_eq!(h.lag(Lsn(100), now), Some(Duration::from_millis(150)));
         // Older than all history: bounded by the oldest sample.
         assert_eq!(h.lag(Lsn(50), now), Some(Duration::from_millis(250)));
+    }
+
+    fn probes(n: usize) -> Vec<NodeProbe> {
+        (0..n)
+            .map(|i| NodeProbe {
+                target: MonitorTarget {
+                    name: format!("n{i}"),
+                    role: if i == 0 { Role::Primary } else { Role::Replica },
+                    config: tokio_postgres::Config::new(),
+                },
+                client: None,
+                system_identifier: Some(42),
+                wal_segment_size: None,
+                history: None,
+            })
+            .collect()
+    }
+
+    fn primary(lsn: u64, timeline: u32) -> Result<Probe, String> {
+        Ok(Probe {
+            in_recovery: false,
+            lsn: Some(Lsn(lsn)),
+            timeline: Some(timeline),
+        })
+    }
+
+    fn replica(lsn: u64) -> Result<Probe, String> {
+        Ok(Probe {
+            in_recovery: true,
+            lsn: Some(Lsn(lsn)),
+            timeline: None,
+        })
+    }
+
+    fn down() -> Result<Probe, String> {
+        Err("connection refused".into())
+    }
+
+    /// Runs one round on top of `prev` and returns the new snapshot.
+    fn round(prev: &Topology, probes: &[NodeProbe], results: Vec<Result<Probe, String>>) -> Topology {
+        let mut h = LsnHistory {
+            samples: VecDeque::new(),
+        };
+        build_snapshot(prev, probes, results, &mut h, &MonitorConfig::default(), Instant::now())
+    }
+
+    fn three_nodes() -> (Vec<NodeProbe>, Topology) {
+        let probes = probes(3);
+        let t0 = Topology::initial(
+            probes
+                .iter()
+                .map(|p| NodeState::new(p.target.name.clone(), p.target.role))
+                .collect(),
+        );
+        let t1 = round(&t0, &probes, vec![primary(100, 1), replica(100), replica(100)]);
+        assert_eq!(t1.primary, Some(0));
+        assert!(t1.nodes.iter().all(|n| n.healthy));
+        (probes, t1)
+    }
+
+    #[test]
+    fn promoted_replica_becomes_the_primary() {
+        let (mut probes, t1) = three_nodes();
+        // The primary is down, nobody promoted yet: keep pointing at it.
+        let t2 = round(&t1, &probes, vec![down(), replica(100), replica(100)]);
+        assert_eq!(t2.primary, Some(0));
+        assert!(!t2.nodes[0].healthy);
+        assert!(t2.nodes[1].healthy && t2.nodes[2].healthy);
+        // Node 1 is promoted (timeline 2).
+        probes[1].history = Some((2, vec![(1, Lsn(100))]));
+        let t3 = round(&t2, &probes, vec![down(), primary(200, 2), replica(150)]);
+        assert_eq!(t3.primary, Some(1));
+        assert_eq!(t3.nodes[1].role, Role::Primary);
+        assert!(t3.nodes[1].healthy);
+        assert_eq!(t3.primary_lsn, Some(Lsn(200)));
+        assert_eq!(t3.cluster.map(|c| c.timeline), Some(2));
+        assert_eq!(t3.timeline_history, vec![(1, Lsn(100))]);
+        assert_eq!(t3.nodes[2].lag_bytes, Some(50));
+        // The old primary comes back as a primary on the old timeline: it
+        // is not routed to.
+        let t4 = round(&t3, &probes, vec![primary(300, 1), primary(210, 2), replica(210)]);
+        assert_eq!(t4.primary, Some(1));
+        assert!(!t4.nodes[0].healthy);
+        assert_eq!(t4.nodes[0].role, Role::Unknown);
+    }
+
+    #[test]
+    fn a_later_timeline_wins_even_while_the_old_primary_answers() {
+        let (probes, t1) = three_nodes();
+        let t2 = round(&t1, &probes, vec![primary(100, 1), primary(120, 2), replica(100)]);
+        assert_eq!(t2.primary, Some(1));
+        assert!(!t2.nodes[0].healthy);
+        assert!(t2.nodes[0].last_error.as_deref().unwrap().contains("split brain"));
+    }
+
+    #[test]
+    fn a_primary_that_answers_as_a_standby_is_dropped() {
+        let (probes, t1) = three_nodes();
+        let t2 = round(&t1, &probes, vec![replica(100), replica(100), replica(100)]);
+        assert_eq!(t2.primary, None);
+        assert_eq!(t2.nodes[0].role, Role::Replica);
+        assert!(t2.nodes[1].healthy);
+    }
+
+    #[test]
+    fn timeline_history_is_parsed() {
+        let text = "1\t0/3000060\tno recovery target specified\n\n\
+                    2\t1/A0000D8\tbefore 2024-01-01 00:00:00+00\n";
+        assert_eq!(
+            parse_timeline_history(text),
+            vec![(1, Lsn(0x300_0060)), (2, Lsn(0x1_0A00_00D8))]
+        );
+        assert!(parse_timeline_history("garbage\n").is_empty());
     }
 
     #[test]

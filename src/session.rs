@@ -9,7 +9,7 @@ use tokio_postgres::types::ToSql;
 
 use crate::cluster::Cluster;
 use crate::error::{Error, Result};
-use crate::exec::{POSITION_SQL, ReadOpts, ServedBy, Stmt, parse_position};
+use crate::exec::{POSITION_SQL, ReadOpts, ServedBy, Stmt, check_not_lost, parse_position};
 use crate::policy::Consistency;
 use crate::router::{ReadContext, Route};
 use crate::token::ConsistencyToken;
@@ -171,7 +171,17 @@ impl Session {
             Consistency::ReadYourWrites { max_wait, .. } => max_wait,
             _ => std::time::Duration::ZERO,
         };
-        let token = self.token.filter(|_| self.policy.uses_token()).map(|t| t.lsn);
+        let token = match self.token {
+            Some(t) if self.policy.uses_token() => {
+                let topo = self.cluster.topology();
+                if let Some(id) = &topo.cluster {
+                    t.check_cluster(id)?;
+                }
+                check_not_lost(&topo, &t)?;
+                Some(t.lsn)
+            }
+            _ => None,
+        };
         let mut exclude = Vec::new();
         loop {
             let topo = self.cluster.topology();
@@ -186,9 +196,11 @@ impl Session {
                     .primary
                     .ok_or_else(|| Error::Unavailable("no primary is known".into()))?,
             };
+            let on_replica = Some(node) != topo.primary;
             let client = match self.checkout(node).await {
                 Ok(c) => c,
-                Err(e) if Some(node) != topo.primary => {
+                Err(e) if on_replica => {
+                    self.cluster.eject(node, &e);
                     exclude.push(node);
                     tracing::debug!(error = %e, "replica unavailable for read transaction");
                     continue;
@@ -198,13 +210,19 @@ impl Session {
             let name = self.cluster.node_name(node).to_string();
             // Check the position first; replay is monotonic, so a snapshot
             // taken after a passing check is fresh enough.
-            let (in_recovery, lsn) = parse_position(
-                &client
-                    .query_one(POSITION_SQL, &[])
-                    .await
-                    .map_err(|e| Error::db(&name, e))?,
-            );
-            let fresh = !in_recovery || token.is_none_or(|t| lsn.is_some_and(|l| l >= t));
+            let pos = match client.query_one(POSITION_SQL, &[]).await {
+                Ok(row) => parse_position(&row),
+                Err(e) => {
+                    let e = Error::db(&name, e);
+                    if on_replica && e.is_connection_error() {
+                        self.cluster.eject(node, &e);
+                        exclude.push(node);
+                        continue;
+                    }
+                    return Err(e);
+                }
+            };
+            let fresh = !pos.in_recovery || token.is_none_or(|t| pos.lsn.is_some_and(|l| l >= t));
             if !fresh {
                 if start.elapsed() < max_wait {
                     tokio::time::sleep(std::time::Duration::from_millis(2)).await;
@@ -227,11 +245,7 @@ impl Session {
     }
 
     async fn checkout(&self, node: usize) -> Result<Object> {
-        let n = &self.cluster.nodes()[node];
-        n.pool.get().await.map_err(|e| Error::Connect {
-            node: n.name.clone(),
-            message: e.to_string(),
-        })
+        self.cluster.checkout(node).await
     }
 }
 
@@ -335,9 +349,9 @@ impl Transaction<'_> {
         let pos = client.query_one(&position, &[]);
         let (commit, pos) = tokio::join!(commit, pos);
         commit.map_err(|e| Error::db(&name, e))?;
-        let (in_recovery, lsn) = parse_position(&pos.map_err(|e| Error::db(&name, e))?);
-        self.session
-            .observe(Cluster::token_at(&topo, (in_recovery, lsn)));
+        let pos = parse_position(&pos.map_err(|e| Error::db(&name, e))?);
+        let in_recovery = pos.in_recovery;
+        self.session.observe(Cluster::token_at(&topo, pos));
         if !self.read_only {
             self.session.last_write = Some(Instant::now());
         }

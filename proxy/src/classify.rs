@@ -22,7 +22,8 @@
 //! from its leading keywords only, conservatively (anything that is not
 //! clearly a write, a transaction command and so on is [`StatementKind::Other`],
 //! which goes to the primary). Deeply nested input never overflows the stack:
-//! parsing of anything but small statements runs on a grown stack.
+//! when the caller's stack is short for the input's size, parsing runs on a
+//! stack grown on the heap.
 #![warn(missing_docs)]
 
 use std::collections::HashMap;
@@ -45,9 +46,9 @@ pub const MAX_PARSE_BYTES: usize = 256 * 1024;
 /// classified from its leading keywords only.
 pub const MAX_PARSE_STATEMENTS: usize = 1000;
 
-/// Input up to this many bytes is parsed on the caller's stack; longer input
-/// is parsed on a freshly grown stack so that deep nesting cannot overflow.
-const INLINE_PARSE_BYTES: usize = 4 * 1024;
+/// Stack reserved for parsing, walking and dropping a statement tree, per
+/// byte of input (debug builds need about 64 in the worst case).
+const STACK_PER_INPUT_BYTE: usize = 256;
 
 /// Longest token text accepted from a `lagrouter:token=` hint.
 const MAX_HINT_TOKEN_LEN: usize = 256;
@@ -208,9 +209,7 @@ impl StatementKind {
             | StatementKind::Reset { .. }
             | StatementKind::Discard => true,
             StatementKind::TransactionBegin { read_only } => *read_only,
-            StatementKind::Write | StatementKind::SessionPinning(_) | StatementKind::Other => {
-                false
-            }
+            StatementKind::Write | StatementKind::SessionPinning(_) | StatementKind::Other => false,
         }
     }
 
@@ -263,7 +262,9 @@ impl Classification {
     /// [`StatementKind::may_run_on_replica`]); `true` for an empty query.
     /// Hints are not taken into account.
     pub fn is_read_only(&self) -> bool {
-        self.statements.iter().all(StatementKind::may_run_on_replica)
+        self.statements
+            .iter()
+            .all(StatementKind::may_run_on_replica)
     }
 
     /// The first session-pinning reason among the statements, if any.
@@ -473,9 +474,9 @@ fn pg_quote_ident(s: &str) -> String {
 // ---------------------------------------------------------------------------
 
 /// A thread-safe classifier that caches results by SQL text in a bounded
-/// LRU. Statements longer than [`Classifier::MAX_CACHED_SQL_LEN`] bytes are
-/// classified but not cached; trivial statements take the fast path and
-/// share preallocated results.
+/// LRU. Statements longer than [`Classifier::MAX_CACHED_SQL_LEN`] bytes or
+/// carrying a `lagrouter:token=` hint are classified but not cached; trivial
+/// statements take the fast path and share preallocated results.
 pub struct Classifier {
     cache: Option<Mutex<Lru>>,
 }
@@ -517,7 +518,9 @@ impl Classifier {
         let Some(cache) = &self.cache else {
             return Arc::new(classify_slow(sql));
         };
-        if sql.len() > Self::MAX_CACHED_SQL_LEN {
+        // Texts carrying a token hint are nearly always unique: caching them
+        // would only evict useful entries.
+        if sql.len() > Self::MAX_CACHED_SQL_LEN || sql.contains("lagrouter:token=") {
             return Arc::new(classify_slow(sql));
         }
         if let Some(hit) = lock(cache).get(sql) {
@@ -671,8 +674,12 @@ impl Fast {
     }
 
     fn shared(self) -> Arc<Classification> {
-        static SHARED: [OnceLock<Arc<Classification>>; 4] =
-            [OnceLock::new(), OnceLock::new(), OnceLock::new(), OnceLock::new()];
+        static SHARED: [OnceLock<Arc<Classification>>; 4] = [
+            OnceLock::new(),
+            OnceLock::new(),
+            OnceLock::new(),
+            OnceLock::new(),
+        ];
         SHARED[self as usize]
             .get_or_init(|| Arc::new(Classification::single(self.kind())))
             .clone()
@@ -712,8 +719,7 @@ fn fast_path(sql: &str) -> Option<Fast> {
     {
         // Any statement starting with these keywords is a write; only make
         // sure there is exactly one statement and no comment (hint).
-        let clean = !b.contains(&b';')
-            && !b.windows(2).any(|w| w == b"--" || w == b"/*");
+        let clean = !b.contains(&b';') && !b.windows(2).any(|w| w == b"--" || w == b"/*");
         return clean.then_some(Fast::Write);
     }
     None
@@ -743,8 +749,20 @@ fn fast_select(b: &[u8]) -> bool {
             continue;
         }
         match c {
-            b'0'..=b'9' | b' ' | b'\t' | b'\n' | b'\r' | b',' | b'.' | b'=' | b'<' | b'>'
-            | b'*' | b'+' | b'%' | b'!' => {}
+            b'0'..=b'9'
+            | b' '
+            | b'\t'
+            | b'\n'
+            | b'\r'
+            | b','
+            | b'.'
+            | b'='
+            | b'<'
+            | b'>'
+            | b'*'
+            | b'+'
+            | b'%'
+            | b'!' => {}
             b'-' if b.get(i + 1) != Some(&b'-') => {}
             b'$' if b.get(i + 1).is_some_and(u8::is_ascii_digit) => {}
             _ => return false,
@@ -786,11 +804,17 @@ fn is_ident_char(b: u8) -> bool {
 struct Lexer<'a> {
     s: &'a str,
     i: usize,
+    /// Set when a block comment ran to the end of the input.
+    unterminated: bool,
 }
 
 impl<'a> Lexer<'a> {
     fn new(s: &'a str) -> Self {
-        Lexer { s, i: 0 }
+        Lexer {
+            s,
+            i: 0,
+            unterminated: false,
+        }
     }
 
     /// Skips a quoted run starting at the opening quote `self.i`; `q` is the
@@ -855,6 +879,9 @@ impl<'a> Iterator for Lexer<'a> {
                     }
                 }
                 self.i = j.min(b.len());
+                if depth > 0 {
+                    self.unterminated = true;
+                }
                 Some(Tok::Comment(&s[i + 2..content_end]))
             }
             b'\'' => {
@@ -954,7 +981,8 @@ fn scan(sql: &str) -> Scan {
     let mut has_tokens = false;
     let mut prev_begin = false;
     let mut atomic = false;
-    for tok in Lexer::new(sql) {
+    let mut lexer = Lexer::new(sql);
+    for tok in lexer.by_ref() {
         match tok {
             Tok::Comment(text) => parse_hints(text, &mut out),
             Tok::Semicolon(pos) if !atomic => {
@@ -979,7 +1007,8 @@ fn scan(sql: &str) -> Scan {
             }
         }
     }
-    if has_tokens {
+    // An unterminated comment is a syntax error, not an empty query.
+    if has_tokens || lexer.unterminated {
         out.pieces.push(start..sql.len());
     }
     out
@@ -1028,14 +1057,16 @@ fn classify_slow(sql: &str) -> Classification {
             .iter()
             .map(|r| fallback_kind(&sql[r.clone()]))
             .collect()
-    } else if sql.len() > INLINE_PARSE_BYTES {
-        // Deeply nested expressions are parsed under sqlparser's own stack
-        // guard, but dropping or walking the resulting tree recurses once
-        // per level: give it room.
-        let stack = (sql.len() * 1024).max(8 << 20);
-        stacker::grow(stack, || parse_all(sql, &scan.pieces))
     } else {
-        parse_all(sql, &scan.pieces)
+        // sqlparser guards its own recursion, but walking and dropping the
+        // tree recurse once per nesting level (a `1+1+…` chain nests once
+        // per two bytes). Make sure there is ample stack, growing it on the
+        // heap when the caller's (e.g. a tokio worker's) is short.
+        let need = sql
+            .len()
+            .saturating_mul(STACK_PER_INPUT_BYTE)
+            .max(64 * 1024);
+        stacker::maybe_grow(need, need, || parse_all(sql, &scan.pieces))
     };
     Classification {
         statements,
@@ -1512,7 +1543,9 @@ impl QueryVisitor {
 fn setexpr_has_dml(e: &SetExpr) -> bool {
     match e {
         SetExpr::Insert(_) | SetExpr::Update(_) | SetExpr::Delete(_) | SetExpr::Merge(_) => true,
-        SetExpr::SetOperation { left, right, .. } => setexpr_has_dml(left) || setexpr_has_dml(right),
+        SetExpr::SetOperation { left, right, .. } => {
+            setexpr_has_dml(left) || setexpr_has_dml(right)
+        }
         _ => false,
     }
 }
@@ -1622,14 +1655,11 @@ fn function_effect(name: &str, args: &[FunctionArg]) -> StatementKind {
         // set_config(name, value, is_local): a literal `true` is
         // transaction-local and harmless anywhere.
         let is_local = match args.get(2) {
-            Some(FunctionArg::Unnamed(FunctionArgExpr::Expr(Expr::Value(v)))) => match &v.value
-            {
+            Some(FunctionArg::Unnamed(FunctionArgExpr::Expr(Expr::Value(v)))) => match &v.value {
                 Value::Boolean(b) => *b,
-                Value::SingleQuotedString(s) => {
-                    ["t", "true", "on", "yes", "y", "1"]
-                        .iter()
-                        .any(|t| s.eq_ignore_ascii_case(t))
-                }
+                Value::SingleQuotedString(s) => ["t", "true", "on", "yes", "y", "1"]
+                    .iter()
+                    .any(|t| s.eq_ignore_ascii_case(t)),
                 _ => false,
             },
             _ => false,
@@ -1670,11 +1700,9 @@ fn fallback_kind(piece: &str) -> StatementKind {
         })
         .collect();
     let has_seq = |seq: &[&str]| -> bool {
-        words.windows(seq.len()).any(|win| {
-            win.iter()
-                .zip(seq)
-                .all(|(a, b)| a.eq_ignore_ascii_case(b))
-        })
+        words
+            .windows(seq.len())
+            .any(|win| win.iter().zip(seq).all(|(a, b)| a.eq_ignore_ascii_case(b)))
     };
     let locking = || {
         has_seq(&["FOR", "UPDATE"])
@@ -1696,12 +1724,11 @@ fn fallback_kind(piece: &str) -> StatementKind {
                 .filter(|t| !matches!(t, Tok::Comment(_)))
                 .skip(1)
                 .all(|t| matches!(t, Tok::Word(_) | Tok::Quoted | Tok::Punct(b'.' | b'*')));
-            let reserved = words
-                .iter()
-                .skip(1)
-                .any(|w| ["FOR", "UNION", "INTERSECT", "EXCEPT", "ORDER", "LIMIT"]
+            let reserved = words.iter().skip(1).any(|w| {
+                ["FOR", "UNION", "INTERSECT", "EXCEPT", "ORDER", "LIMIT"]
                     .iter()
-                    .any(|r| w.eq_ignore_ascii_case(r)));
+                    .any(|r| w.eq_ignore_ascii_case(r))
+            });
             if simple && !reserved {
                 K::Read
             } else if locking() {
@@ -1736,9 +1763,7 @@ fn fallback_kind(piece: &str) -> StatementKind {
         }
         "INSERT" | "UPDATE" | "DELETE" | "MERGE" | "ALTER" | "DROP" | "TRUNCATE" | "GRANT"
         | "REVOKE" | "COMMENT" | "REINDEX" | "CLUSTER" | "VACUUM" | "ANALYZE" | "REFRESH"
-        | "CALL" | "DO" | "CHECKPOINT" | "SECURITY" | "IMPORT" | "REASSIGN" | "NOTIFY" => {
-            K::Write
-        }
+        | "CALL" | "DO" | "CHECKPOINT" | "SECURITY" | "IMPORT" | "REASSIGN" | "NOTIFY" => K::Write,
         "COPY" => {
             if has_seq(&["FROM", "STDIN"]) {
                 K::SessionPinning(PinReason::Copy)
@@ -1811,8 +1836,9 @@ mod tests {
 
     #[test]
     fn lexer_skips_strings_and_comments() {
+        let s = "a 'b;c' \"d;\" $$e;$$ $t$f$$;$t$ E'\\';' -- x\n/* /* y */ */ ;";
         assert_eq!(
-            toks("a 'b;c' \"d;\" $$e;$$ $t$f$$;$t$ E'\\';' -- x\n/* /* y */ */ ;"),
+            toks(s),
             vec![
                 Tok::Word("a"),
                 Tok::Quoted,
@@ -1822,7 +1848,7 @@ mod tests {
                 Tok::Quoted,
                 Tok::Comment(" x"),
                 Tok::Comment(" /* y */ "),
-                Tok::Semicolon(58),
+                Tok::Semicolon(s.len() - 1),
             ]
         );
     }
@@ -1848,7 +1874,7 @@ mod tests {
     #[test]
     fn scan_splits_statements() {
         let s = scan("SELECT 1; ; /* c */ ; SELECT ';' ;");
-        assert_eq!(s.pieces, vec![0..8, 21..32]);
+        assert_eq!(s.pieces, vec![0..8, 21..33]);
         let s = scan("CREATE FUNCTION f() RETURNS int BEGIN ATOMIC SELECT 1; END; SELECT 2");
         assert_eq!(s.pieces.len(), 1);
     }
@@ -1874,7 +1900,10 @@ mod tests {
             Some(Fast::Write)
         );
         assert_eq!(fast_path("INSERT INTO t VALUES (1); SET x = 1"), None);
-        assert_eq!(fast_path("INSERT INTO t VALUES (1) /* lagrouter:token=x */"), None);
+        assert_eq!(
+            fast_path("INSERT INTO t VALUES (1) /* lagrouter:token=x */"),
+            None
+        );
         assert_eq!(fast_path(""), None);
     }
 

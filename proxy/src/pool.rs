@@ -1,0 +1,338 @@
+//! Backend connection pools, one per (node, server user, database).
+//!
+//! A client holds a connection only while a statement or transaction runs
+//! (transaction pooling). Checkout waits up to the configured timeout for a
+//! free slot; idle connections are reused newest first and are closed when
+//! idle or alive for too long.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+use crate::backend::{BackendConn, BackendError, BackendTarget};
+
+/// Pool settings (from `[pool]` in the configuration).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PoolSettings {
+    /// Connections per (node, user, database).
+    pub size: usize,
+    /// How long a client waits for a free connection.
+    pub checkout_timeout: Duration,
+    /// Bound on opening one connection.
+    pub connect_timeout: Duration,
+    /// Idle connections older than this are closed (zero: never).
+    pub idle_timeout: Duration,
+    /// Connections older than this are closed when returned (zero: never).
+    pub max_lifetime: Duration,
+}
+
+impl Default for PoolSettings {
+    fn default() -> Self {
+        PoolSettings {
+            size: 20,
+            checkout_timeout: Duration::from_secs(5),
+            connect_timeout: Duration::from_secs(5),
+            idle_timeout: Duration::from_secs(600),
+            max_lifetime: Duration::from_secs(3600),
+        }
+    }
+}
+
+/// Identifies one pool.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct PoolKey {
+    /// Node index.
+    pub node: usize,
+    /// Server user.
+    pub user: String,
+    /// Database.
+    pub database: String,
+}
+
+/// Why no connection could be had.
+#[derive(Debug, thiserror::Error)]
+pub enum PoolError {
+    /// Every connection stayed busy for the checkout timeout.
+    #[error("no server connection became free within {0:?}")]
+    Timeout(Duration),
+    /// Opening a new connection failed.
+    #[error(transparent)]
+    Connect(#[from] BackendError),
+    /// The proxy is shutting down.
+    #[error("the pool is closed")]
+    Closed,
+}
+
+impl PoolError {
+    /// SQLSTATE for the client.
+    pub fn sqlstate(&self) -> &str {
+        match self {
+            PoolError::Timeout(_) => "53300",
+            PoolError::Connect(e) => e.sqlstate(),
+            PoolError::Closed => "57P01",
+        }
+    }
+}
+
+/// Connections to one node as one server user on one database.
+pub struct NodePool {
+    key: PoolKey,
+    target: BackendTarget,
+    idle: Mutex<Vec<BackendConn>>,
+    sem: Arc<Semaphore>,
+    size: Mutex<usize>,
+    settings: Mutex<PoolSettings>,
+    created: AtomicU64,
+    open: Arc<AtomicUsize>,
+}
+
+/// Statistics of one pool for `/status`.
+#[derive(Clone, Debug, Serialize)]
+pub struct PoolStats {
+    /// Node index.
+    pub node: usize,
+    /// Server user.
+    pub user: String,
+    /// Database.
+    pub database: String,
+    /// Configured size.
+    pub size: usize,
+    /// Connections open (idle + in use).
+    pub open: usize,
+    /// Idle connections.
+    pub idle: usize,
+    /// Connections checked out.
+    pub in_use: usize,
+    /// Connections opened since start.
+    pub created_total: u64,
+}
+
+impl NodePool {
+    fn new(key: PoolKey, target: BackendTarget, settings: PoolSettings) -> Self {
+        NodePool {
+            key,
+            target,
+            idle: Mutex::new(Vec::new()),
+            sem: Arc::new(Semaphore::new(settings.size.max(1))),
+            size: Mutex::new(settings.size.max(1)),
+            settings: Mutex::new(settings),
+            created: AtomicU64::new(0),
+            open: Arc::new(AtomicUsize::new(0)),
+        }
+    }
+
+    fn settings(&self) -> PoolSettings {
+        self.settings.lock().expect("pool lock").clone()
+    }
+
+    /// Takes a connection, opening one if none is idle.
+    pub async fn checkout(self: &Arc<Self>) -> Result<PooledConn, PoolError> {
+        let settings = self.settings();
+        let permit = match tokio::time::timeout(
+            settings.checkout_timeout,
+            self.sem.clone().acquire_owned(),
+        )
+        .await
+        {
+            Ok(Ok(p)) => p,
+            Ok(Err(_)) => return Err(PoolError::Closed),
+            Err(_) => return Err(PoolError::Timeout(settings.checkout_timeout)),
+        };
+        let now = Instant::now();
+        loop {
+            let candidate = self.idle.lock().expect("pool lock").pop();
+            let Some(conn) = candidate else { break };
+            let stale = (!settings.idle_timeout.is_zero()
+                && now.duration_since(conn.idle_since) > settings.idle_timeout)
+                || (!settings.max_lifetime.is_zero()
+                    && now.duration_since(conn.created_at) > settings.max_lifetime);
+            if stale {
+                self.open.fetch_sub(1, Ordering::Relaxed);
+                tokio::spawn(conn.terminate());
+                continue;
+            }
+            return Ok(PooledConn {
+                conn: Some(conn),
+                _permit: permit,
+                pool: self.clone(),
+            });
+        }
+        let conn = BackendConn::connect(self.key.node, &self.target, settings.connect_timeout).await?;
+        self.created.fetch_add(1, Ordering::Relaxed);
+        self.open.fetch_add(1, Ordering::Relaxed);
+        metrics::counter!("lagrouter_proxy_server_connections_opened_total").increment(1);
+        Ok(PooledConn {
+            conn: Some(conn),
+            _permit: permit,
+            pool: self.clone(),
+        })
+    }
+
+    fn checkin(&self, mut conn: BackendConn) {
+        let settings = self.settings();
+        let now = Instant::now();
+        let too_old =
+            !settings.max_lifetime.is_zero() && now.duration_since(conn.created_at) > settings.max_lifetime;
+        let mut idle = self.idle.lock().expect("pool lock");
+        if conn.broken || too_old || idle.len() >= *self.size.lock().expect("pool lock") {
+            drop(idle);
+            self.open.fetch_sub(1, Ordering::Relaxed);
+            if !conn.broken {
+                tokio::spawn(conn.terminate());
+            }
+            return;
+        }
+        conn.idle_since = now;
+        idle.push(conn);
+    }
+
+    fn resize(&self, settings: PoolSettings) {
+        let new = settings.size.max(1);
+        *self.settings.lock().expect("pool lock") = settings;
+        let mut size = self.size.lock().expect("pool lock");
+        let old = *size;
+        *size = new;
+        if new > old {
+            self.sem.add_permits(new - old);
+        } else if new < old {
+            let sem = self.sem.clone();
+            let n = (old - new) as u32;
+            tokio::spawn(async move {
+                if let Ok(p) = sem.acquire_many_owned(n).await {
+                    p.forget();
+                }
+            });
+        }
+    }
+
+    /// Current statistics.
+    pub fn stats(&self) -> PoolStats {
+        let size = *self.size.lock().expect("pool lock");
+        let idle = self.idle.lock().expect("pool lock").len();
+        let open = self.open.load(Ordering::Relaxed);
+        PoolStats {
+            node: self.key.node,
+            user: self.key.user.clone(),
+            database: self.key.database.clone(),
+            size,
+            open,
+            idle,
+            in_use: open.saturating_sub(idle),
+            created_total: self.created.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Closes every idle connection.
+    pub fn close_idle(&self) {
+        let conns: Vec<_> = std::mem::take(&mut *self.idle.lock().expect("pool lock"));
+        self.open.fetch_sub(conns.len(), Ordering::Relaxed);
+        for c in conns {
+            tokio::spawn(c.terminate());
+        }
+    }
+}
+
+/// A checked-out connection. Return it with [`PooledConn::release`] once
+/// it is idle and clean; dropping it closes it instead.
+pub struct PooledConn {
+    conn: Option<BackendConn>,
+    _permit: OwnedSemaphorePermit,
+    pool: Arc<NodePool>,
+}
+
+impl PooledConn {
+    /// Returns the connection to its pool.
+    pub fn release(mut self) {
+        if let Some(c) = self.conn.take() {
+            self.pool.checkin(c);
+        }
+    }
+
+    /// The node this connection belongs to.
+    pub fn node(&self) -> usize {
+        self.pool.key.node
+    }
+}
+
+impl Drop for PooledConn {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.conn.take() {
+            c.broken = true;
+            self.pool.open.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+}
+
+impl std::ops::Deref for PooledConn {
+    type Target = BackendConn;
+    fn deref(&self) -> &BackendConn {
+        self.conn.as_ref().expect("connection present until release")
+    }
+}
+
+impl std::ops::DerefMut for PooledConn {
+    fn deref_mut(&mut self) -> &mut BackendConn {
+        self.conn.as_mut().expect("connection present until release")
+    }
+}
+
+/// Every pool of the proxy.
+pub struct Pools {
+    pools: Mutex<HashMap<PoolKey, Arc<NodePool>>>,
+    settings: Mutex<PoolSettings>,
+}
+
+impl Pools {
+    /// No pools yet; they are created on first use.
+    pub fn new(settings: PoolSettings) -> Self {
+        Pools {
+            pools: Mutex::new(HashMap::new()),
+            settings: Mutex::new(settings),
+        }
+    }
+
+    /// The pool for `key`, created on first use with `target`.
+    pub fn get(&self, key: &PoolKey, target: impl FnOnce() -> BackendTarget) -> Arc<NodePool> {
+        let mut pools = self.pools.lock().expect("pools lock");
+        if let Some(p) = pools.get(key) {
+            return p.clone();
+        }
+        let settings = self.settings.lock().expect("pools lock").clone();
+        let p = Arc::new(NodePool::new(key.clone(), target(), settings));
+        pools.insert(key.clone(), p.clone());
+        p
+    }
+
+    /// Applies new settings to every pool (sizes grow at once and shrink as
+    /// connections are returned).
+    pub fn reconfigure(&self, settings: PoolSettings) {
+        *self.settings.lock().expect("pools lock") = settings.clone();
+        for p in self.pools.lock().expect("pools lock").values() {
+            p.resize(settings.clone());
+        }
+    }
+
+    /// Statistics of every pool.
+    pub fn stats(&self) -> Vec<PoolStats> {
+        let mut v: Vec<_> = self
+            .pools
+            .lock()
+            .expect("pools lock")
+            .values()
+            .map(|p| p.stats())
+            .collect();
+        v.sort_by(|a, b| (a.node, &a.user, &a.database).cmp(&(b.node, &b.user, &b.database)));
+        v
+    }
+
+    /// Closes idle connections of every pool (at shutdown).
+    pub fn close_idle(&self) {
+        for p in self.pools.lock().expect("pools lock").values() {
+            p.close_idle();
+        }
+    }
+}

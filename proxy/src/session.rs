@@ -1,0 +1,2150 @@
+//! One client session after startup: transaction pooling, per-statement
+//! routing, read-your-writes probes, prepared-statement translation,
+//! session settings replay, COPY and error recovery.
+//!
+//! # How a statement flows
+//!
+//! While the client holds no backend connection, simple `Query` messages
+//! and extended-protocol batches (everything up to `Sync`, or `Flush`) are
+//! classified and routed ([`crate::router`]), and a connection is checked
+//! out of the node's pool. Everything sent to that connection is recorded
+//! in an expectation queue ([`Expect`]) so that each server message can be
+//! attributed: the client's own messages (forwarded), responses the proxy
+//! synthesises (for prepared statements the backend already has, for
+//! `SET lagrouter.min_token`, …), and the proxy's own statements — the
+//! settings prelude and position probes — whose replies are swallowed.
+//!
+//! The connection returns to the pool when the server reports the session
+//! idle (`ReadyForQuery` with status `I`) and nothing is outstanding,
+//! unless the session is pinned by session-bound state.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use lagrouter::exec::POSITION_SQL;
+use lagrouter::router::InFlight;
+use lagrouter::{ConsistencyToken, Fallback, Lsn};
+use pgwire::messages::PgWireFrontendMessage;
+use postgres_protocol::message::frontend;
+use tracing::{debug, info, warn};
+
+use crate::backend::{BackendConn, BackendError};
+use crate::classify::{Classification, RouteHint, StatementKind, reset_statement_sql, set_statement_sql};
+use crate::frontend::{ClientConn, ClientError, StartupInfo};
+use crate::admin as m;
+use crate::pool::{PoolError, PooledConn};
+use crate::protocol::{self, Frame, PgError};
+use crate::router::{self as routing, Target};
+use crate::server::{CancelSlot, Shared};
+
+/// Name of the proxy's prepared position probe on each backend connection.
+pub const PROBE_STATEMENT: &str = "lagrouter_position_probe";
+/// The parameter status carrying the session's token, and the name
+/// `SHOW lagrouter.token` answers.
+pub const TOKEN_PARAMETER: &str = "lagrouter.token";
+/// The setting clients use to pass a token in (`SET lagrouter.min_token`).
+pub const MIN_TOKEN_SETTING: &str = "lagrouter.min_token";
+/// Most extended-protocol messages buffered before a `Sync`/`Flush`.
+const MAX_PENDING: usize = 100_000;
+/// How often a replica's position is polled while a read waits for it.
+const WAIT_POLL: Duration = Duration::from_millis(2);
+
+/// A decoded client message (plus its original bytes for forwarding).
+#[derive(Clone, Debug)]
+enum CMsg {
+    Query {
+        sql: Arc<str>,
+        frame: Frame,
+    },
+    Parse {
+        name: String,
+        sql: Arc<str>,
+        types: Arc<[u32]>,
+        frame: Frame,
+    },
+    Bind {
+        portal: String,
+        stmt: String,
+        frame: Frame,
+    },
+    Describe {
+        kind: u8,
+        name: String,
+        frame: Frame,
+    },
+    Execute {
+        portal: String,
+        frame: Frame,
+    },
+    Close {
+        kind: u8,
+        name: String,
+        frame: Frame,
+    },
+    Sync {
+        frame: Frame,
+    },
+    Flush {
+        frame: Frame,
+    },
+}
+
+impl CMsg {
+    fn decode(frame: Frame) -> Result<CMsg, protocol::ProtocolError> {
+        let msg = protocol::decode_frontend(&frame)?;
+        Ok(match msg {
+            PgWireFrontendMessage::Query(q) => CMsg::Query {
+                sql: q.query.into(),
+                frame,
+            },
+            PgWireFrontendMessage::Parse(p) => CMsg::Parse {
+                name: p.name.unwrap_or_default(),
+                sql: p.query.into(),
+                types: p.type_oids.into(),
+                frame,
+            },
+            PgWireFrontendMessage::Bind(b) => CMsg::Bind {
+                portal: b.portal_name.unwrap_or_default(),
+                stmt: b.statement_name.unwrap_or_default(),
+                frame,
+            },
+            PgWireFrontendMessage::Describe(d) => CMsg::Describe {
+                kind: d.target_type,
+                name: d.name.unwrap_or_default(),
+                frame,
+            },
+            PgWireFrontendMessage::Execute(e) => CMsg::Execute {
+                portal: e.name.unwrap_or_default(),
+                frame,
+            },
+            PgWireFrontendMessage::Close(c) => CMsg::Close {
+                kind: c.target_type,
+                name: c.name.unwrap_or_default(),
+                frame,
+            },
+            PgWireFrontendMessage::Sync(_) => CMsg::Sync { frame },
+            PgWireFrontendMessage::Flush(_) => CMsg::Flush { frame },
+            _ => return Err(protocol::ProtocolError::UnknownType(frame.tag)),
+        })
+    }
+
+    fn ends_unit(&self) -> bool {
+        matches!(self, CMsg::Query { .. } | CMsg::Sync { .. })
+    }
+}
+
+/// A statement the proxy answers itself.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum LocalStmt {
+    SetMinToken(String),
+    ResetMinToken,
+    ShowToken,
+    Empty,
+}
+
+/// What the session knows about one prepared statement.
+#[derive(Debug)]
+struct StmtInfo {
+    sql: Arc<str>,
+    types: Arc<[u32]>,
+    /// Proxy-global name: the same SQL and parameter types get the same
+    /// name on every backend connection.
+    global: String,
+    class: Arc<Classification>,
+    local: Option<LocalStmt>,
+}
+
+fn global_name(sql: &str, types: &[u32]) -> String {
+    use std::hash::{Hash, Hasher};
+    // SipHash with fixed keys: stable within the process, which is all the
+    // names need (they live as long as backend connections).
+    let mut h = std::hash::DefaultHasher::new();
+    sql.hash(&mut h);
+    types.hash(&mut h);
+    format!("lagrouter_s_{:016x}_{}", h.finish(), sql.len())
+}
+
+/// Session-state effects of a client message, applied when the server
+/// confirms (or rejects) it.
+#[derive(Clone, Debug)]
+enum Action {
+    Setting(StatementKind),
+    ForgetClientStmt(String),
+    ForgetBackendStmt(String),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum ProbeKind {
+    /// Before a read on a replica that may not have reached `need`.
+    Before { need: Lsn },
+    /// After a replica read: monotonic reads.
+    After,
+    /// After a write committed: read-your-writes.
+    Write,
+}
+
+/// One thing sent to the backend whose replies are still expected.
+#[derive(Debug)]
+enum Expect {
+    /// A client message; `kind` is its type byte.
+    Client {
+        kind: u8,
+        on_success: Vec<Action>,
+        on_fail: Vec<Action>,
+    },
+    /// A reply the proxy produces itself, emitted in order.
+    Synth(Bytes),
+    /// The settings prelude (a simple query); replies swallowed.
+    Prelude,
+    /// A `Parse` the proxy injected before a client's `Bind`/`Describe`.
+    Injected { global: Option<String> },
+    /// A position probe; replies swallowed.
+    Probe {
+        kind: ProbeKind,
+        parsed: bool,
+        saw_parse_complete: bool,
+        failed: bool,
+        result: Option<(bool, Option<Lsn>)>,
+    },
+}
+
+/// Where replies for the client go.
+#[derive(Debug)]
+enum Mode {
+    /// Straight to the client.
+    Direct,
+    /// Held back (a replica read that may still be retried elsewhere).
+    Buffer(BytesMut),
+    /// Dropped (the read will be retried).
+    Discard,
+}
+
+#[derive(Clone, Copy, Debug)]
+enum Retry {
+    /// Run the unit again on the primary.
+    Primary(&'static str),
+    /// The replica is behind the token: poll it until `deadline`.
+    Wait { need: Lsn, deadline: Instant },
+}
+
+/// A backend connection the session holds, with its pipeline state.
+struct Held {
+    conn: PooledConn,
+    node: usize,
+    on_replica: bool,
+    queue: VecDeque<Expect>,
+    mode: Mode,
+    /// Replies for the client, moved to the client's buffer after each
+    /// batch of server messages.
+    out: BytesMut,
+    retry: Option<Retry>,
+    /// The unit's client messages while it may be retried elsewhere.
+    unit: Option<Vec<CMsg>>,
+    held_rfq: Option<Frame>,
+    copy_in: bool,
+    copy_ignoring_sync: bool,
+    /// The server skips messages until `Sync` after an error.
+    server_skipping: bool,
+    wrote_since_probe: bool,
+    no_pipelined_probe: bool,
+    /// Transaction status expected after what was forwarded.
+    predicted: u8,
+    /// The unit ended with `Flush`: the client continues it.
+    unit_open: bool,
+    unnamed_ok: bool,
+    query_error: bool,
+    portal_class: HashMap<String, Arc<Classification>>,
+    _inflight: InFlight<'static>,
+}
+
+impl Held {
+    fn emit(&mut self, bytes: &[u8]) {
+        match &mut self.mode {
+            Mode::Direct => self.out.extend_from_slice(bytes),
+            Mode::Buffer(b) => b.extend_from_slice(bytes),
+            Mode::Discard => {}
+        }
+    }
+
+    /// Stops buffering: what was held back goes to the client.
+    fn commit_output(&mut self) {
+        if let Mode::Buffer(b) = &mut self.mode {
+            let b = std::mem::take(b);
+            self.out.extend_from_slice(&b);
+            self.mode = Mode::Direct;
+        }
+    }
+
+    fn drain_synth(&mut self) {
+        while let Some(Expect::Synth(_)) = self.queue.front() {
+            if let Some(Expect::Synth(b)) = self.queue.pop_front() {
+                self.emit(&b);
+            }
+        }
+    }
+
+    fn has_client_entries(&self) -> bool {
+        self.queue
+            .iter()
+            .any(|e| matches!(e, Expect::Client { .. } | Expect::Synth(_)))
+    }
+}
+
+/// Which replies end a client message's expectation.
+fn terminates(kind: u8, tag: u8) -> bool {
+    match kind {
+        b'P' => tag == b'1',
+        b'B' => tag == b'2',
+        b'C' => tag == b'3',
+        b'D' => matches!(tag, b'T' | b'n'),
+        b'E' => matches!(tag, b'C' | b'I' | b's'),
+        b'S' | b'Q' => tag == b'Z',
+        _ => false,
+    }
+}
+
+/// What woke the session up.
+enum Event {
+    Backend(Result<Frame, BackendError>),
+    Client(Result<(), ClientError>),
+    Shutdown,
+    Idle,
+}
+
+/// Outcome of handling input: keep going or end the session.
+type Flow = Result<(), SessionEnd>;
+
+/// Why a session ends.
+#[derive(Debug)]
+enum SessionEnd {
+    /// Terminate, or the client went away.
+    Closed,
+    /// A fatal error, already queued for the client.
+    Fatal(PgError),
+    /// I/O error on the client connection.
+    Client(ClientError),
+}
+
+impl From<ClientError> for SessionEnd {
+    fn from(e: ClientError) -> Self {
+        match e {
+            ClientError::Closed => SessionEnd::Closed,
+            other => SessionEnd::Client(other),
+        }
+    }
+}
+
+struct Session {
+    shared: Arc<Shared>,
+    client: ClientConn,
+    user: String,
+    database: String,
+    server_user: String,
+    server_password: Option<String>,
+    pid: i32,
+    cancel: Arc<CancelSlot>,
+    token: Option<ConsistencyToken>,
+    last_write: Option<Instant>,
+    /// Session settings to have on any backend (name → SQL to apply).
+    desired: BTreeMap<String, String>,
+    /// The settings from the startup packet (what `RESET` returns to).
+    startup_desired: BTreeMap<String, String>,
+    prepared: HashMap<String, Arc<StmtInfo>>,
+    unnamed: Option<Arc<StmtInfo>>,
+    local_portals: HashMap<String, LocalStmt>,
+    pending: Vec<CMsg>,
+    skip_until_sync: bool,
+    backend: Option<Held>,
+    pinned: bool,
+    txn_status: u8,
+    closing: bool,
+}
+
+/// Runs an authenticated client session to its end.
+pub async fn run(shared: Arc<Shared>, client: ClientConn, info: StartupInfo) {
+    let (pid, secret, cancel) = shared.register_session();
+    let _guard = shared.client_guard();
+    let entry = info.entry.clone();
+    let mut s = Session {
+        shared: shared.clone(),
+        client,
+        user: info.user.clone(),
+        database: info.database.clone(),
+        server_user: entry.server_user.clone(),
+        server_password: entry.server_password.clone(),
+        pid,
+        cancel,
+        token: None,
+        last_write: None,
+        desired: BTreeMap::new(),
+        startup_desired: BTreeMap::new(),
+        prepared: HashMap::new(),
+        unnamed: None,
+        local_portals: HashMap::new(),
+        pending: Vec::new(),
+        skip_until_sync: false,
+        backend: None,
+        pinned: false,
+        txn_status: b'I',
+        closing: false,
+    };
+    let result = match s.setup(&info, secret).await {
+        Ok(()) => s.main_loop().await,
+        Err(e) => Err(e),
+    };
+    match result {
+        Ok(()) | Err(SessionEnd::Closed) => {}
+        Err(SessionEnd::Fatal(e)) => {
+            debug!(pid, error = %e, "session ended with a fatal error");
+            s.client.fatal(&e).await;
+        }
+        Err(SessionEnd::Client(e)) => debug!(pid, error = %e, "client connection failed"),
+    }
+    if let Some(h) = s.backend.take() {
+        // Mid-statement or pinned: the connection's state is unknown or
+        // belongs to this session; close it.
+        drop(h);
+    }
+    shared.unregister_session(pid);
+    debug!(pid, user = %s.user, "session closed");
+}
+
+impl Session {
+    fn settings(&self) -> Arc<crate::server::Settings> {
+        self.shared.settings()
+    }
+
+    /// Validates the startup settings on a backend, learns the server's
+    /// parameters and completes the startup exchange.
+    async fn setup(&mut self, info: &StartupInfo, secret: i32) -> Flow {
+        let topo = self.shared.monitor.snapshot();
+        let node = topo
+            .primary
+            .or_else(|| topo.nodes.iter().position(|n| n.healthy))
+            .unwrap_or(0);
+        let mut conn = match self.checkout(node).await {
+            Ok(c) => c,
+            Err(e) => {
+                return Err(SessionEnd::Fatal(PgError::fatal(e.sqlstate(), e.to_string())));
+            }
+        };
+        let known = match self.shared.guc_names(&mut conn).await {
+            Ok(k) => k,
+            Err(e) => return Err(SessionEnd::Fatal(backend_fatal(&e))),
+        };
+        for (name, value) in &info.params {
+            if !name.contains('.') && !known.contains(name) {
+                return Err(SessionEnd::Fatal(PgError::fatal(
+                    "42704",
+                    format!("unrecognized configuration parameter \"{name}\""),
+                )));
+            }
+            if name.starts_with("lagrouter.") {
+                return Err(SessionEnd::Fatal(PgError::fatal(
+                    "42704",
+                    format!("lagrouter settings cannot be set at startup: \"{name}\""),
+                )));
+            }
+            self.desired
+                .insert(name.clone(), set_statement_sql(name, value));
+        }
+        self.startup_desired = self.desired.clone();
+        if let Some(sql) = prelude_sql(&self.desired, &conn) {
+            if let Err(e) = conn.simple_query(&sql).await {
+                return Err(SessionEnd::Fatal(backend_fatal(&e)));
+            }
+            conn.applied = self.desired.clone();
+        }
+        let params = conn.server_params.clone();
+        conn.release();
+        for (k, v) in &params {
+            protocol::parameter_status(k, v, &mut self.client.wbuf);
+        }
+        crate::frontend::backend_key_data(self.pid, secret, &mut self.client.wbuf);
+        protocol::ready_for_query(b'I', &mut self.client.wbuf);
+        self.client.flush().await.map_err(ClientError::from)?;
+        Ok(())
+    }
+
+    async fn main_loop(&mut self) -> Flow {
+        let mut shutdown = self.shared.shutdown_signal();
+        loop {
+            // 1. Client input, when it can be taken now.
+            while self.accepts_client_input() {
+                let frame = match self.client.try_frame() {
+                    Ok(Some(f)) => f,
+                    Ok(None) => break,
+                    Err(e) => {
+                        return Err(SessionEnd::Fatal(PgError::fatal(
+                            protocol::SQLSTATE_PROTOCOL_VIOLATION,
+                            e.to_string(),
+                        )));
+                    }
+                };
+                self.on_client_frame(frame).await?;
+            }
+            // 2. Retries, fallback probes and releasing the backend.
+            self.housekeeping().await?;
+            // 3. Flush both directions.
+            if let Some(h) = &mut self.backend {
+                if let Err(e) = h.conn.flush().await {
+                    self.backend_failed(BackendError::Io(e)).await?;
+                    continue;
+                }
+            }
+            self.client.flush().await.map_err(ClientError::from)?;
+            if self.closing && self.backend.is_none() {
+                return Err(SessionEnd::Fatal(PgError::fatal(
+                    "57P01",
+                    "terminating connection due to administrator command",
+                )));
+            }
+            // 4. Wait for something to happen.
+            let accept = self.accepts_client_input();
+            let has_backend = self.backend.is_some();
+            let idle_timeout = self.settings().config.proxy.client_idle_timeout;
+            let idle = !has_backend && !idle_timeout.is_zero();
+            let closing = self.closing;
+            let backend = &mut self.backend;
+            let client = &mut self.client;
+            let event = tokio::select! {
+                r = async {
+                    match backend.as_mut() {
+                        Some(h) => h.conn.read_frame().await,
+                        None => std::future::pending().await,
+                    }
+                }, if has_backend => Event::Backend(r),
+                r = client.fill(), if accept => Event::Client(r),
+                _ = shutdown.changed(), if !closing => Event::Shutdown,
+                _ = tokio::time::sleep(idle_timeout), if idle => Event::Idle,
+            };
+            match event {
+                Event::Backend(Ok(frame)) => {
+                    self.on_backend_frame(frame);
+                    // Drain what is already buffered without going through
+                    // select again.
+                    while let Some(h) = &mut self.backend {
+                        if !h.conn.has_buffered_frame() {
+                            break;
+                        }
+                        match h.conn.read_frame().await {
+                            Ok(f) => self.on_backend_frame(f),
+                            Err(e) => {
+                                self.backend_failed(e).await?;
+                                break;
+                            }
+                        }
+                    }
+                    self.move_output();
+                }
+                Event::Backend(Err(e)) => self.backend_failed(e).await?,
+                Event::Client(r) => r?,
+                Event::Shutdown => self.closing = true,
+                Event::Idle => {
+                    return Err(SessionEnd::Fatal(PgError::fatal(
+                        "57P05",
+                        "terminating connection due to idle-session timeout",
+                    )));
+                }
+            }
+        }
+    }
+
+    /// Whether client messages may be processed now: not while a finished
+    /// unit's replies (or its probes) are still outstanding, so that the
+    /// next statement is routed with an up-to-date token.
+    fn accepts_client_input(&self) -> bool {
+        match &self.backend {
+            None => true,
+            Some(h) => {
+                self.pinned
+                    || h.copy_in
+                    || h.unit_open
+                    || (h.predicted != b'I' && h.retry.is_none() && matches!(h.mode, Mode::Direct))
+            }
+        }
+    }
+
+    fn move_output(&mut self) {
+        if let Some(h) = &mut self.backend {
+            if !h.out.is_empty() {
+                self.client.wbuf.extend_from_slice(&h.out);
+                h.out.clear();
+            }
+        }
+    }
+
+    // ---------------------------------------------------------------
+    // Client messages
+    // ---------------------------------------------------------------
+
+    async fn on_client_frame(&mut self, frame: Frame) -> Flow {
+        match frame.tag {
+            b'X' => Err(SessionEnd::Closed),
+            b'd' | b'c' | b'f' => {
+                if let Some(h) = &mut self.backend {
+                    if h.copy_in {
+                        h.conn.wbuf.extend_from_slice(&frame.bytes);
+                        if frame.tag != b'd' {
+                            h.copy_in = false;
+                            h.copy_ignoring_sync = false;
+                        }
+                    }
+                }
+                // Outside COPY the server ignores these too.
+                Ok(())
+            }
+            b'Q' | b'P' | b'B' | b'D' | b'E' | b'C' | b'S' | b'H' => {
+                let msg = CMsg::decode(frame).map_err(|e| {
+                    SessionEnd::Fatal(PgError::fatal(
+                        protocol::SQLSTATE_PROTOCOL_VIOLATION,
+                        e.to_string(),
+                    ))
+                })?;
+                self.on_message(msg).await
+            }
+            other => Err(SessionEnd::Fatal(PgError::fatal(
+                protocol::SQLSTATE_PROTOCOL_VIOLATION,
+                format!("invalid frontend message type {}", other),
+            ))),
+        }
+    }
+
+    async fn on_message(&mut self, msg: CMsg) -> Flow {
+        if self.skip_until_sync {
+            if !matches!(msg, CMsg::Sync { .. }) {
+                return Ok(());
+            }
+            self.skip_until_sync = false;
+        }
+        if self.backend.is_some() {
+            self.forward(msg);
+            return Ok(());
+        }
+
+        match msg {
+            CMsg::Query { .. } => self.dispatch(vec![msg]).await,
+            CMsg::Sync { .. } | CMsg::Flush { .. } => {
+                if self.pending.is_empty() {
+                    if matches!(msg, CMsg::Sync { .. }) {
+                        protocol::ready_for_query(self.txn_status, &mut self.client.wbuf);
+                    }
+                    return Ok(());
+                }
+                self.pending.push(msg);
+                let batch = std::mem::take(&mut self.pending);
+                self.dispatch(batch).await
+            }
+            other => {
+                if self.pending.len() >= MAX_PENDING {
+                    return Err(SessionEnd::Fatal(PgError::fatal(
+                        "54000",
+                        "too many extended-protocol messages without Sync",
+                    )));
+                }
+                self.pending.push(other);
+                Ok(())
+            }
+        }
+    }
+
+    // ---------------------------------------------------------------
+    // Local statements
+    // ---------------------------------------------------------------
+
+    fn classify(&self, sql: &str) -> Arc<Classification> {
+        self.shared.classifier.classify(sql)
+    }
+
+    /// Recognises statements the proxy answers itself.
+    fn local_stmt(sql: &str, class: &Classification) -> Result<Option<LocalStmt>, PgError> {
+        let is_lagrouter = |k: &StatementKind| match k {
+            StatementKind::Set { name, .. } => name.starts_with("lagrouter."),
+            StatementKind::Reset { name: Some(name) } => name.starts_with("lagrouter."),
+            _ => false,
+        };
+        let show = show_lagrouter(sql);
+        if class.statements.is_empty() {
+            return Ok(Some(LocalStmt::Empty));
+        }
+        let n_local = class.statements.iter().filter(|k| is_lagrouter(k)).count();
+        if n_local == 0 && show.is_none() {
+            return Ok(None);
+        }
+        if class.statements.len() > 1 {
+            return Err(PgError::error(
+                "0A000",
+                "lagrouter settings must be sent as a statement of their own",
+            ));
+        }
+        if let Some(name) = show {
+            return match name.as_str() {
+                TOKEN_PARAMETER | MIN_TOKEN_SETTING => Ok(Some(LocalStmt::ShowToken)),
+                _ => Err(unknown_setting(&name)),
+            };
+        }
+        match &class.statements[0] {
+            StatementKind::Set { name, value, .. } if name == MIN_TOKEN_SETTING => {
+                Ok(Some(LocalStmt::SetMinToken(value.clone())))
+            }
+            StatementKind::Reset { name: Some(name) } if name == MIN_TOKEN_SETTING => {
+                Ok(Some(LocalStmt::ResetMinToken))
+            }
+            StatementKind::Set { name, .. } | StatementKind::Reset { name: Some(name) } => {
+                Err(unknown_setting(name))
+            }
+            _ => Ok(None),
+        }
+    }
+
+    /// Applies a token given by the client (setting or comment).
+    fn accept_token(&mut self, text: &str) -> Result<(), PgError> {
+        let text = text.trim();
+        if text.is_empty() {
+            return Ok(());
+        }
+        let token = ConsistencyToken::decode(text).map_err(|e| {
+            PgError::error("22023", format!("invalid lagrouter token: {e}"))
+                .with_hint("Pass the value of the lagrouter.token parameter status (or SHOW lagrouter.token) unchanged.")
+        })?;
+        if let Some(cluster) = self.shared.monitor.snapshot().cluster {
+            token
+                .check_cluster(&cluster)
+                .map_err(|e| PgError::error("22023", format!("invalid lagrouter token: {e}")))?;
+        }
+        self.observe(token);
+        metrics::counter!(m::TOKENS_ACCEPTED).increment(1);
+        Ok(())
+    }
+
+    fn observe(&mut self, token: ConsistencyToken) {
+        self.token = Some(match self.token {
+            Some(t) => t.max(token),
+            None => token,
+        });
+    }
+
+    /// Advances the session token to `lsn` of the current cluster.
+    fn advance_token(&mut self, lsn: Lsn) {
+        let topo = self.shared.monitor.snapshot();
+        if let Some(c) = topo.cluster {
+            self.observe(ConsistencyToken::new(lsn, c.system_identifier, c.timeline));
+        }
+    }
+
+    /// Runs a local statement (Execute time); returns the reply messages.
+    fn run_local(&mut self, stmt: &LocalStmt, extended: bool) -> Result<Vec<Bytes>, PgError> {
+        let mut out = BytesMut::new();
+        match stmt {
+            LocalStmt::SetMinToken(v) => {
+                let v = v.clone();
+                self.accept_token(&v)?;
+                protocol::command_complete("SET", &mut out);
+            }
+            LocalStmt::ResetMinToken => protocol::command_complete("RESET", &mut out),
+            LocalStmt::ShowToken => {
+                if !extended {
+                    protocol::text_row_description(TOKEN_PARAMETER, &mut out);
+                }
+                let t = self.token.map(|t| t.encode()).unwrap_or_default();
+                protocol::text_data_row(&t, &mut out);
+                protocol::command_complete("SHOW", &mut out);
+            }
+            LocalStmt::Empty => out.extend_from_slice(&protocol::empty_message(b'I')),
+        }
+        Ok(vec![out.freeze()])
+    }
+
+    /// `Describe` reply for a local statement.
+    fn describe_local(stmt: &LocalStmt, statement: bool) -> Vec<Bytes> {
+        let mut v = Vec::new();
+        if statement {
+            v.push(protocol::no_parameters());
+        }
+        match stmt {
+            LocalStmt::ShowToken => {
+                let mut b = BytesMut::new();
+                protocol::text_row_description(TOKEN_PARAMETER, &mut b);
+                v.push(b.freeze());
+            }
+            _ => v.push(protocol::empty_message(b'n')),
+        }
+        v
+    }
+
+    /// Handles a simple query the proxy answers itself (lagrouter
+    /// settings, empty queries, `DEALLOCATE` of protocol-level statements).
+    /// `None` when the query must go to a server.
+    fn local_query(&mut self, sql: &str, class: &Classification) -> Option<Result<Vec<Bytes>, PgError>> {
+        if let Some(t) = &class.token {
+            if let Err(e) = self.accept_token(t) {
+                return Some(Err(e));
+            }
+        }
+        match Self::local_stmt(sql, class) {
+            Ok(Some(stmt)) => return Some(self.run_local(&stmt, false)),
+            Ok(None) => {}
+            Err(e) => return Some(Err(e)),
+        }
+        if let Some(target) = deallocate_target(sql) {
+            match target {
+                None if !self.pinned => {
+                    self.prepared.clear();
+                    let mut b = BytesMut::new();
+                    protocol::command_complete("DEALLOCATE ALL", &mut b);
+                    return Some(Ok(vec![b.freeze()]));
+                }
+                None => self.prepared.clear(),
+                Some(name) if self.prepared.remove(&name).is_some() => {
+                    let mut b = BytesMut::new();
+                    protocol::command_complete("DEALLOCATE", &mut b);
+                    return Some(Ok(vec![b.freeze()]));
+                }
+                Some(_) => {}
+            }
+        }
+        None
+    }
+
+    /// Whether an extended-protocol message can be answered without a
+    /// server (used to answer all-local batches directly).
+    fn is_local_ext(&self, msg: &CMsg) -> bool {
+        match msg {
+            CMsg::Parse { sql, .. } => {
+                let class = self.classify(sql);
+                !matches!(Self::local_stmt(sql, &class), Ok(None))
+            }
+            CMsg::Bind { stmt, .. } => self.stmt_info(stmt).is_some_and(|i| i.local.is_some()),
+            CMsg::Describe { kind: b'S', name, .. } => {
+                self.stmt_info(name).is_some_and(|i| i.local.is_some())
+            }
+            CMsg::Describe { name, .. } | CMsg::Execute { portal: name, .. } => {
+                self.local_portals.contains_key(name)
+            }
+            CMsg::Close { kind: b'S', name, .. } => !name.is_empty(),
+            CMsg::Close { name, .. } => self.local_portals.contains_key(name),
+            CMsg::Sync { .. } | CMsg::Flush { .. } => true,
+            CMsg::Query { .. } => false,
+        }
+    }
+
+    /// Whether every message of a batch can be answered without a server,
+    /// following statements and portals the batch itself defines.
+    fn batch_is_local(&self, batch: &[CMsg]) -> bool {
+        let mut stmts: HashMap<&str, bool> = HashMap::new();
+        let mut portals: HashMap<&str, bool> = HashMap::new();
+        for msg in batch {
+            let local = match msg {
+                CMsg::Parse { name, .. } => {
+                    let l = self.is_local_ext(msg);
+                    stmts.insert(name, l);
+                    l
+                }
+                CMsg::Bind { portal, stmt, .. } => {
+                    let l = stmts.get(stmt.as_str()).copied().unwrap_or_else(|| self.is_local_ext(msg));
+                    portals.insert(portal, l);
+                    l
+                }
+                CMsg::Describe { kind: b'S', name, .. } => {
+                    stmts.get(name.as_str()).copied().unwrap_or_else(|| self.is_local_ext(msg))
+                }
+                CMsg::Describe { name, .. } | CMsg::Execute { portal: name, .. } => {
+                    portals.get(name.as_str()).copied().unwrap_or_else(|| self.is_local_ext(msg))
+                }
+                other => self.is_local_ext(other),
+            };
+            if !local {
+                return false;
+            }
+        }
+        true
+    }
+
+    fn stmt_info(&self, name: &str) -> Option<Arc<StmtInfo>> {
+        if name.is_empty() {
+            self.unnamed.clone()
+        } else {
+            self.prepared.get(name).cloned()
+        }
+    }
+
+    fn make_info(&self, sql: &Arc<str>, types: &Arc<[u32]>) -> Result<Arc<StmtInfo>, PgError> {
+        let class = self.classify(sql);
+        let local = Self::local_stmt(sql, &class)?;
+        Ok(Arc::new(StmtInfo {
+            sql: sql.clone(),
+            types: types.clone(),
+            global: global_name(sql, types),
+            class,
+            local,
+        }))
+    }
+
+    /// Replies for a message that needs no server, or `None`. Effects on
+    /// the session are applied. An error means: report it and skip to Sync.
+    fn local_ext(&mut self, msg: &CMsg) -> Option<Result<Vec<Bytes>, PgError>> {
+        match msg {
+            CMsg::Parse { name, sql, types, .. } => {
+                let info = match self.make_info(sql, types) {
+                    Ok(i) => i,
+                    Err(e) => return Some(Err(e)),
+                };
+                info.local.as_ref()?;
+                if let Some(t) = &info.class.token {
+                    if let Err(e) = self.accept_token(&t.clone()) {
+                        return Some(Err(e));
+                    }
+                }
+                if name.is_empty() {
+                    self.unnamed = Some(info);
+                    if let Some(h) = &mut self.backend {
+                        h.unnamed_ok = false;
+                    }
+                } else {
+                    self.prepared.insert(name.clone(), info);
+                }
+                Some(Ok(vec![protocol::empty_message(b'1')]))
+            }
+            CMsg::Bind { portal, stmt, .. } => {
+                let info = self.stmt_info(stmt)?;
+                let local = info.local.clone()?;
+                self.local_portals.insert(portal.clone(), local);
+                Some(Ok(vec![protocol::empty_message(b'2')]))
+            }
+            CMsg::Describe { kind: b'S', name, .. } => {
+                let info = self.stmt_info(name)?;
+                let local = info.local.as_ref()?;
+                Some(Ok(Self::describe_local(local, true)))
+            }
+            CMsg::Describe { name, .. } => {
+                let local = self.local_portals.get(name)?;
+                Some(Ok(Self::describe_local(local, false)))
+            }
+            CMsg::Execute { portal, .. } => {
+                let local = self.local_portals.get(portal)?.clone();
+                Some(self.run_local(&local, true))
+            }
+            CMsg::Close { kind: b'S', name, .. } if !name.is_empty() => {
+                // Only the client's name goes: the backend statement is
+                // shared and stays prepared.
+                self.prepared.remove(name);
+                Some(Ok(vec![protocol::empty_message(b'3')]))
+            }
+            CMsg::Close { name, .. } => {
+                self.local_portals.remove(name)?;
+                Some(Ok(vec![protocol::empty_message(b'3')]))
+            }
+            _ => None,
+        }
+    }
+
+    // ---------------------------------------------------------------
+    // Routing a unit
+    // ---------------------------------------------------------------
+
+    /// Routes and starts a unit (one `Query`, or a batch up to `Sync` /
+    /// `Flush`) while no backend is held.
+    async fn dispatch(&mut self, batch: Vec<CMsg>) -> Flow {
+        // Simple query answered locally?
+        if let [CMsg::Query { sql, .. }] = batch.as_slice() {
+            let class = self.classify(sql);
+            if let Some(r) = self.local_query(sql, &class) {
+                match r {
+                    Ok(msgs) => {
+                        for b in msgs {
+                            self.client.wbuf.extend_from_slice(&b);
+                        }
+                    }
+                    Err(e) => e.encode(&mut self.client.wbuf),
+                }
+                protocol::ready_for_query(self.txn_status, &mut self.client.wbuf);
+                return Ok(());
+            }
+        }
+        // Extended batch made only of local messages?
+        if !matches!(batch.first(), Some(CMsg::Query { .. })) && self.batch_is_local(&batch) {
+            for msg in &batch {
+                if self.skip_until_sync {
+                    if matches!(msg, CMsg::Sync { .. }) {
+                        self.skip_until_sync = false;
+                    } else {
+                        continue;
+                    }
+                }
+                match msg {
+                    CMsg::Sync { .. } => protocol::ready_for_query(self.txn_status, &mut self.client.wbuf),
+                    CMsg::Flush { .. } => {}
+                    other => match self.local_ext(other) {
+                        Some(Ok(msgs)) => {
+                            for b in msgs {
+                                self.client.wbuf.extend_from_slice(&b);
+                            }
+                        }
+                        Some(Err(e)) => {
+                            e.encode(&mut self.client.wbuf);
+                            self.skip_until_sync = true;
+                        }
+                        None => {}
+                    },
+                }
+            }
+            return Ok(());
+        }
+
+        // Classify the unit.
+        let mut classes: Vec<Arc<Classification>> = Vec::new();
+        for msg in &batch {
+            match msg {
+                CMsg::Query { sql, .. } | CMsg::Parse { sql, .. } => classes.push(self.classify(sql)),
+                CMsg::Bind { stmt: name, .. } | CMsg::Describe { kind: b'S', name, .. } => {
+                    if let Some(i) = self.stmt_info(name) {
+                        classes.push(i.class.clone());
+                    }
+                }
+                _ => {}
+            }
+        }
+        // Token hints in comments apply before routing.
+        let hints: Vec<String> = classes.iter().filter_map(|c| c.token.clone()).collect();
+        for t in hints {
+            if let Err(e) = self.accept_token(&t) {
+                self.unit_error(&batch, e);
+                return Ok(());
+            }
+        }
+        let hint = classes
+            .iter()
+            .filter_map(|c| c.hint)
+            .max_by_key(|h| matches!(h, RouteHint::Primary));
+        let pin = classes.iter().find_map(|c| c.pin_reason());
+        let read_only =
+            !classes.is_empty() && classes.iter().all(|c| c.is_read_only()) && pin.is_none();
+        let read = match hint {
+            Some(RouteHint::Primary) => false,
+            Some(RouteHint::Replica) => pin.is_none(),
+            None => read_only,
+        };
+        for c in &classes {
+            for k in &c.statements {
+                metrics::counter!(m::QUERIES_TOTAL, "kind" => k.label()).increment(1);
+            }
+        }
+        if !read && classes.iter().any(|c| c.has_write()) {
+            self.last_write = Some(Instant::now());
+        }
+        let target = if read {
+            let settings = self.settings();
+            routing::route_read(
+                &self.shared.monitor.snapshot(),
+                self.shared.router(),
+                &settings.policy,
+                self.token.map(|t| t.lsn),
+                self.last_write,
+                &[],
+            )
+        } else {
+            Target::Primary
+        };
+        let pin_session = pin.is_some_and(|p| p.is_session_scoped());
+        self.start_unit(target, batch, read).await?;
+        if pin_session && self.backend.is_some() {
+            if !self.pinned {
+                info!(pid = self.pid, reason = pin.map(|p| p.as_str()), "session pinned to the primary");
+                metrics::counter!(m::PINNED_SESSIONS).increment(1);
+            }
+            self.pinned = true;
+        }
+        Ok(())
+    }
+
+    /// Reports an error for a whole unit that did not reach a server.
+    fn unit_error(&mut self, batch: &[CMsg], e: PgError) {
+        e.encode(&mut self.client.wbuf);
+        if batch.last().is_some_and(CMsg::ends_unit) {
+            protocol::ready_for_query(self.txn_status, &mut self.client.wbuf);
+        } else {
+            self.skip_until_sync = true;
+        }
+    }
+
+    async fn checkout(&self, node: usize) -> Result<PooledConn, PoolError> {
+        let key = crate::pool::PoolKey {
+            node,
+            user: self.server_user.clone(),
+            database: self.database.clone(),
+        };
+        let shared = &self.shared;
+        let pool = shared.pools.get(&key, || shared.backend_target(node, &self.server_user, self.server_password.clone(), &self.database));
+        let r = pool.checkout().await;
+        if let Err(PoolError::Connect(e)) = &r {
+            if e.is_connection_failure() {
+                shared.monitor.report_failure(node, &e.to_string());
+            }
+        }
+        r
+    }
+
+    /// Checks out a connection for `target` and sends the unit there.
+    async fn start_unit(&mut self, target: Target, batch: Vec<CMsg>, read: bool) -> Flow {
+        let mut exclude: Vec<usize> = Vec::new();
+        let mut target = target;
+        loop {
+            let topo = self.shared.monitor.snapshot();
+            let node = match target {
+                Target::Primary => match topo.primary {
+                    Some(p) => p,
+                    None => {
+                        self.unit_error(&batch, PgError::error("08006", "no primary server is available"));
+                        return Ok(());
+                    }
+                },
+                Target::Replica(i) | Target::ReplicaIfCaughtUp(i) => i,
+            };
+            let on_replica = !matches!(target, Target::Primary);
+            let conn = match self.checkout(node).await {
+                Ok(c) => c,
+                Err(e) if on_replica => {
+                    warn!(node, error = %e, "replica unavailable, rerouting the read");
+                    exclude.push(node);
+                    let settings = self.settings();
+                    target = routing::route_read(
+                        &self.shared.monitor.snapshot(),
+                        self.shared.router(),
+                        &settings.policy,
+                        self.token.map(|t| t.lsn),
+                        self.last_write,
+                        &exclude,
+                    );
+                    if let Target::Replica(i) | Target::ReplicaIfCaughtUp(i) = target {
+                        if exclude.contains(&i) {
+                            target = Target::Primary;
+                        }
+                    }
+                    continue;
+                }
+                Err(e) => {
+                    self.unit_error(&batch, PgError::error(e.sqlstate(), e.to_string()));
+                    return Ok(());
+                }
+            };
+            let settings = self.settings();
+            let retryable = on_replica && read;
+            let label = match target {
+                Target::Primary if read => "primary_read",
+                Target::Primary => "primary",
+                Target::Replica(_) => "replica",
+                Target::ReplicaIfCaughtUp(_) => "replica_checked",
+            };
+            metrics::counter!(m::ROUTED_TOTAL, "target" => label, "node" => topo.nodes.get(node).map(|n| n.name.clone()).unwrap_or_default()).increment(1);
+            let mut h = Held {
+                node,
+                on_replica,
+                queue: VecDeque::new(),
+                mode: if retryable { Mode::Buffer(BytesMut::new()) } else { Mode::Direct },
+                out: BytesMut::new(),
+                retry: None,
+                unit: retryable.then(|| batch.clone()),
+                held_rfq: None,
+                copy_in: false,
+                copy_ignoring_sync: false,
+                server_skipping: false,
+                wrote_since_probe: false,
+                no_pipelined_probe: false,
+                predicted: self.txn_status,
+                unit_open: false,
+                unnamed_ok: false,
+                query_error: false,
+                portal_class: HashMap::new(),
+                _inflight: self.shared.router().track(node),
+                conn,
+            };
+            *self.cancel.lock().expect("cancel slot") = Some(h.conn.cancel_target());
+            if let Some(sql) = prelude_sql(&self.desired, &h.conn) {
+                if frontend::query(&sql, &mut h.conn.wbuf).is_ok() {
+                    h.queue.push_back(Expect::Prelude);
+                    h.conn.applied = self.desired.clone();
+                }
+            }
+            if let (Target::ReplicaIfCaughtUp(_), Some(t)) = (target, self.token) {
+                let parsed = encode_probe(&mut h.conn, true);
+                h.queue.push_back(probe(ProbeKind::Before { need: t.lsn }, parsed));
+            }
+            let _ = settings;
+            self.backend = Some(h);
+            self.forward_all(batch);
+            return Ok(());
+        }
+    }
+
+    // ---------------------------------------------------------------
+    // Forwarding to the held backend
+    // ---------------------------------------------------------------
+
+    fn note_statements(&mut self, class: &Classification) {
+        let uses_token = self.settings().policy.uses_token();
+        let Some(h) = &mut self.backend else { return };
+        if class.has_write() || class.pin_reason().is_some() {
+            if !h.on_replica {
+                h.wrote_since_probe |= uses_token;
+            }
+            self.last_write = Some(Instant::now());
+        }
+        if class.pin_reason() == Some(crate::classify::PinReason::Copy) {
+            h.no_pipelined_probe = true;
+        }
+        for k in &class.statements {
+            match k {
+                StatementKind::TransactionBegin { .. } if h.predicted == b'I' => h.predicted = b'T',
+                StatementKind::TransactionEnd => h.predicted = b'I',
+                _ => {}
+            }
+        }
+    }
+
+    /// Sends one client message to the held backend, translating statement
+    /// names and recording what replies to expect.
+    fn forward(&mut self, msg: CMsg) {
+        // Local replies (lagrouter statements, statement closes, …).
+        if !matches!(msg, CMsg::Query { .. } | CMsg::Sync { .. } | CMsg::Flush { .. }) {
+            if let Some(r) = self.local_ext(&msg) {
+                let h = self.backend.as_mut().expect("held");
+                match r {
+                    Ok(msgs) => h.queue.extend(msgs.into_iter().map(Expect::Synth)),
+                    Err(e) => {
+                        h.queue.push_back(Expect::Synth(e.to_bytes()));
+                        self.skip_until_sync = true;
+                    }
+                }
+                self.backend.as_mut().expect("held").drain_synth();
+                return;
+            }
+        }
+        {
+            let h = self.backend.as_mut().expect("held");
+            if h.server_skipping {
+                // After an error the server ignores everything up to Sync.
+                if !matches!(msg, CMsg::Sync { .. }) {
+                    return;
+                }
+                h.server_skipping = false;
+            }
+        }
+        match msg {
+            CMsg::Query { sql, frame } => {
+                let class = self.classify(&sql);
+                match self.local_query(&sql, &class) {
+                    Some(r) => {
+                        let status = self.backend.as_ref().map_or(self.txn_status, |h| h.predicted);
+                        let h = self.backend.as_mut().expect("held");
+                        match r {
+                            Ok(msgs) => h.queue.extend(msgs.into_iter().map(Expect::Synth)),
+                            Err(e) => h.queue.push_back(Expect::Synth(e.to_bytes())),
+                        }
+                        let mut z = BytesMut::new();
+                        protocol::ready_for_query(status, &mut z);
+                        h.queue.push_back(Expect::Synth(z.freeze()));
+                        h.drain_synth();
+                        return;
+                    }
+                    None => {}
+                }
+                self.note_statements(&class);
+                let actions = setting_actions(&class);
+                let h = self.backend.as_mut().expect("held");
+                h.conn.wbuf.extend_from_slice(&frame.bytes);
+                h.unnamed_ok = false;
+                h.unit_open = false;
+                h.query_error = false;
+                h.queue.push_back(Expect::Client {
+                    kind: b'Q',
+                    on_success: actions,
+                    on_fail: Vec::new(),
+                });
+                self.attach_probe(true);
+            }
+            CMsg::Parse { name, sql, types, frame } => {
+                let info = match self.make_info(&sql, &types) {
+                    Ok(i) => i,
+                    Err(e) => return self.local_error(e),
+                };
+                let h = self.backend.as_mut().expect("held");
+                h.unit_open = true;
+                if name.is_empty() {
+                    h.conn.wbuf.extend_from_slice(&frame.bytes);
+                    h.unnamed_ok = true;
+                    h.queue.push_back(Expect::Client {
+                        kind: b'P',
+                        on_success: Vec::new(),
+                        on_fail: Vec::new(),
+                    });
+                    self.unnamed = Some(info);
+                    return;
+                }
+                let global = info.global.clone();
+                self.prepared.insert(name.clone(), info);
+                if h.conn.prepared.contains(&global) {
+                    h.queue.push_back(Expect::Synth(protocol::empty_message(b'1')));
+                    h.drain_synth();
+                    return;
+                }
+                match protocol::rename_statement(&frame, 0, &global) {
+                    Some(bytes) => h.conn.wbuf.extend_from_slice(&bytes),
+                    None => return self.local_error(malformed("Parse")),
+                }
+                h.conn.prepared.insert(global.clone());
+                h.queue.push_back(Expect::Client {
+                    kind: b'P',
+                    on_success: Vec::new(),
+                    on_fail: vec![Action::ForgetClientStmt(name), Action::ForgetBackendStmt(global)],
+                });
+            }
+            CMsg::Bind { portal, stmt, frame } => {
+                self.local_portals.remove(&portal);
+                let Some(info) = self.stmt_info(&stmt) else {
+                    return self.local_error(no_such_statement(&stmt));
+                };
+                let class = info.class.clone();
+                self.note_statements(&class);
+                let h = self.backend.as_mut().expect("held");
+                h.unit_open = true;
+                h.portal_class.insert(portal.clone(), class);
+                if stmt.is_empty() {
+                    if !h.unnamed_ok {
+                        inject_parse(h, &info, None);
+                    }
+                    h.conn.wbuf.extend_from_slice(&frame.bytes);
+                } else {
+                    if !h.conn.prepared.contains(&info.global) {
+                        inject_parse(h, &info, Some(info.global.clone()));
+                    }
+                    match protocol::rename_statement(&frame, 1, &info.global) {
+                        Some(bytes) => h.conn.wbuf.extend_from_slice(&bytes),
+                        None => return self.local_error(malformed("Bind")),
+                    }
+                }
+                h.queue.push_back(Expect::Client {
+                    kind: b'B',
+                    on_success: Vec::new(),
+                    on_fail: Vec::new(),
+                });
+            }
+            CMsg::Describe { kind, name, frame } => {
+                let h = self.backend.as_mut().expect("held");
+                h.unit_open = true;
+                if kind == b'S' {
+                    let Some(info) = (if name.is_empty() { self.unnamed.clone() } else { self.prepared.get(&name).cloned() }) else {
+                        return self.local_error(no_such_statement(&name));
+                    };
+                    if name.is_empty() {
+                        if !h.unnamed_ok {
+                            inject_parse(h, &info, None);
+                        }
+                        h.conn.wbuf.extend_from_slice(&frame.bytes);
+                    } else {
+                        if !h.conn.prepared.contains(&info.global) {
+                            inject_parse(h, &info, Some(info.global.clone()));
+                        }
+                        let _ = frontend::describe(b'S', &info.global, &mut h.conn.wbuf);
+                    }
+                } else {
+                    h.conn.wbuf.extend_from_slice(&frame.bytes);
+                }
+                h.queue.push_back(Expect::Client {
+                    kind: b'D',
+                    on_success: Vec::new(),
+                    on_fail: Vec::new(),
+                });
+            }
+            CMsg::Execute { portal, frame } => {
+                let h = self.backend.as_mut().expect("held");
+                h.unit_open = true;
+                let actions = h
+                    .portal_class
+                    .get(&portal)
+                    .map(|c| setting_actions(c))
+                    .unwrap_or_default();
+                h.conn.wbuf.extend_from_slice(&frame.bytes);
+                h.queue.push_back(Expect::Client {
+                    kind: b'E',
+                    on_success: actions,
+                    on_fail: Vec::new(),
+                });
+            }
+            CMsg::Close { frame, .. } => {
+                // Portals and the unnamed statement (named statements are
+                // answered locally above).
+                let h = self.backend.as_mut().expect("held");
+                h.unit_open = true;
+                h.conn.wbuf.extend_from_slice(&frame.bytes);
+                h.queue.push_back(Expect::Client {
+                    kind: b'C',
+                    on_success: Vec::new(),
+                    on_fail: Vec::new(),
+                });
+            }
+            CMsg::Sync { frame } => {
+                let h = self.backend.as_mut().expect("held");
+                h.conn.wbuf.extend_from_slice(&frame.bytes);
+                h.unit_open = false;
+                if h.copy_ignoring_sync {
+                    // Ignored by the server while COPY FROM STDIN runs.
+                    return;
+                }
+                h.queue.push_back(Expect::Client {
+                    kind: b'S',
+                    on_success: Vec::new(),
+                    on_fail: Vec::new(),
+                });
+                self.attach_probe(false);
+            }
+            CMsg::Flush { frame } => {
+                let h = self.backend.as_mut().expect("held");
+                h.conn.wbuf.extend_from_slice(&frame.bytes);
+            }
+        }
+        if let Some(h) = &mut self.backend {
+            h.drain_synth();
+        }
+    }
+
+    /// Forwards a unit's messages, skipping to `Sync` after a local error.
+    fn forward_all(&mut self, msgs: Vec<CMsg>) {
+        for msg in msgs {
+            if self.skip_until_sync {
+                if !matches!(msg, CMsg::Sync { .. }) {
+                    continue;
+                }
+                self.skip_until_sync = false;
+            }
+            self.forward(msg);
+        }
+    }
+
+    /// A proxy-detected error in the middle of an extended batch: reply it
+    /// in order and skip client messages until `Sync`, as the server would.
+    fn local_error(&mut self, e: PgError) {
+        if let Some(h) = &mut self.backend {
+            h.queue.push_back(Expect::Synth(e.to_bytes()));
+            h.drain_synth();
+        }
+        self.skip_until_sync = true;
+    }
+
+    /// Pipelines a position probe behind the statement just forwarded,
+    /// when read-your-writes or monotonic reads need one.
+    fn attach_probe(&mut self, simple: bool) {
+        let uses_token = self.settings().policy.uses_token();
+        let Some(h) = &mut self.backend else { return };
+        if std::mem::take(&mut h.no_pipelined_probe) || !uses_token || h.predicted != b'I' {
+            // COPY FROM STDIN: the server would take the probe as COPY
+            // data; the fallback probe runs after ReadyForQuery instead.
+            return;
+        }
+        if h.on_replica {
+            let parsed = encode_probe(&mut h.conn, simple);
+            h.queue.push_back(probe(ProbeKind::After, parsed));
+        } else if h.wrote_since_probe {
+            let parsed = encode_probe(&mut h.conn, simple);
+            h.queue.push_back(probe(ProbeKind::Write, parsed));
+            h.wrote_since_probe = false;
+        }
+    }
+
+    // ---------------------------------------------------------------
+    // Server messages
+    // ---------------------------------------------------------------
+
+    fn on_backend_frame(&mut self, f: Frame) {
+        let mut actions: Vec<Action> = Vec::new();
+        let mut client_z: Option<Frame> = None;
+        let mut probe_done: Option<(ProbeKind, bool, Option<(bool, Option<Lsn>)>)> = None;
+        let retry_enabled = self.settings().config.routing.retry_on_replica_error;
+        {
+            let h = self.backend.as_mut().expect("held");
+            let head_is_client = matches!(h.queue.front(), Some(Expect::Client { .. }) | None);
+            match f.tag {
+                b'A' => {
+                    // Notifications are not part of any reply.
+                    h.out.extend_from_slice(&f.bytes);
+                    return;
+                }
+                b'S' => {
+                    h.conn.note_parameter(&f);
+                    if head_is_client {
+                        h.emit(&f.bytes);
+                    }
+                    return;
+                }
+                b'N' => {
+                    if head_is_client {
+                        h.emit(&f.bytes);
+                    }
+                    return;
+                }
+                _ => {}
+            }
+            let Some(head) = h.queue.front_mut() else {
+                // Unsolicited: typically FATAL before the server closes.
+                if f.tag == b'E' {
+                    let e = protocol::error_fields(&f);
+                    warn!(node = h.node, code = %e.code, message = %e.message, "server error outside a request");
+                    h.out.extend_from_slice(&f.bytes);
+                }
+                h.conn.broken = true;
+                return;
+            };
+            match head {
+                Expect::Synth(_) => {
+                    warn!("internal: synthesized reply at the head of the queue");
+                    h.drain_synth();
+                }
+                Expect::Prelude => match f.tag {
+                    b'E' => {
+                        let e = protocol::error_fields(&f);
+                        warn!(code = %e.code, message = %e.message, "settings replay failed");
+                    }
+                    b'Z' => {
+                        h.queue.pop_front();
+                    }
+                    _ => {}
+                },
+                Expect::Injected { global } => match f.tag {
+                    b'1' => {
+                        h.queue.pop_front();
+                    }
+                    b'E' => {
+                        if let Some(g) = global.take() {
+                            actions.push(Action::ForgetBackendStmt(g));
+                        }
+                        h.queue.pop_front();
+                        h.emit(&f.bytes);
+                        fail_until_sync(h, &mut actions);
+                    }
+                    _ => {}
+                },
+                Expect::Probe {
+                    kind,
+                    parsed,
+                    saw_parse_complete,
+                    failed,
+                    result,
+                } => match f.tag {
+                    b'1' => *saw_parse_complete = true,
+                    b'D' => *result = Some(position(&f)),
+                    b'E' => *failed = true,
+                    b'Z' => {
+                        let (k, res) = (*kind, if *failed { None } else { *result });
+                        let lost_parse = *failed && *parsed && !*saw_parse_complete;
+                        probe_done = Some((k, lost_parse, res));
+                        h.queue.pop_front();
+                    }
+                    _ => {}
+                },
+                Expect::Client { kind, .. } => {
+                    let kind = *kind;
+                    match f.tag {
+                        b'E' => {
+                            let fields = protocol::error_fields(&f);
+                            let retryable = matches!(h.mode, Mode::Buffer(_))
+                                && retry_enabled
+                                && (fields.code == "25006"
+                                    || (fields.code == "40001" && fields.message.contains("recovery"))
+                                    || fields.code.starts_with("57P"));
+                            if retryable {
+                                debug!(code = %fields.code, "replica rejected the read; retrying on the primary");
+                                h.mode = Mode::Discard;
+                                h.retry = Some(Retry::Primary(if fields.code == "25006" {
+                                    "read_only"
+                                } else {
+                                    "recovery_conflict"
+                                }));
+                            }
+                            h.emit(&f.bytes);
+                            if kind == b'Q' {
+                                h.query_error = true;
+                            } else if let Some(Expect::Client { on_fail, .. }) = h.queue.pop_front() {
+                                actions.extend(on_fail);
+                                fail_until_sync(h, &mut actions);
+                            }
+                        }
+                        b'Z' => {
+                            if let Some(Expect::Client { on_success, .. }) = h.queue.pop_front() {
+                                if kind == b'Q' && !h.query_error {
+                                    actions.extend(on_success);
+                                }
+                            }
+                            h.query_error = false;
+                            client_z = Some(f);
+                        }
+                        b'G' => {
+                            h.copy_in = true;
+                            h.emit(&f.bytes);
+                            if kind == b'E' {
+                                h.copy_ignoring_sync = true;
+                                // Syncs sent before COPY started are ignored
+                                // by the server: expect no reply to them.
+                                let head = h.queue.pop_front();
+                                h.queue.retain(|e| !matches!(e, Expect::Client { kind: b'S', .. }));
+                                if let Some(head) = head {
+                                    h.queue.push_front(head);
+                                }
+                            }
+                        }
+                        b'D' | b'H' | b'W' => {
+                            h.commit_output();
+                            h.emit(&f.bytes);
+                        }
+                        b'C' => {
+                            h.copy_in = false;
+                            h.copy_ignoring_sync = false;
+                            h.emit(&f.bytes);
+                            if kind == b'E' {
+                                if let Some(Expect::Client { on_success, .. }) = h.queue.pop_front() {
+                                    actions.extend(on_success);
+                                }
+                            }
+                        }
+                        tag => {
+                            h.emit(&f.bytes);
+                            if terminates(kind, tag) {
+                                h.queue.pop_front();
+                            }
+                        }
+                    }
+                }
+            }
+            h.drain_synth();
+        }
+        self.apply_actions(actions);
+        if let Some(z) = client_z {
+            self.on_client_ready(z);
+        }
+        if let Some((kind, lost_parse, result)) = probe_done {
+            self.on_probe(kind, lost_parse, result);
+        }
+    }
+
+    /// The client's `ReadyForQuery` arrived (a unit finished).
+    fn on_client_ready(&mut self, z: Frame) {
+        let status = protocol::rfq_status(&z);
+        let uses_token = self.settings().policy.uses_token();
+        let h = self.backend.as_mut().expect("held");
+        if matches!(h.mode, Mode::Discard) {
+            return;
+        }
+        self.txn_status = status;
+        if !h.has_client_entries() {
+            h.predicted = status;
+        }
+        h.commit_output();
+        h.unit = None;
+        if status != b'I' {
+            h.emit(&z.bytes);
+            return;
+        }
+        let probe_follows = matches!(
+            h.queue.front(),
+            Some(Expect::Probe { kind: ProbeKind::After | ProbeKind::Write, .. })
+        );
+        if !probe_follows && h.wrote_since_probe && uses_token && !h.on_replica {
+            // Not pipelined (COPY, or a transaction end the proxy could
+            // not predict): probe now, before the client may go on.
+            let parsed = encode_probe(&mut h.conn, true);
+            h.queue.push_front(probe(ProbeKind::Write, parsed));
+            h.wrote_since_probe = false;
+            h.held_rfq = Some(z);
+            return;
+        }
+        if probe_follows {
+            h.held_rfq = Some(z);
+        } else {
+            h.emit(&z.bytes);
+        }
+    }
+
+    fn on_probe(&mut self, kind: ProbeKind, lost_parse: bool, result: Option<(bool, Option<Lsn>)>) {
+        let max_wait = match self.settings().policy {
+            lagrouter::Consistency::ReadYourWrites { max_wait, .. } => max_wait,
+            _ => Duration::ZERO,
+        };
+        let mut new_token = None;
+        {
+            let h = self.backend.as_mut().expect("held");
+            if lost_parse {
+                h.conn.probe_prepared = false;
+            }
+            match kind {
+                ProbeKind::Before { need } => {
+                    let caught_up = matches!(result, Some((_, Some(lsn))) if lsn >= need);
+                    if !caught_up && !matches!(h.mode, Mode::Discard) {
+                        h.mode = Mode::Discard;
+                        h.retry = Some(if result.is_some() {
+                            Retry::Wait {
+                                need,
+                                deadline: Instant::now() + max_wait,
+                            }
+                        } else {
+                            Retry::Primary("replica_error")
+                        });
+                    }
+                }
+                ProbeKind::After => {
+                    if let Some((_, Some(lsn))) = result {
+                        new_token = Some((lsn, false));
+                    }
+                }
+                ProbeKind::Write => {
+                    let committed = h.held_rfq.as_ref().is_some_and(|z| protocol::rfq_status(z) == b'I');
+                    match result {
+                        Some((false, Some(lsn))) if committed => new_token = Some((lsn, true)),
+                        _ => h.wrote_since_probe = true,
+                    }
+                }
+            }
+        }
+        if let Some((lsn, write)) = new_token {
+            let seg = self.shared.monitor.snapshot().wal_segment_size;
+            let lsn = if write { lsn.round_to_record_boundary(seg) } else { lsn };
+            let before = self.token;
+            self.advance_token(lsn);
+            if write && self.token != before {
+                if let Some(t) = self.token {
+                    let h = self.backend.as_mut().expect("held");
+                    let mut b = BytesMut::new();
+                    protocol::parameter_status(TOKEN_PARAMETER, &t.encode(), &mut b);
+                    h.emit(&b);
+                }
+            }
+        }
+        let h = self.backend.as_mut().expect("held");
+        if let Some(z) = h.held_rfq.take() {
+            h.emit(&z.bytes);
+        }
+    }
+
+    fn apply_actions(&mut self, actions: Vec<Action>) {
+        for a in actions {
+            match a {
+                Action::ForgetClientStmt(name) => {
+                    self.prepared.remove(&name);
+                }
+                Action::ForgetBackendStmt(g) => {
+                    if let Some(h) = &mut self.backend {
+                        h.conn.prepared.remove(&g);
+                    }
+                }
+                Action::Setting(kind) => self.apply_setting(kind),
+            }
+        }
+    }
+
+    /// Records a successful `SET`/`RESET`/`DISCARD` so it is replayed on
+    /// whichever backend serves the next statement.
+    fn apply_setting(&mut self, kind: StatementKind) {
+        let h = self.backend.as_mut();
+        match kind {
+            StatementKind::Set {
+                name,
+                value,
+                local: false,
+            } => {
+                let sql = set_statement_sql(&name, &value);
+                if let Some(h) = h {
+                    h.conn.applied.insert(name.clone(), sql.clone());
+                }
+                self.desired.insert(name, sql);
+            }
+            StatementKind::Reset { name: Some(name) } => {
+                match self.startup_desired.get(&name) {
+                    Some(v) => self.desired.insert(name.clone(), v.clone()),
+                    None => self.desired.remove(&name),
+                };
+                if let Some(h) = h {
+                    h.conn.applied.remove(&name);
+                }
+            }
+            StatementKind::Reset { name: None } => {
+                self.desired = self.startup_desired.clone();
+                if let Some(h) = h {
+                    h.conn.applied.clear();
+                }
+            }
+            StatementKind::Discard => {
+                self.desired = self.startup_desired.clone();
+                self.prepared.clear();
+                self.unnamed = None;
+                if let Some(h) = h {
+                    h.conn.applied.clear();
+                    h.conn.prepared.clear();
+                    h.conn.probe_prepared = false;
+                }
+            }
+            _ => {}
+        }
+    }
+
+    // ---------------------------------------------------------------
+    // Between units
+    // ---------------------------------------------------------------
+
+    /// Runs pending retries and returns the backend to its pool when the
+    /// session no longer needs it.
+    async fn housekeeping(&mut self) -> Flow {
+        loop {
+            self.move_output();
+            let Some(h) = &mut self.backend else { return Ok(()) };
+            if !h.queue.is_empty() || h.copy_in || !h.conn.wbuf.is_empty() {
+                return Ok(());
+            }
+            if let Some(retry) = h.retry.take() {
+                self.run_retry(retry).await?;
+                continue;
+            }
+            if self.pinned || self.txn_status != b'I' || h.unit_open || h.held_rfq.is_some() {
+                return Ok(());
+            }
+            self.release();
+            return Ok(());
+        }
+    }
+
+    fn release(&mut self) {
+        if let Some(mut h) = self.backend.take() {
+            *self.cancel.lock().expect("cancel slot") = None;
+            if !h.out.is_empty() {
+                self.client.wbuf.extend_from_slice(&h.out);
+                h.out.clear();
+            }
+            if h.conn.broken {
+                drop(h);
+            } else {
+                h.conn.release();
+            }
+        }
+    }
+
+    async fn run_retry(&mut self, retry: Retry) -> Flow {
+        let Some(mut h) = self.backend.take() else { return Ok(()) };
+        let unit = h.unit.take().unwrap_or_default();
+        *self.cancel.lock().expect("cancel slot") = None;
+        match retry {
+            Retry::Primary(reason) => {
+                metrics::counter!(m::FALLBACKS_TOTAL, "reason" => reason).increment(1);
+                if h.conn.broken {
+                    drop(h);
+                } else {
+                    h.conn.release();
+                }
+                self.start_unit(Target::Primary, unit, true).await
+            }
+            Retry::Wait { need, deadline } => {
+                let started = Instant::now();
+                loop {
+                    let now = Instant::now();
+                    if now >= deadline {
+                        break;
+                    }
+                    tokio::time::sleep(WAIT_POLL.min(deadline - now)).await;
+                    match poll_position(&mut h.conn).await {
+                        Ok(Some(lsn)) if lsn >= need => {
+                            metrics::histogram!(m::TOKEN_WAIT_SECONDS).record(started.elapsed().as_secs_f64());
+                            // Caught up: run the unit here after all.
+                            h.mode = Mode::Buffer(BytesMut::new());
+                            h.unit = Some(unit.clone());
+                            h.predicted = self.txn_status;
+                            *self.cancel.lock().expect("cancel slot") = Some(h.conn.cancel_target());
+                            self.backend = Some(h);
+                            self.forward_all(unit);
+                            return Ok(());
+                        }
+                        Ok(_) => {}
+                        Err(e) => {
+                            warn!(node = h.node, error = %e, "replica failed while waiting for it");
+                            if e.is_connection_failure() {
+                                self.shared.monitor.report_failure(h.node, &e.to_string());
+                            }
+                            h.conn.broken = true;
+                            break;
+                        }
+                    }
+                }
+                metrics::histogram!(m::TOKEN_WAIT_SECONDS).record(started.elapsed().as_secs_f64());
+                if h.conn.broken {
+                    drop(h);
+                } else {
+                    h.conn.release();
+                }
+                let then = match self.settings().policy {
+                    lagrouter::Consistency::ReadYourWrites { then, .. } => then,
+                    _ => Fallback::Primary,
+                };
+                match then {
+                    Fallback::Primary => {
+                        metrics::counter!(m::FALLBACKS_TOTAL, "reason" => "wait_timeout").increment(1);
+                        self.start_unit(Target::Primary, unit, true).await
+                    }
+                    Fallback::Error => {
+                        let waited = started.elapsed();
+                        self.unit_error(
+                            &unit,
+                            PgError::error(
+                                lagrouter::error::SQLSTATE_WAIT_TIMEOUT,
+                                format!("no replica reached {need} within {waited:?}"),
+                            )
+                            .with_hint("Raise routing.max_wait or set routing.then = \"primary\"."),
+                        );
+                        Ok(())
+                    }
+                }
+            }
+        }
+    }
+
+    /// The held backend failed: retry a replica read elsewhere when nothing
+    /// reached the client yet, else end the session (its transaction or
+    /// pipeline state is lost).
+    async fn backend_failed(&mut self, e: BackendError) -> Flow {
+        let Some(mut h) = self.backend.take() else { return Ok(()) };
+        *self.cancel.lock().expect("cancel slot") = None;
+        warn!(node = h.node, error = %e, "server connection failed");
+        if e.is_connection_failure() {
+            self.shared.monitor.report_failure(h.node, &e.to_string());
+        }
+        h.conn.broken = true;
+        let retryable = h.unit.is_some() && matches!(h.mode, Mode::Buffer(_) | Mode::Discard) && !self.pinned;
+        if retryable {
+            let unit = h.unit.take().unwrap_or_default();
+            drop(h);
+            metrics::counter!(m::FALLBACKS_TOTAL, "reason" => "replica_error").increment(1);
+            return self.start_unit(Target::Primary, unit, true).await;
+        }
+        self.client.wbuf.extend_from_slice(&h.out);
+        drop(h);
+        Err(SessionEnd::Fatal(PgError::fatal(
+            "08006",
+            format!("lost the server connection: {e}"),
+        )))
+    }
+}
+
+fn probe(kind: ProbeKind, parsed: bool) -> Expect {
+    Expect::Probe {
+        kind,
+        parsed,
+        saw_parse_complete: false,
+        failed: false,
+        result: None,
+    }
+}
+
+/// Queues a position probe on `conn`; `true` when it includes the `Parse`
+/// of the proxy's named probe statement.
+fn encode_probe(conn: &mut BackendConn, simple: bool) -> bool {
+    if simple {
+        let _ = frontend::query(POSITION_SQL, &mut conn.wbuf);
+        return false;
+    }
+    let parsed = !conn.probe_prepared;
+    if parsed {
+        let _ = frontend::parse(PROBE_STATEMENT, POSITION_SQL, std::iter::empty(), &mut conn.wbuf);
+        conn.probe_prepared = true;
+    }
+    let _ = frontend::bind(
+        "",
+        PROBE_STATEMENT,
+        std::iter::empty::<i16>(),
+        std::iter::empty::<Option<&[u8]>>(),
+        |_: Option<&[u8]>, _: &mut BytesMut| Ok(postgres_protocol::IsNull::Yes),
+        std::iter::empty::<i16>(),
+        &mut conn.wbuf,
+    );
+    let _ = frontend::execute("", 0, &mut conn.wbuf);
+    frontend::sync(&mut conn.wbuf);
+    parsed
+}
+
+/// Runs a simple position probe to completion (while waiting for a replica).
+async fn poll_position(conn: &mut BackendConn) -> Result<Option<Lsn>, BackendError> {
+    let rows = conn.simple_query(POSITION_SQL).await?;
+    Ok(rows.first().and_then(|r| {
+        r.get(1)
+            .and_then(|v| v.as_deref())
+            .and_then(|s| s.parse().ok())
+    }))
+}
+
+/// `(in_recovery, lsn)` from a probe's `DataRow`.
+fn position(f: &Frame) -> (bool, Option<Lsn>) {
+    let cols = protocol::data_row_texts(f);
+    let in_recovery = cols
+        .first()
+        .and_then(|c| c.as_deref())
+        .is_some_and(|v| v == "t" || v == "true");
+    let lsn = cols
+        .get(1)
+        .and_then(|c| c.as_deref())
+        .and_then(|s| s.parse().ok());
+    (in_recovery, lsn)
+}
+
+/// Re-parses a client's statement on a backend that lacks it.
+fn inject_parse(h: &mut Held, info: &StmtInfo, global: Option<String>) {
+    let name = global.as_deref().unwrap_or("");
+    if frontend::parse(name, &info.sql, info.types.iter().copied(), &mut h.conn.wbuf).is_err() {
+        return;
+    }
+    match &global {
+        Some(g) => {
+            h.conn.prepared.insert(g.clone());
+        }
+        None => h.unnamed_ok = true,
+    }
+    h.queue.push_back(Expect::Injected { global });
+}
+
+/// After an error in the extended protocol the server skips everything up
+/// to the next `Sync`: drop those expectations (undoing their effects).
+fn fail_until_sync(h: &mut Held, actions: &mut Vec<Action>) {
+    loop {
+        match h.queue.front() {
+            Some(Expect::Client { kind: b'S', .. }) => return,
+            None => {
+                h.server_skipping = true;
+                return;
+            }
+            Some(Expect::Prelude | Expect::Probe { .. }) => return,
+            _ => {}
+        }
+        match h.queue.pop_front() {
+            Some(Expect::Client { on_fail, .. }) => actions.extend(on_fail),
+            Some(Expect::Injected { global: Some(g) }) => actions.push(Action::ForgetBackendStmt(g)),
+            _ => {}
+        }
+    }
+}
+
+/// Settings changes a statement makes, applied when it succeeds.
+fn setting_actions(class: &Classification) -> Vec<Action> {
+    class
+        .statements
+        .iter()
+        .filter(|k| {
+            matches!(
+                k,
+                StatementKind::Set { local: false, .. } | StatementKind::Reset { .. } | StatementKind::Discard
+            )
+        })
+        .cloned()
+        .map(Action::Setting)
+        .collect()
+}
+
+/// The statements that bring `conn` to the session's settings.
+fn prelude_sql(desired: &BTreeMap<String, String>, conn: &BackendConn) -> Option<String> {
+    let mut sql = String::new();
+    for (k, v) in desired {
+        if conn.applied.get(k) != Some(v) {
+            sql.push_str(v);
+            sql.push_str(";\n");
+        }
+    }
+    for k in conn.applied.keys() {
+        if !desired.contains_key(k) {
+            sql.push_str(&reset_statement_sql(Some(k)));
+            sql.push_str(";\n");
+        }
+    }
+    (!sql.is_empty()).then_some(sql)
+}
+
+/// `SHOW lagrouter.*` → the setting name.
+fn show_lagrouter(sql: &str) -> Option<String> {
+    let s = sql.trim().trim_end_matches(';').trim();
+    let mut words = s.split_whitespace();
+    let first = words.next()?;
+    let name = words.next()?;
+    if !first.eq_ignore_ascii_case("show") || words.next().is_some() {
+        return None;
+    }
+    let name = name.trim_matches('"').to_ascii_lowercase();
+    name.starts_with("lagrouter.").then_some(name)
+}
+
+/// `DEALLOCATE [PREPARE] name | ALL` → `Some(Some(name))` / `Some(None)`.
+fn deallocate_target(sql: &str) -> Option<Option<String>> {
+    let s = sql.trim().trim_end_matches(';').trim();
+    let mut words = s.split_whitespace();
+    if !words.next()?.eq_ignore_ascii_case("deallocate") {
+        return None;
+    }
+    let mut w = words.next()?;
+    if w.eq_ignore_ascii_case("prepare") {
+        w = words.next()?;
+    }
+    if words.next().is_some() {
+        return None;
+    }
+    if w.eq_ignore_ascii_case("all") {
+        return Some(None);
+    }
+    let name = if w.starts_with('"') && w.ends_with('"') && w.len() >= 2 {
+        w[1..w.len() - 1].replace("\"\"", "\"")
+    } else {
+        w.to_ascii_lowercase()
+    };
+    Some(Some(name))
+}
+
+fn unknown_setting(name: &str) -> PgError {
+    PgError::error("42704", format!("unrecognized configuration parameter \"{name}\""))
+        .with_hint("lagrouter-proxy knows lagrouter.min_token (SET) and lagrouter.token (SHOW).")
+}
+
+fn no_such_statement(name: &str) -> PgError {
+    PgError::error("26000", format!("prepared statement \"{name}\" does not exist"))
+}
+
+fn malformed(what: &str) -> PgError {
+    PgError::error(protocol::SQLSTATE_PROTOCOL_VIOLATION, format!("malformed {what} message"))
+}
+
+fn backend_fatal(e: &BackendError) -> PgError {
+    match e {
+        BackendError::Server(f) => PgError::fatal(&f.code, f.message.clone()),
+        other => PgError::fatal(other.sqlstate(), other.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn show_and_deallocate_are_recognised() {
+        assert_eq!(show_lagrouter("SHOW lagrouter.token;"), Some("lagrouter.token".into()));
+        assert_eq!(show_lagrouter("show  LAGROUTER.TOKEN"), Some("lagrouter.token".into()));
+        assert_eq!(show_lagrouter("SHOW search_path"), None);
+        assert_eq!(deallocate_target("DEALLOCATE s1"), Some(Some("s1".into())));
+        assert_eq!(deallocate_target("deallocate prepare \"S1\";"), Some(Some("S1".into())));
+        assert_eq!(deallocate_target("DEALLOCATE ALL"), Some(None));
+        assert_eq!(deallocate_target("SELECT 1"), None);
+    }
+
+    #[test]
+    fn global_names_depend_on_sql_and_types() {
+        assert_eq!(global_name("SELECT $1", &[23]), global_name("SELECT $1", &[23]));
+        assert_ne!(global_name("SELECT $1", &[23]), global_name("SELECT $1", &[25]));
+        assert_ne!(global_name("SELECT 1", &[]), global_name("SELECT 2", &[]));
+    }
+
+    #[test]
+    fn terminators() {
+        assert!(terminates(b'P', b'1'));
+        assert!(terminates(b'D', b'n'));
+        assert!(terminates(b'E', b's'));
+        assert!(!terminates(b'Q', b'C'));
+        assert!(terminates(b'S', b'Z'));
+    }
+}
