@@ -6,43 +6,62 @@
 //!
 //! ```text
 //! cargo bench --bench end_to_end --features testing
+//! LAGROUTER_BENCH_PIN=same cargo bench --bench end_to_end --features testing
 //! ```
 //!
-//! (needs the PostgreSQL server binaries, found through `PG_BIN` or
-//! `pg_config --bindir`; as root the servers run as the `postgres` user).
+//! It needs the PostgreSQL server binaries (found through `PG_BIN` or
+//! `pg_config --bindir`; as root the servers run as the `postgres` user) and
+//! takes about two minutes. Without them it prints why and exits.
 //!
 //! Two parts:
 //!
-//! 1. Criterion benchmarks `read/*` and `write/*` (small sample sizes so the
-//!    whole bench takes about a minute).
-//! 2. A paired comparison printed as a markdown table at the end: the
-//!    variants of each operation run in interleaved blocks (`ROUNDS` rounds
-//!    of `BLOCK` sequential calls each, the order rotating every round), so
-//!    that a busy machine slows all of them alike. It reports the median and
-//!    p99 of the per-call latency and, as the overhead figure, the median over
-//!    rounds of `median(variant block) / median(plain block)`. Set
-//!    `LAGROUTER_BENCH_ROUNDS` / `LAGROUTER_BENCH_BLOCK` to change the
-//!    sizes, `LAGROUTER_BENCH_PAIRED=0` to skip it. It is skipped in
+//! 1. Criterion benchmarks `read/*` and `write/*` (small samples, a few
+//!    seconds each).
+//! 2. A paired comparison printed as markdown tables at the end: every
+//!    iteration calls each variant once, in rotating order, so whatever the
+//!    machine does at that moment affects all variants alike. It reports the
+//!    median and p99 latency, the client thread's CPU time per call, and as
+//!    the overhead figure the median over rounds of
+//!    `median(variant) / median(plain)` with its range.
+//!    `LAGROUTER_BENCH_ROUNDS` (30) × `LAGROUTER_BENCH_PER_ROUND` (300) calls
+//!    per variant; `LAGROUTER_BENCH_PAIRED=0` skips it. It is skipped in
 //!    criterion's `--test` and `--list` modes.
 //!
-//! The variants:
+//! Placement (`LAGROUTER_BENCH_PIN`): on a small VM a loopback round trip
+//! costs ~10 µs when client and server share a CPU and ~60 µs when the
+//! server's CPU must be woken, and the scheduler switches between the two
+//! for seconds at a time, which swamps the differences measured here. So by
+//! default (`split`) the bench thread is pinned to one CPU and every
+//! PostgreSQL process to another (every round trip crosses CPUs, as between
+//! hosts); `same` puts everything on one CPU (latency = client + server CPU
+//! work: the worst case for the relative cost of extra work); `none` leaves
+//! placement to the scheduler.
 //!
-//! * `read/plain`: `SELECT 1` on a plain pool to the replica: checkout,
-//!   `prepare_cached` (a cache hit after the first call), `query_one`;
-//! * `read/session`: the same through [`Session::query_one`] with the default
-//!   read-your-writes policy: route, checkout, run, and pipeline the
-//!   replica's replay position after the statement to advance the session
-//!   token (monotonic reads);
-//! * `read/service_no_capture`: the same through [`RouterService`] with
-//!   `capture_token = false` (routing only, nothing pipelined);
-//! * `write/plain`: a single-row `INSERT` on a plain pool to the primary;
-//! * `write/session`: the same through [`Session::execute`], which pipelines
-//!   `pg_current_wal_insert_lsn()` after the insert to capture the token;
-//! * `write/service`: the same through [`RouterService`] (also captures).
+//! The variants (reads go to the replica, writes to the primary):
 //!
-//! The plain pools are built exactly as lagrouter builds its own
-//! ([`Connector::pool`], 16 connections, fast recycling) and both sides use
-//! prepared, per-connection cached statements.
+//! * `read/plain`: `SELECT 1` on a plain pool: checkout, `prepare_cached`
+//!   (a cache hit after the first call), `query_one`;
+//! * `read/plain_pipelined_probe`: the same plus lagrouter's position query
+//!   (`lagrouter::exec::POSITION_SQL`) pipelined by hand: the cost of the
+//!   probe alone, without lagrouter;
+//! * `read/session`: [`Session::query_one`] with the default read-your-writes
+//!   policy: route, checkout, run, and pipeline the replica's replay position
+//!   after the statement to advance the session token (monotonic reads);
+//! * `read/service_no_capture`: [`RouterService`] with `capture_token =
+//!   false`: routing only, nothing pipelined;
+//! * `write/plain`: a single-row `INSERT` on a plain pool;
+//! * `write/plain_pipelined_probe`, `write/plain_sequential_probe`: the same
+//!   plus the position query by hand, pipelined (one round trip) or after it
+//!   (two round trips);
+//! * `write/session`: [`Session::execute`], which pipelines the position
+//!   query after the insert to capture the token;
+//! * `write/service`: the same through [`RouterService`].
+//!
+//! The plain calls use lagrouter's own pools (`Cluster::nodes()[i].pool`),
+//! so both sides use the same connections and server processes, with
+//! prepared, per-connection cached statements. `LAGROUTER_BENCH_SEPARATE_POOLS=1`
+//! uses separate pools built the same way ([`Connector::pool`]) instead.
+//! Results are in `BENCHMARKS.md`.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -50,9 +69,11 @@ use std::time::{Duration, Instant};
 
 use criterion::Criterion;
 use deadpool_postgres::Pool;
+use lagrouter::exec::POSITION_SQL;
 use lagrouter::testing::PgCluster;
 use lagrouter::{Cluster, Connector, Request, Role, RouterService, Session};
 use tokio::runtime::Runtime;
+use tokio_postgres::types::ToSql;
 use tower::{Service, ServiceExt};
 
 const READ_SQL: &str = "SELECT 1";
@@ -91,9 +112,26 @@ async fn setup() -> Result<Env, Box<dyn std::error::Error>> {
     if healthy.is_none() {
         return Err(format!("nodes not healthy: {:?}", cluster.topology()).into());
     }
-    let timeout = Some(Duration::from_secs(5));
-    let plain_primary = Connector::NoTls.pool(pg.config(pg.primary()), POOL_SIZE, timeout)?;
-    let plain_replica = Connector::NoTls.pool(pg.config(replica), POOL_SIZE, timeout)?;
+    // The plain calls use lagrouter's own pools (`Cluster::nodes()[i].pool`):
+    // the same connections, hence the same server processes. With separate
+    // pools the comparison depends on where the scheduler puts each backend
+    // process: on this 2-vCPU VM a round trip to a backend on the client's
+    // CPU takes ~10 µs and one on the other (idle, halted) CPU ~60 µs, and
+    // which is which persists for seconds. Set LAGROUTER_BENCH_SEPARATE_POOLS=1
+    // for separate pools built the same way (`Connector::pool`).
+    let (plain_primary, plain_replica) =
+        if std::env::var("LAGROUTER_BENCH_SEPARATE_POOLS").is_ok_and(|v| v == "1") {
+            let timeout = Some(Duration::from_secs(5));
+            (
+                Connector::NoTls.pool(pg.config(pg.primary()), POOL_SIZE, timeout)?,
+                Connector::NoTls.pool(pg.config(replica), POOL_SIZE, timeout)?,
+            )
+        } else {
+            (
+                cluster.nodes()[0].pool.clone(),
+                cluster.nodes()[1].pool.clone(),
+            )
+        };
     Ok(Env {
         cluster,
         plain_primary,
@@ -107,6 +145,29 @@ async fn plain_read(pool: &Pool) {
     let s = c.prepare_cached(READ_SQL).await.expect("prepare");
     let row = c.query_one(&s, &[]).await.expect("read");
     assert_eq!(row.get::<_, i32>(0), 1);
+}
+
+/// The statement and lagrouter's position probe (`POSITION_SQL`) by hand on
+/// a plain pool: pipelined (both sent before either answer is awaited, one
+/// round trip, as lagrouter does) or sequential (two round trips).
+async fn plain_with_probe(pool: &Pool, sql: &str, v: Option<i64>, pipelined: bool) {
+    let c = pool.get().await.expect("checkout");
+    let (s, p) =
+        tokio::try_join!(c.prepare_cached(sql), c.prepare_cached(POSITION_SQL)).expect("prepare");
+    let params: Vec<&(dyn ToSql + Sync)> = match &v {
+        Some(v) => vec![v],
+        None => vec![],
+    };
+    let (main, probe) = if pipelined {
+        // Both requests go out on the first poll of the join.
+        tokio::join!(c.query(&s, &params), c.query_one(&p, &[]))
+    } else {
+        let main = c.query(&s, &params).await;
+        (main, c.query_one(&p, &[]).await)
+    };
+    main.expect("statement");
+    let lsn: Option<&str> = probe.as_ref().expect("probe").get(1);
+    assert!(lsn.is_some());
 }
 
 async fn plain_write(pool: &Pool, v: i64) {
@@ -156,9 +217,12 @@ async fn service_write(svc: &mut RouterService, v: i64) {
 #[derive(Clone)]
 enum Variant {
     PlainRead(Pool),
+    PlainReadPipelinedProbe(Pool),
     SessionRead(Session),
     ServiceRead(RouterService),
     PlainWrite(Pool),
+    PlainWritePipelinedProbe(Pool),
+    PlainWriteSequentialProbe(Pool),
     SessionWrite(Session),
     ServiceWrite(RouterService),
 }
@@ -167,9 +231,12 @@ impl Variant {
     fn name(&self) -> &'static str {
         match self {
             Variant::PlainRead(_) => "read/plain",
+            Variant::PlainReadPipelinedProbe(_) => "read/plain_pipelined_probe",
             Variant::SessionRead(_) => "read/session",
             Variant::ServiceRead(_) => "read/service_no_capture",
             Variant::PlainWrite(_) => "write/plain",
+            Variant::PlainWritePipelinedProbe(_) => "write/plain_pipelined_probe",
+            Variant::PlainWriteSequentialProbe(_) => "write/plain_sequential_probe",
             Variant::SessionWrite(_) => "write/session",
             Variant::ServiceWrite(_) => "write/service",
         }
@@ -180,9 +247,18 @@ impl Variant {
         let v = i as i64;
         match self {
             Variant::PlainRead(p) => Box::pin(plain_read(p)),
+            Variant::PlainReadPipelinedProbe(p) => {
+                Box::pin(plain_with_probe(p, READ_SQL, None, true))
+            }
             Variant::SessionRead(s) => Box::pin(session_read(s)),
             Variant::ServiceRead(s) => Box::pin(service_read(s)),
             Variant::PlainWrite(p) => Box::pin(plain_write(p, v)),
+            Variant::PlainWritePipelinedProbe(p) => {
+                Box::pin(plain_with_probe(p, WRITE_SQL, Some(v), true))
+            }
+            Variant::PlainWriteSequentialProbe(p) => {
+                Box::pin(plain_with_probe(p, WRITE_SQL, Some(v), false))
+            }
             Variant::SessionWrite(s) => Box::pin(session_write(s, v)),
             Variant::ServiceWrite(s) => Box::pin(service_write(s, v)),
         }
@@ -193,11 +269,14 @@ fn variants(env: &Env) -> (Vec<Variant>, Vec<Variant>) {
     let svc = RouterService::new(env.cluster.clone());
     let reads = vec![
         Variant::PlainRead(env.plain_replica.clone()),
+        Variant::PlainReadPipelinedProbe(env.plain_replica.clone()),
         Variant::SessionRead(env.cluster.session()),
         Variant::ServiceRead(svc.clone()),
     ];
     let writes = vec![
         Variant::PlainWrite(env.plain_primary.clone()),
+        Variant::PlainWritePipelinedProbe(env.plain_primary.clone()),
+        Variant::PlainWriteSequentialProbe(env.plain_primary.clone()),
         Variant::SessionWrite(env.cluster.session()),
         Variant::ServiceWrite(svc),
     ];
@@ -231,11 +310,76 @@ fn criterion_benches(c: &mut Criterion, rt: &Runtime, env: &Env) {
     }
 }
 
+/// Where the client and the servers run (`LAGROUTER_BENCH_PIN`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Placement {
+    /// Client on one CPU, every PostgreSQL process on another: each round
+    /// trip crosses CPUs, as between hosts (default when 2 CPUs are allowed).
+    Split,
+    /// Everything on one CPU: latency is the sum of client and server CPU
+    /// work, the worst case for the relative cost of extra work.
+    Same,
+    /// Wherever the scheduler puts them.
+    None,
+}
+
+impl Placement {
+    fn from_env(cpus: &[usize]) -> Placement {
+        match std::env::var("LAGROUTER_BENCH_PIN").as_deref() {
+            Ok("none") => Placement::None,
+            Ok("same") if !cpus.is_empty() => Placement::Same,
+            Ok("split") | Err(_) if cpus.len() >= 2 => Placement::Split,
+            _ => Placement::None,
+        }
+    }
+}
+
+/// CPUs this thread may run on.
+fn allowed_cpus() -> Vec<usize> {
+    // SAFETY: plain libc calls on a zeroed, properly sized cpu_set_t.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        if libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) != 0 {
+            return Vec::new();
+        }
+        (0..libc::CPU_SETSIZE as usize)
+            .filter(|&c| libc::CPU_ISSET(c, &set))
+            .collect()
+    }
+}
+
+/// Pins the calling thread (and what it spawns from now on) to `cpu`.
+fn pin_thread(cpu: usize) {
+    // SAFETY: plain libc calls on a zeroed, properly sized cpu_set_t.
+    let ok = unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) == 0
+    };
+    if !ok {
+        eprintln!("end_to_end: could not pin to CPU {cpu}");
+    }
+}
+
 fn env_usize(name: &str, default: usize) -> usize {
     std::env::var(name)
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(default)
+}
+
+/// CPU time of the calling thread. With the current-thread runtime, the
+/// client's whole work (including the connection tasks) runs on it.
+fn thread_cpu() -> Duration {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime only writes into the struct we pass.
+    if unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) } != 0 {
+        return Duration::ZERO;
+    }
+    Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
 }
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
@@ -259,52 +403,67 @@ fn median(v: &mut [f64]) -> f64 {
     }
 }
 
-/// Interleaved blocks of each variant; the first variant is the baseline.
-async fn paired(mut vs: Vec<Variant>, rounds: usize, block: usize) -> String {
+/// Per-call interleaving: each iteration calls every variant once (the order
+/// rotating), so that whatever the machine does at that moment affects all
+/// variants alike. `rounds` rounds of `per_round` iterations; the overhead
+/// figure is the median over rounds of `median(variant) / median(plain)`
+/// (the first variant is the baseline), with the range over rounds.
+async fn paired(mut vs: Vec<Variant>, rounds: usize, per_round: usize) -> String {
     // Warm up every variant (connections, statement caches).
     for v in vs.iter_mut() {
-        for i in 0..block.min(200) as u64 {
+        for i in 0..200 {
             v.call(i).await;
         }
     }
     let n = vs.len();
     let mut all: Vec<Vec<Duration>> = vec![Vec::new(); n];
-    let mut block_medians: Vec<Vec<f64>> = vec![Vec::new(); n];
+    let mut round_ratios: Vec<Vec<f64>> = vec![Vec::new(); n];
+    let mut cpu: Vec<Duration> = vec![Duration::ZERO; n];
     let mut seq = 1_000_000u64;
-    for round in 0..rounds {
-        for k in 0..n {
-            let idx = (round + k) % n;
-            let mut lat = Vec::with_capacity(block);
-            for _ in 0..block {
+    for _ in 0..rounds {
+        let mut lat: Vec<Vec<Duration>> = vec![Vec::with_capacity(per_round); n];
+        for it in 0..per_round {
+            for k in 0..n {
+                let idx = (it + k) % n;
                 seq += 1;
+                let c0 = thread_cpu();
                 let t = Instant::now();
                 vs[idx].call(seq).await;
-                lat.push(t.elapsed());
+                lat[idx].push(t.elapsed());
+                cpu[idx] += thread_cpu().saturating_sub(c0);
             }
-            lat.sort();
-            block_medians[idx].push(percentile(&lat, 0.5).as_secs_f64());
-            all[idx].extend(lat);
+        }
+        let medians: Vec<f64> = lat
+            .iter_mut()
+            .map(|l| {
+                l.sort();
+                percentile(l, 0.5).as_secs_f64()
+            })
+            .collect();
+        for i in 0..n {
+            round_ratios[i].push(medians[i] / medians[0]);
+            all[i].extend_from_slice(&lat[i]);
         }
     }
     let mut out = String::from(
-        "| variant | calls | median µs | p99 µs | ratio to plain (median of rounds) |\n\
-         |---|---:|---:|---:|---:|\n",
+        "| variant | calls | median µs | p99 µs | client CPU µs/call | ratio to plain: median of rounds (range) |\n\
+         |---|---:|---:|---:|---:|---:|\n",
     );
     for (i, v) in vs.iter().enumerate() {
         let lat = &mut all[i];
         lat.sort();
-        let mut ratios: Vec<f64> = block_medians[i]
-            .iter()
-            .zip(&block_medians[0])
-            .map(|(a, b)| a / b)
-            .collect();
+        let ratios = &mut round_ratios[i];
+        let mid = median(ratios);
         out.push_str(&format!(
-            "| {} | {} | {:.1} | {:.1} | {:.3} |\n",
+            "| {} | {} | {:.1} | {:.1} | {:.1} | {:.3} ({:.2}–{:.2}) |\n",
             v.name(),
             lat.len(),
             percentile(lat, 0.5).as_secs_f64() * 1e6,
             percentile(lat, 0.99).as_secs_f64() * 1e6,
-            median(&mut ratios),
+            cpu[i].as_secs_f64() * 1e6 / lat.len().max(1) as f64,
+            mid,
+            ratios.first().copied().unwrap_or(f64::NAN),
+            ratios.last().copied().unwrap_or(f64::NAN),
         ));
     }
     out
@@ -317,6 +476,14 @@ fn main() {
     if listing {
         return;
     }
+    let cpus = allowed_cpus();
+    let pin = Placement::from_env(&cpus);
+    // The servers inherit the affinity of the thread that starts them.
+    match pin {
+        Placement::Split => pin_thread(cpus[1]),
+        Placement::Same => pin_thread(cpus[0]),
+        Placement::None => {}
+    }
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -328,6 +495,16 @@ fn main() {
             return;
         }
     };
+
+    if pin == Placement::Split {
+        pin_thread(cpus[0]);
+    }
+    let pin_label = match pin {
+        Placement::Split => format!("client on CPU {}, servers on CPU {}", cpus[0], cpus[1]),
+        Placement::Same => format!("client and servers on CPU {}", cpus[0]),
+        Placement::None => "not pinned".to_string(),
+    };
+    eprintln!("end_to_end: {pin_label}");
 
     // Check that the routed reads really go to the replica, like the plain
     // read, and writes to the primary.
@@ -348,15 +525,15 @@ fn main() {
         return;
     }
     let rounds = env_usize("LAGROUTER_BENCH_ROUNDS", 30).max(1);
-    let block = env_usize("LAGROUTER_BENCH_BLOCK", 300).max(1);
+    let per_round = env_usize("LAGROUTER_BENCH_PER_ROUND", 300).max(1);
     let (reads, writes) = variants(&env);
     let started = Instant::now();
-    let read_table = rt.block_on(paired(reads, rounds, block));
-    let write_table = rt.block_on(paired(writes, rounds, block));
+    let read_table = rt.block_on(paired(reads, rounds, per_round));
+    let write_table = rt.block_on(paired(writes, rounds, per_round));
     let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
     println!(
-        "\n## Paired comparison ({rounds} rounds x {block} calls per variant, interleaved; {:.1} s; \
-         PostgreSQL {}; loadavg {})\n",
+        "\n## Paired comparison ({rounds} rounds x {per_round} calls per variant, interleaved call by call; {:.1} s; \
+         {pin_label}; PostgreSQL {}; loadavg {})\n",
         started.elapsed().as_secs_f64(),
         env.pg.backend(),
         load.split_whitespace()

@@ -11,7 +11,7 @@ use crate::token::TokenError;
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// The database returned an error (its SQLSTATE is kept, see [`Error::code`]).
-    #[error("{node}: {source}")]
+    #[error("{node}: {}", describe(.source))]
     Db {
         /// The node that answered.
         node: String,
@@ -71,6 +71,21 @@ pub enum Error {
 /// statement timeout).
 pub const SQLSTATE_WAIT_TIMEOUT: &str = "57014";
 
+/// A driver error with its cause: tokio-postgres' own `Display` says only
+/// "db error" or "error connecting to server".
+pub(crate) fn describe(e: &tokio_postgres::Error) -> String {
+    match (e.as_db_error(), std::error::Error::source(e)) {
+        (Some(db), _) => format!(
+            "{}: {} (SQLSTATE {})",
+            db.severity(),
+            db.message(),
+            db.code().code()
+        ),
+        (None, Some(cause)) => format!("{e}: {cause}"),
+        (None, None) => e.to_string(),
+    }
+}
+
 /// How the message of an [`Error::Connect`] for an exhausted pool starts.
 pub(crate) const POOL_EXHAUSTED: &str = "connection pool exhausted";
 
@@ -128,7 +143,9 @@ impl Error {
                     || code == &SqlState::DATABASE_DROPPED
                     || code == &SqlState::QUERY_CANCELED)
                     && db.message().contains("conflict with recovery")
-                    || db.detail().is_some_and(|d| d.contains("conflict with recovery"))
+                    || db
+                        .detail()
+                        .is_some_and(|d| d.contains("conflict with recovery"))
             }
             None => false,
         }

@@ -11,7 +11,7 @@ use tokio_postgres::types::ToSql;
 use tracing::{Instrument, debug, debug_span};
 
 use crate::cluster::Cluster;
-use crate::error::{Error, POOL_EXHAUSTED, Result};
+use crate::error::{Error, POOL_EXHAUSTED, Result, describe};
 use crate::lsn::Lsn;
 use crate::policy::{Consistency, Fallback};
 use crate::router::{ReadContext, Route};
@@ -86,7 +86,10 @@ pub struct ServedBy {
 }
 
 mod serde_micros {
-    pub fn serialize<S: serde::Serializer>(d: &std::time::Duration, s: S) -> Result<S::Ok, S::Error> {
+    pub fn serialize<S: serde::Serializer>(
+        d: &std::time::Duration,
+        s: S,
+    ) -> Result<S::Ok, S::Error> {
         s.serialize_u64(d.as_micros() as u64)
     }
 }
@@ -194,6 +197,11 @@ impl Cluster {
                         n.pool.timeouts().wait.unwrap_or_default()
                     )
                 }
+                PoolError::Backend(e) => describe(&e),
+                PoolError::Timeout(TimeoutType::Create) => format!(
+                    "connecting timed out after {:?}",
+                    n.pool.timeouts().create.unwrap_or_default()
+                ),
                 e => e.to_string(),
             },
         })
@@ -231,7 +239,13 @@ impl Cluster {
 
     /// Runs `stmt` on `node`, pipelining position checks before and/or after
     /// it: one round trip in all.
-    async fn run_on(&self, node: usize, stmt: Stmt<'_>, before: bool, after: bool) -> Result<RunResult> {
+    async fn run_on(
+        &self,
+        node: usize,
+        stmt: Stmt<'_>,
+        before: bool,
+        after: bool,
+    ) -> Result<RunResult> {
         let name = &self.inner.nodes[node].name;
         let _inflight = self.inner.router.track(node);
         let client = self.checkout(node).await?;
@@ -259,8 +273,12 @@ impl Cluster {
         };
         let (pre, main, post) = tokio::join!(pre, main, post);
         let (rows, rows_affected) = main.map_err(|e| Error::db(name, e))?;
-        let before = pre.map_err(|e| Error::db(name, e))?.map(|r| parse_position(&r));
-        let after = post.map_err(|e| Error::db(name, e))?.map(|r| parse_position(&r));
+        let before = pre
+            .map_err(|e| Error::db(name, e))?
+            .map(|r| parse_position(&r));
+        let after = post
+            .map_err(|e| Error::db(name, e))?
+            .map(|r| parse_position(&r));
         Ok(RunResult {
             rows,
             rows_affected,
@@ -289,7 +307,13 @@ impl Cluster {
             .ok_or_else(|| Error::Unavailable("no primary is known".into()))
     }
 
-    fn served(&self, node: usize, role: Role, waited: Duration, fallback: Option<FallbackReason>) -> ServedBy {
+    fn served(
+        &self,
+        node: usize,
+        role: Role,
+        waited: Duration,
+        fallback: Option<FallbackReason>,
+    ) -> ServedBy {
         ServedBy {
             node,
             name: self.inner.nodes[node].name.clone(),
@@ -407,7 +431,9 @@ impl Cluster {
                     if optimistic_done {
                         // Poll the position only, until it passes or time is up.
                         match self.position_of(i).await {
-                            Ok(Position { lsn: Some(l), .. }) if token_lsn.is_none_or(|t| l >= t) => {
+                            Ok(Position { lsn: Some(l), .. })
+                                if token_lsn.is_none_or(|t| l >= t) =>
+                            {
                                 verified = Some(i);
                                 waited = start.elapsed();
                                 continue;
@@ -439,7 +465,8 @@ impl Cluster {
                                 }
                             }
                         }
-                        tokio::time::sleep(poll.min(max_wait.saturating_sub(start.elapsed()))).await;
+                        tokio::time::sleep(poll.min(max_wait.saturating_sub(start.elapsed())))
+                            .await;
                         poll = (poll * 2).min(self.inner.wait_poll * 8);
                         topo = self.inner.monitor.snapshot();
                         continue;

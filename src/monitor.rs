@@ -9,6 +9,7 @@ use tokio::task::JoinHandle;
 use tracing::{debug, info, warn};
 
 use crate::connect::Connector;
+use crate::error::describe;
 use crate::lsn::Lsn;
 use crate::token::ClusterId;
 use crate::topology::{NodeState, Role, Topology};
@@ -238,14 +239,12 @@ impl NodeProbe {
             let client = connector
                 .connect(&self.target.config)
                 .await
-                .map_err(|e| e.to_string())?;
+                .map_err(|e| describe(&e))?;
             let row = client
                 .query_one(IDENTITY_SQL, &[])
                 .await
-                .map_err(|e| e.to_string())?;
-            self.system_identifier = row
-                .get::<_, Option<String>>(0)
-                .and_then(|s| s.parse().ok());
+                .map_err(|e| describe(&e))?;
+            self.system_identifier = row.get::<_, Option<String>>(0).and_then(|s| s.parse().ok());
             self.wal_segment_size = row.get::<_, Option<String>>(1).and_then(|s| s.parse().ok());
             self.history = None;
             self.client = Some(client);
@@ -254,7 +253,7 @@ impl NodeProbe {
         let row = client
             .query_one(PROBE_SQL, &[])
             .await
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| describe(&e))?;
         let in_recovery: bool = row.get(0);
         let lsn = row
             .get::<_, Option<&str>>(1)
@@ -268,12 +267,12 @@ impl NodeProbe {
                         info!(node = %self.target.name, timeline = tli, ?entries, "timeline history read");
                         entries
                     }
-                    Err(e) if e.is_closed() => return Err(e.to_string()),
+                    Err(e) if e.is_closed() => return Err(describe(&e)),
                     Err(e) => {
                         warn!(
                             node = %self.target.name,
                             timeline = tli,
-                            error = %e,
+                            error = %describe(&e),
                             "cannot read the timeline history; writes lost in a failover are \
                              detected only while ahead of the primary's position"
                         );
@@ -531,8 +530,11 @@ fn build_snapshot(
 fn publish_metrics(topo: &Topology) {
     for n in &topo.nodes {
         let name = n.name.clone();
-        metrics::gauge!("lagrouter_node_healthy", "node" => name.clone())
-            .set(if n.healthy { 1.0 } else { 0.0 });
+        metrics::gauge!("lagrouter_node_healthy", "node" => name.clone()).set(if n.healthy {
+            1.0
+        } else {
+            0.0
+        });
         if let Some(b) = n.lag_bytes {
             metrics::gauge!("lagrouter_replica_lag_bytes", "node" => name.clone()).set(b as f64);
         }
@@ -601,11 +603,22 @@ mod tests {
     }
 
     /// Runs one round on top of `prev` and returns the new snapshot.
-    fn round(prev: &Topology, probes: &[NodeProbe], results: Vec<Result<Probe, String>>) -> Topology {
+    fn round(
+        prev: &Topology,
+        probes: &[NodeProbe],
+        results: Vec<Result<Probe, String>>,
+    ) -> Topology {
         let mut h = LsnHistory {
             samples: VecDeque::new(),
         };
-        build_snapshot(prev, probes, results, &mut h, &MonitorConfig::default(), Instant::now())
+        build_snapshot(
+            prev,
+            probes,
+            results,
+            &mut h,
+            &MonitorConfig::default(),
+            Instant::now(),
+        )
     }
 
     fn three_nodes() -> (Vec<NodeProbe>, Topology) {
@@ -616,7 +629,11 @@ mod tests {
                 .map(|p| NodeState::new(p.target.name.clone(), p.target.role))
                 .collect(),
         );
-        let t1 = round(&t0, &probes, vec![primary(100, 1), replica(100), replica(100)]);
+        let t1 = round(
+            &t0,
+            &probes,
+            vec![primary(100, 1), replica(100), replica(100)],
+        );
         assert_eq!(t1.primary, Some(0));
         assert!(t1.nodes.iter().all(|n| n.healthy));
         (probes, t1)
@@ -642,7 +659,11 @@ mod tests {
         assert_eq!(t3.nodes[2].lag_bytes, Some(50));
         // The old primary comes back as a primary on the old timeline: it
         // is not routed to.
-        let t4 = round(&t3, &probes, vec![primary(300, 1), primary(210, 2), replica(210)]);
+        let t4 = round(
+            &t3,
+            &probes,
+            vec![primary(300, 1), primary(210, 2), replica(210)],
+        );
         assert_eq!(t4.primary, Some(1));
         assert!(!t4.nodes[0].healthy);
         assert_eq!(t4.nodes[0].role, Role::Unknown);
@@ -651,10 +672,20 @@ mod tests {
     #[test]
     fn a_later_timeline_wins_even_while_the_old_primary_answers() {
         let (probes, t1) = three_nodes();
-        let t2 = round(&t1, &probes, vec![primary(100, 1), primary(120, 2), replica(100)]);
+        let t2 = round(
+            &t1,
+            &probes,
+            vec![primary(100, 1), primary(120, 2), replica(100)],
+        );
         assert_eq!(t2.primary, Some(1));
         assert!(!t2.nodes[0].healthy);
-        assert!(t2.nodes[0].last_error.as_deref().unwrap().contains("split brain"));
+        assert!(
+            t2.nodes[0]
+                .last_error
+                .as_deref()
+                .unwrap()
+                .contains("split brain")
+        );
     }
 
     #[test]

@@ -88,7 +88,12 @@ impl Session {
         &self.cluster
     }
 
-    async fn read(&mut self, sql: &str, params: &[&(dyn ToSql + Sync)], expect_row: bool) -> Result<Vec<Row>> {
+    async fn read(
+        &mut self,
+        sql: &str,
+        params: &[&(dyn ToSql + Sync)],
+        expect_row: bool,
+    ) -> Result<Vec<Row>> {
         let opts = ReadOpts {
             policy: self.policy,
             token: self.token,
@@ -119,7 +124,11 @@ impl Session {
 
     /// Runs a read that returns at most one row (retry-on-miss as
     /// [`Session::query_one`]).
-    pub async fn query_opt(&mut self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<Option<Row>> {
+    pub async fn query_opt(
+        &mut self,
+        sql: &str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<Option<Row>> {
         let rows = self.read(sql, params, true).await?;
         at_most_one(rows)
     }
@@ -130,11 +139,19 @@ impl Session {
     }
 
     /// Runs a write that returns rows (`INSERT … RETURNING`).
-    pub async fn write_query(&mut self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<Vec<Row>> {
+    pub async fn write_query(
+        &mut self,
+        sql: &str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<Vec<Row>> {
         Ok(self.write(sql, params).await?.0)
     }
 
-    async fn write(&mut self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<(Vec<Row>, u64)> {
+    async fn write(
+        &mut self,
+        sql: &str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<(Vec<Row>, u64)> {
         let out = self.cluster.run_write(Stmt { sql, params }).await?;
         self.last_write = Some(Instant::now());
         self.observe(out.token);
@@ -358,7 +375,11 @@ impl Transaction<'_> {
         self.session.last_served = Some(ServedBy {
             node: self.node,
             name,
-            role: if in_recovery { Role::Replica } else { Role::Primary },
+            role: if in_recovery {
+                Role::Replica
+            } else {
+                Role::Primary
+            },
             waited: std::time::Duration::ZERO,
             fallback: None,
         });

@@ -11,7 +11,9 @@ use std::time::{Duration, Instant};
 
 use common::{DEADLINE, cluster, eventually, node_index, start_pg, wait_topology};
 use lagrouter::testing::PgCluster;
-use lagrouter::{Consistency, ConsistencyToken, Error, Fallback, FallbackReason, MonitorConfig, Role};
+use lagrouter::{
+    Consistency, ConsistencyToken, Error, Fallback, FallbackReason, MonitorConfig, Role,
+};
 use tokio::time::timeout;
 
 /// Counts lagrouter's counters (by name, all labels summed) for the whole
@@ -21,7 +23,9 @@ mod counters {
     use std::sync::atomic::{AtomicU64, Ordering};
     use std::sync::{Arc, Mutex, OnceLock};
 
-    use metrics::{Counter, Gauge, Histogram, Key, KeyName, Metadata, Recorder, SharedString, Unit};
+    use metrics::{
+        Counter, Gauge, Histogram, Key, KeyName, Metadata, Recorder, SharedString, Unit,
+    };
 
     #[derive(Default)]
     struct Capture {
@@ -112,6 +116,9 @@ impl Load {
     }
 }
 
+/// A node's lag as published by the monitor.
+type Lag = Option<Duration>;
+
 const RYW: Consistency = Consistency::read_your_writes(Duration::from_millis(100));
 const SLOW_READ: &str = "SELECT pg_sleep(0.3)::text";
 
@@ -127,7 +134,12 @@ fn start_load(cluster: &lagrouter::Cluster, load: &Arc<Load>) -> Vec<tokio::task
             let mut id = 1_000;
             while !load.stop.load(Ordering::Relaxed) {
                 id += 1;
-                match timeout(DEADLINE, s.execute("INSERT INTO items VALUES ($1, 'w')", &[&id])).await {
+                match timeout(
+                    DEADLINE,
+                    s.execute("INSERT INTO items VALUES ($1, 'w')", &[&id]),
+                )
+                .await
+                {
                     Ok(Ok(_)) => {
                         load.writes.fetch_add(1, Ordering::Relaxed);
                         *load.last_write.lock().unwrap() = Some((id, s.token().unwrap()));
@@ -148,7 +160,12 @@ fn start_load(cluster: &lagrouter::Cluster, load: &Arc<Load>) -> Vec<tokio::task
                     continue;
                 };
                 let mut s = cluster.session().with_token(token);
-                match timeout(DEADLINE, s.query_opt("SELECT 1 FROM items WHERE id = $1", &[&id])).await {
+                match timeout(
+                    DEADLINE,
+                    s.query_opt("SELECT 1 FROM items WHERE id = $1", &[&id]),
+                )
+                .await
+                {
                     Ok(Ok(Some(_))) => load.served(&s),
                     Ok(Ok(None)) => load.error(format!("stale read: row {id} missing")),
                     Ok(Err(e)) => load.error(format!("token read: {e}")),
@@ -204,12 +221,18 @@ async fn replica_killed_under_concurrent_load_causes_no_errors() {
     // the first healthy snapshot after its restart.
     let armed = Arc::new(AtomicBool::new(false));
     let flaps = Arc::new(AtomicU64::new(0));
-    let readmitted: Arc<Mutex<Option<(Instant, Option<Duration>)>>> = Arc::default();
+    // When the victim was first seen healthy again, and its lag then.
+    // The victim's lag when it was first seen healthy again.
+    let readmitted: Arc<Mutex<Option<Lag>>> = Arc::default();
     let watching = Arc::new(AtomicBool::new(false));
     let watcher = {
         let mut rx = cluster.monitor().subscribe();
-        let (armed, flaps, readmitted, watching) =
-            (armed.clone(), flaps.clone(), readmitted.clone(), watching.clone());
+        let (armed, flaps, readmitted, watching) = (
+            armed.clone(),
+            flaps.clone(),
+            readmitted.clone(),
+            watching.clone(),
+        );
         tokio::spawn(async move {
             while rx.changed().await.is_ok() {
                 let t = rx.borrow_and_update().clone();
@@ -218,7 +241,7 @@ async fn replica_killed_under_concurrent_load_causes_no_errors() {
                     flaps.fetch_add(1, Ordering::SeqCst);
                 }
                 if n.healthy && watching.load(Ordering::SeqCst) {
-                    readmitted.lock().unwrap().get_or_insert((Instant::now(), n.lag));
+                    readmitted.lock().unwrap().get_or_insert(n.lag);
                 }
             }
         })
@@ -229,14 +252,17 @@ async fn replica_killed_under_concurrent_load_causes_no_errors() {
     eventually("load on every node", || {
         let load = load.clone();
         async move {
-            load.reads.load(Ordering::Relaxed) >= 200 && load.served[vi].load(Ordering::Relaxed) >= 10
+            load.reads.load(Ordering::Relaxed) >= 200
+                && load.served[vi].load(Ordering::Relaxed) >= 10
         }
     })
     .await;
 
     // After its restart the victim will apply WAL 3 s late: too stale to be
     // re-admitted until the delay is lifted.
-    pg.set_apply_delay(victim, Duration::from_secs(3)).await.unwrap();
+    pg.set_apply_delay(victim, Duration::from_secs(3))
+        .await
+        .unwrap();
 
     // Kill it while a slow read is running on it.
     wait_sql(
@@ -286,11 +312,19 @@ async fn replica_killed_under_concurrent_load_causes_no_errors() {
             && t.nodes[vi].lag.is_some_and(|l| l > readmit_max_lag)
     })
     .await;
-    assert!(!t.nodes[vi].healthy, "re-admitted while lagging: {:?}", t.nodes[vi]);
+    assert!(
+        !t.nodes[vi].healthy,
+        "re-admitted while lagging: {:?}",
+        t.nodes[vi]
+    );
     armed.store(true, Ordering::SeqCst);
     let generation = t.generation;
     let t = wait_topology(&cluster, |t| t.generation >= generation + 10).await;
-    assert!(!t.nodes[vi].healthy, "re-admitted while lagging: {:?}", t.nodes[vi]);
+    assert!(
+        !t.nodes[vi].healthy,
+        "re-admitted while lagging: {:?}",
+        t.nodes[vi]
+    );
     armed.store(false, Ordering::SeqCst);
 
     // Once it has caught up it is re-admitted and serves reads again.
@@ -307,11 +341,14 @@ async fn replica_killed_under_concurrent_load_causes_no_errors() {
 
     load.stop.store(true, Ordering::Relaxed);
     for t in tasks {
-        timeout(DEADLINE, t).await.expect("load task stops").unwrap();
+        timeout(DEADLINE, t)
+            .await
+            .expect("load task stops")
+            .unwrap();
     }
     watcher.abort();
 
-    let (_, lag_at_readmission) = readmitted.lock().unwrap().expect("re-admission seen");
+    let lag_at_readmission = readmitted.lock().unwrap().expect("re-admission seen");
     let errors = load.errors.lock().unwrap().clone();
     let retried = load.retried.load(Ordering::Relaxed) - retried0;
     println!(
@@ -322,11 +359,21 @@ async fn replica_killed_under_concurrent_load_causes_no_errors() {
         load.reads.load(Ordering::Relaxed),
         load.writes.load(Ordering::Relaxed),
         errors.len(),
-        load.served.iter().map(|c| c.load(Ordering::Relaxed)).collect::<Vec<_>>(),
+        load.served
+            .iter()
+            .map(|c| c.load(Ordering::Relaxed))
+            .collect::<Vec<_>>(),
     );
     assert!(errors.is_empty(), "client-visible errors: {errors:#?}");
-    assert!(retried >= 1, "the in-flight read on the victim was not retried");
-    assert_eq!(flaps.load(Ordering::SeqCst), 0, "victim re-admitted while down or lagging");
+    assert!(
+        retried >= 1,
+        "the in-flight read on the victim was not retried"
+    );
+    assert_eq!(
+        flaps.load(Ordering::SeqCst),
+        0,
+        "victim re-admitted while down or lagging"
+    );
     assert!(
         lag_at_readmission.is_some_and(|l| l <= readmit_max_lag),
         "re-admitted with lag {lag_at_readmission:?}"
@@ -346,7 +393,9 @@ async fn primary_killed_writes_fail_fast_and_replicas_keep_serving_reads() {
     // Default pool timeout (5 s): failing fast must not depend on it.
     let cluster = cluster(&pg, |b| b.policy(RYW)).await;
     let mut w = cluster.session();
-    w.execute("INSERT INTO items VALUES (1, 'one')", &[]).await.unwrap();
+    w.execute("INSERT INTO items VALUES (1, 'one')", &[])
+        .await
+        .unwrap();
     let t1 = w.token().unwrap();
     for r in [r1, r2] {
         pg.wait_for_replay(r, t1.lsn, DEADLINE).await.unwrap();
@@ -355,7 +404,9 @@ async fn primary_killed_writes_fail_fast_and_replicas_keep_serving_reads() {
     for r in [r1, r2] {
         pg.pause_replay(r).await.unwrap();
     }
-    w.execute("INSERT INTO items VALUES (2, 'two')", &[]).await.unwrap();
+    w.execute("INSERT INTO items VALUES (2, 'two')", &[])
+        .await
+        .unwrap();
     let t2 = w.token().unwrap();
     for r in [r1, r2] {
         wait_sql(
@@ -397,7 +448,11 @@ async fn primary_killed_writes_fail_fast_and_replicas_keep_serving_reads() {
         .unwrap()
         .expect_err("the in-flight write cannot succeed");
     let in_flight_after = killed.elapsed();
-    assert!(is_node_down_code(&in_flight), "{in_flight:?} ({:?})", in_flight.code());
+    assert!(
+        is_node_down_code(&in_flight),
+        "{in_flight:?} ({:?})",
+        in_flight.code()
+    );
 
     // New writes fail fast, well within the 5 s pool timeout.
     let mut slowest = Duration::ZERO;
@@ -414,7 +469,10 @@ async fn primary_killed_writes_fail_fast_and_replicas_keep_serving_reads() {
         assert!(is_node_down_code(&e), "{e:?} ({:?})", e.code());
         assert!(!e.is_pool_exhausted());
     }
-    assert!(slowest < Duration::from_secs(2), "slowest failed write took {slowest:?}");
+    assert!(
+        slowest < Duration::from_secs(2),
+        "slowest failed write took {slowest:?}"
+    );
     let e = timeout(Duration::from_secs(3), w.transaction())
         .await
         .expect("BEGIN on the dead primary hung")
@@ -441,18 +499,27 @@ async fn primary_killed_writes_fail_fast_and_replicas_keep_serving_reads() {
     }
     // A token every replica has reached: served by a replica.
     let mut s = cluster.session().with_token(t1);
-    let row = s.query_opt("SELECT body FROM items WHERE id = 1", &[]).await.unwrap();
+    let row = s
+        .query_opt("SELECT body FROM items WHERE id = 1", &[])
+        .await
+        .unwrap();
     assert_eq!(row.unwrap().get::<_, &str>(0), "one");
     assert_eq!(s.last_served().unwrap().role, Role::Replica);
     assert_eq!(s.last_served().unwrap().fallback, None);
     // A token no replica has reached: a clear error after max_wait.
     let mut s = cluster.session().with_token(t2);
     let start = Instant::now();
-    let e = timeout(Duration::from_secs(3), s.query_opt("SELECT body FROM items WHERE id = 2", &[]))
-        .await
-        .expect("token-gated read hung")
-        .expect_err("no node can serve the token");
-    assert!(matches!(&e, Error::Connect { node, .. } if node == "primary"), "{e:?}");
+    let e = timeout(
+        Duration::from_secs(3),
+        s.query_opt("SELECT body FROM items WHERE id = 2", &[]),
+    )
+    .await
+    .expect("token-gated read hung")
+    .expect_err("no node can serve the token");
+    assert!(
+        matches!(&e, Error::Connect { node, .. } if node == "primary"),
+        "{e:?}"
+    );
     assert_eq!(e.code(), Some("08006"));
     assert!(start.elapsed() >= Duration::from_millis(100));
     let mut s = cluster
@@ -462,7 +529,10 @@ async fn primary_killed_writes_fail_fast_and_replicas_keep_serving_reads() {
             max_wait: Duration::from_millis(100),
             then: Fallback::Error,
         });
-    let e = s.query_opt("SELECT body FROM items WHERE id = 2", &[]).await.unwrap_err();
+    let e = s
+        .query_opt("SELECT body FROM items WHERE id = 2", &[])
+        .await
+        .unwrap_err();
     assert!(matches!(e, Error::WaitTimeout { .. }), "{e:?}");
     assert_eq!(e.code(), Some("57014"));
     // Once a replica replays what it received, it serves the token.
@@ -474,7 +544,10 @@ async fn primary_killed_writes_fail_fast_and_replicas_keep_serving_reads() {
             max_wait: Duration::from_secs(5),
             then: Fallback::Error,
         });
-    let row = s.query_opt("SELECT body FROM items WHERE id = 2", &[]).await.unwrap();
+    let row = s
+        .query_opt("SELECT body FROM items WHERE id = 2", &[])
+        .await
+        .unwrap();
     assert_eq!(row.unwrap().get::<_, &str>(0), "two");
     assert_eq!(s.last_served().unwrap().node, node_index(&pg, r1));
 
@@ -562,7 +635,9 @@ async fn pool_exhaustion_is_a_clear_error_after_the_pool_timeout() {
     // after the pool timeout with a clear error.
     let mut holder = cluster.session();
     let tx = holder.transaction().await.unwrap();
-    tx.execute("INSERT INTO items VALUES (1, 'held')", &[]).await.unwrap();
+    tx.execute("INSERT INTO items VALUES (1, 'held')", &[])
+        .await
+        .unwrap();
     let mut s = cluster.session();
     let start = Instant::now();
     let e = timeout(
@@ -590,8 +665,14 @@ async fn pool_exhaustion_is_a_clear_error_after_the_pool_timeout() {
     let generation = cluster.topology().generation;
     wait_topology(&cluster, |t| t.generation >= generation + 2).await;
     watcher.abort();
-    assert_eq!(unhealthy.load(Ordering::SeqCst), 0, "a busy node was ejected");
-    s.execute("INSERT INTO items VALUES (2, 'free')", &[]).await.unwrap();
+    assert_eq!(
+        unhealthy.load(Ordering::SeqCst),
+        0,
+        "a busy node was ejected"
+    );
+    s.execute("INSERT INTO items VALUES (2, 'free')", &[])
+        .await
+        .unwrap();
 
     // A storm of 64 sessions on pools of one connection: they queue, none
     // fails or hangs.
@@ -619,7 +700,14 @@ async fn pool_exhaustion_is_a_clear_error_after_the_pool_timeout() {
         })
         .collect();
     for t in tasks {
-        timeout(DEADLINE, t).await.expect("storm task hung").unwrap().unwrap();
+        timeout(DEADLINE, t)
+            .await
+            .expect("storm task hung")
+            .unwrap()
+            .unwrap();
     }
-    println!("connection storm: 64 sessions on 1-connection pools done in {:?}", start.elapsed());
+    println!(
+        "connection storm: 64 sessions on 1-connection pools done in {:?}",
+        start.elapsed()
+    );
 }

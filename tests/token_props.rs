@@ -23,7 +23,18 @@ fn token() -> impl Strategy<Value = ConsistencyToken> {
 /// base64url among them), controls, whitespace and some multi-byte ones.
 fn replacements() -> Vec<char> {
     let mut v: Vec<char> = (0x20u8..0x7f).map(char::from).collect();
-    v.extend(['\0', '\t', '\n', '\r', '\u{7f}', 'é', '\u{a0}', '\u{2028}', '\u{1F600}', '\u{FFFD}']);
+    v.extend([
+        '\0',
+        '\t',
+        '\n',
+        '\r',
+        '\u{7f}',
+        'é',
+        '\u{a0}',
+        '\u{2028}',
+        '\u{1F600}',
+        '\u{FFFD}',
+    ]);
     v
 }
 
@@ -157,7 +168,9 @@ fn lsn_model(s: &str) -> Option<Lsn> {
     if !ok(hi) || !ok(lo) {
         return None;
     }
-    Some(Lsn((u64::from_str_radix(hi, 16).ok()? << 32) | u64::from_str_radix(lo, 16).ok()?))
+    Some(Lsn(
+        (u64::from_str_radix(hi, 16).ok()? << 32) | u64::from_str_radix(lo, 16).ok()?
+    ))
 }
 
 proptest! {

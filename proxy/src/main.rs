@@ -1,1 +1,139 @@
-fn main() {}
+//! `lagrouter-proxy`: a PostgreSQL wire-protocol proxy that routes reads to
+//! fresh-enough replicas and writes to the primary, with read-your-writes.
+//!
+//! ```text
+//! lagrouter-proxy --config lagrouter.toml
+//! lagrouter-proxy                 # demo: starts a local primary + 2 replicas
+//! ```
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Parser;
+use lagrouter_proxy::config::Config;
+use lagrouter_proxy::server::{Proxy, ProxyHandle};
+use tracing::{error, info, warn};
+
+/// Command line.
+#[derive(Debug, Parser)]
+#[command(name = "lagrouter-proxy", version, about)]
+struct Args {
+    /// Configuration file (TOML). Without it, a demo cluster (primary and
+    /// two replicas) is started locally with the test harness.
+    #[arg(short, long, env = "LAGROUTER_CONFIG")]
+    config: Option<PathBuf>,
+    /// Overrides `proxy.listen`.
+    #[arg(long)]
+    listen: Option<SocketAddr>,
+    /// Overrides `proxy.admin_listen`.
+    #[arg(long)]
+    admin_listen: Option<SocketAddr>,
+    /// Replicas in demo mode.
+    #[arg(long, default_value_t = 2)]
+    demo_replicas: usize,
+}
+
+fn apply_overrides(config: &mut Config, args: &Args) {
+    if let Some(l) = args.listen {
+        config.proxy.listen = l;
+    }
+    if let Some(a) = args.admin_listen {
+        config.proxy.admin_listen = a;
+    }
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .init();
+    let args = Args::parse();
+    match run(args).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            error!("{e}");
+            eprintln!("lagrouter-proxy: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
+    let mut demo = None;
+    let config = match &args.config {
+        Some(path) => {
+            let mut c = Config::load(path)?;
+            apply_overrides(&mut c, &args);
+            c
+        }
+        None => {
+            info!(replicas = args.demo_replicas, "no --config: starting the demo cluster");
+            let d = lagrouter_proxy::demo::start(args.demo_replicas).await?;
+            let mut c = d.config.clone();
+            apply_overrides(&mut c, &args);
+            demo = Some(d);
+            c
+        }
+    };
+    let proxy = Proxy::start(config).await?;
+    if demo.is_some() {
+        println!("lagrouter-proxy demo is ready.");
+        println!(
+            "  connect:  {}",
+            lagrouter_proxy::demo::psql_command(
+                proxy.local_addr(),
+                lagrouter_proxy::demo::DEMO_USER,
+                lagrouter_proxy::demo::DEMO_PASSWORD
+            )
+        );
+        println!("  admin:    http://{}/status  (also /health, /metrics)", proxy.admin_addr());
+        println!("  Ctrl-C stops the proxy and the demo cluster.");
+    }
+    wait_for_signals(&proxy, args.config.as_deref(), &args).await;
+    proxy.shutdown().await;
+    if let Some(d) = demo {
+        info!("stopping the demo cluster");
+        drop(d);
+    }
+    Ok(())
+}
+
+/// Waits for SIGINT/SIGTERM; reloads the configuration on SIGHUP.
+#[cfg(unix)]
+async fn wait_for_signals(proxy: &ProxyHandle, config: Option<&std::path::Path>, args: &Args) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut hup)) = (signal(SignalKind::terminate()), signal(SignalKind::hangup())) else {
+        let _ = tokio::signal::ctrl_c().await;
+        return;
+    };
+    loop {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => { info!("SIGINT: shutting down"); return; }
+            _ = term.recv() => { info!("SIGTERM: shutting down"); return; }
+            _ = hup.recv() => {
+                let Some(path) = config else {
+                    warn!("SIGHUP: no configuration file to reload (demo mode)");
+                    continue;
+                };
+                match Config::load(path) {
+                    Ok(mut c) => {
+                        apply_overrides(&mut c, args);
+                        if let Err(e) = proxy.reload(c) {
+                            error!(error = %e, "reload failed; keeping the running configuration");
+                        }
+                    }
+                    Err(e) => error!(error = %e, "reload failed; keeping the running configuration"),
+                }
+            }
+        }
+    }
+}
+
+#[cfg(not(unix))]
+async fn wait_for_signals(_proxy: &ProxyHandle, _config: Option<&std::path::Path>, _args: &Args) {
+    let _ = tokio::signal::ctrl_c().await;
+}

@@ -271,9 +271,9 @@ pub fn error_fields(frame: &Frame) -> ErrorFields {
     let mut fields = body.fields();
     while let Ok(Some(f)) = fields.next() {
         match f.type_() {
-            b'S' => out.severity = f.value().to_string(),
-            b'C' => out.code = f.value().to_string(),
-            b'M' => out.message = f.value().to_string(),
+            b'S' => out.severity = String::from_utf8_lossy(f.value_bytes()).into_owned(),
+            b'C' => out.code = String::from_utf8_lossy(f.value_bytes()).into_owned(),
+            b'M' => out.message = String::from_utf8_lossy(f.value_bytes()).into_owned(),
             _ => {}
         }
     }

@@ -360,6 +360,8 @@ struct Session {
     pinned: bool,
     txn_status: u8,
     closing: bool,
+    /// Statement kinds of the unit being routed (for metrics).
+    unit_kinds: Vec<&'static str>,
 }
 
 /// Runs an authenticated client session to its end.
@@ -389,6 +391,7 @@ pub async fn run(shared: Arc<Shared>, client: ClientConn, info: StartupInfo) {
         pinned: false,
         txn_status: b'I',
         closing: false,
+        unit_kinds: Vec::new(),
     };
     let result = match s.setup(&info, secret).await {
         Ok(()) => s.main_loop().await,
@@ -715,7 +718,7 @@ impl Session {
                 .map_err(|e| PgError::error("22023", format!("invalid lagrouter token: {e}")))?;
         }
         self.observe(token);
-        metrics::counter!(m::TOKENS_ACCEPTED).increment(1);
+        metrics::counter!(crate::server::TOKENS_ACCEPTED_TOTAL).increment(1);
         Ok(())
     }
 
@@ -1026,11 +1029,10 @@ impl Session {
             Some(RouteHint::Replica) => pin.is_none(),
             None => read_only,
         };
-        for c in &classes {
-            for k in &c.statements {
-                metrics::counter!(m::QUERIES_TOTAL, "kind" => k.label()).increment(1);
-            }
-        }
+        self.unit_kinds = classes
+            .iter()
+            .flat_map(|c| c.statements.iter().map(StatementKind::label))
+            .collect();
         if !read && classes.iter().any(|c| c.has_write()) {
             self.last_write = Some(Instant::now());
         }
@@ -1052,7 +1054,7 @@ impl Session {
         if pin_session && self.backend.is_some() {
             if !self.pinned {
                 info!(pid = self.pid, reason = pin.map(|p| p.as_str()), "session pinned to the primary");
-                metrics::counter!(m::PINNED_SESSIONS).increment(1);
+                metrics::counter!(crate::server::PINNED_SESSIONS_TOTAL).increment(1);
             }
             self.pinned = true;
         }
@@ -1137,7 +1139,13 @@ impl Session {
                 Target::Replica(_) => "replica",
                 Target::ReplicaIfCaughtUp(_) => "replica_checked",
             };
-            metrics::counter!(m::ROUTED_TOTAL, "target" => label, "node" => topo.nodes.get(node).map(|n| n.name.clone()).unwrap_or_default()).increment(1);
+            let node_name = topo.nodes.get(node).map(|n| n.name.clone()).unwrap_or_default();
+            metrics::counter!(crate::server::ROUTED_TOTAL, "target" => label, m::LABEL_NODE => node_name.clone())
+                .increment(1);
+            for kind in std::mem::take(&mut self.unit_kinds) {
+                metrics::counter!(m::QUERIES_TOTAL, m::LABEL_NODE => node_name.clone(), m::LABEL_KIND => kind)
+                    .increment(1);
+            }
             let mut h = Held {
                 node,
                 on_replica,
@@ -1840,6 +1848,7 @@ impl Session {
                 self.start_unit(Target::Primary, unit, true).await
             }
             Retry::Wait { need, deadline } => {
+                metrics::counter!(m::TOKEN_WAITS_TOTAL).increment(1);
                 let started = Instant::now();
                 loop {
                     let now = Instant::now();

@@ -1,0 +1,58 @@
+//! The embedded demo: a local primary with two streaming replicas started
+//! with the test harness ([`lagrouter::testing::PgCluster`]), and a proxy
+//! configuration pointing at them.
+
+use lagrouter::testing::{HarnessError, PgCluster};
+
+use crate::config::Config;
+
+/// Demo user and password (the harness's superuser).
+pub const DEMO_USER: &str = "postgres";
+/// Demo password.
+pub const DEMO_PASSWORD: &str = "postgres";
+
+/// A running demo cluster and the configuration that routes to it.
+pub struct Demo {
+    /// The cluster; dropping it stops every server.
+    pub cluster: PgCluster,
+    /// Proxy configuration for it.
+    pub config: Config,
+}
+
+/// Starts a primary and `replicas` streaming replicas and builds the
+/// configuration with [`Config::demo`].
+pub async fn start(replicas: usize) -> Result<Demo, HarnessError> {
+    let cluster = PgCluster::builder()
+        .replicas(replicas)
+        .user(DEMO_USER, DEMO_PASSWORD)
+        .start()
+        .await?;
+    let config = config_for(&cluster, DEMO_USER, DEMO_PASSWORD);
+    Ok(Demo { cluster, config })
+}
+
+/// A configuration for an already running harness cluster (listeners on
+/// the demo defaults; tests override them).
+pub fn config_for(cluster: &PgCluster, user: &str, password: &str) -> Config {
+    let addr = |i: usize| {
+        let c = cluster.config(i);
+        let host = match c.get_hosts().first() {
+            Some(tokio_postgres::config::Host::Tcp(h)) => h.clone(),
+            _ => "127.0.0.1".to_string(),
+        };
+        let port = c.get_ports().first().copied().unwrap_or(5432);
+        (host, port)
+    };
+    let primary = addr(cluster.primary());
+    let replicas = cluster.replicas().into_iter().map(addr).collect();
+    Config::demo(primary, replicas, user, password)
+}
+
+/// The `psql` command line for a proxy listening on `addr`.
+pub fn psql_command(addr: std::net::SocketAddr, user: &str, password: &str) -> String {
+    format!(
+        "psql \"host={} port={} user={user} password={password} dbname=postgres\"",
+        addr.ip(),
+        addr.port()
+    )
+}

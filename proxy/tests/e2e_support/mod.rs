@@ -1,0 +1,138 @@
+//! Shared helpers of the end-to-end tests: a harness cluster plus an
+//! in-process proxy on OS-assigned ports.
+#![allow(dead_code)]
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use lagrouter::testing::PgCluster;
+use lagrouter_proxy::config::Config;
+use lagrouter_proxy::server::{Proxy, ProxyHandle};
+use tokio_postgres::{Client, NoTls};
+
+pub const USER: &str = "postgres";
+pub const PASSWORD: &str = "postgres";
+
+pub struct Env {
+    pub cluster: PgCluster,
+    pub proxy: ProxyHandle,
+}
+
+pub fn init_tracing() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_test_writer()
+        .try_init();
+}
+
+pub async fn start(replicas: usize) -> Env {
+    start_with(PgCluster::builder().replicas(replicas), |_| {}).await
+}
+
+pub async fn start_with(
+    builder: lagrouter::testing::PgClusterBuilder,
+    adjust: impl FnOnce(&mut Config),
+) -> Env {
+    init_tracing();
+    let cluster = builder.start().await.expect("cluster starts");
+    let mut config = lagrouter_proxy::demo::config_for(&cluster, USER, PASSWORD);
+    config.proxy.listen = "127.0.0.1:0".parse().unwrap();
+    config.proxy.admin_listen = "127.0.0.1:0".parse().unwrap();
+    config.proxy.shutdown_timeout = Duration::from_secs(5);
+    config.routing.monitor_interval = Duration::from_millis(20);
+    adjust(&mut config);
+    let proxy = Proxy::start(config).await.expect("proxy starts");
+    let env = Env { cluster, proxy };
+    // Every replica healthy in the proxy's view before tests begin.
+    let replicas = env.cluster.replicas();
+    let proxy = &env.proxy;
+    wait_until(Duration::from_secs(30), "replicas healthy", || async {
+        let t = proxy.topology();
+        t.primary.is_some() && replicas.iter().all(|&i| t.nodes[i].healthy && t.nodes[i].lsn.is_some())
+    })
+    .await;
+    env
+}
+
+impl Env {
+    pub fn addr(&self) -> SocketAddr {
+        self.proxy.local_addr()
+    }
+
+    pub fn conn_str(&self) -> String {
+        conn_str(self.addr(), USER, PASSWORD)
+    }
+
+    pub async fn connect(&self) -> Client {
+        connect(&self.conn_str()).await
+    }
+
+    pub async fn stop(self) {
+        self.proxy.shutdown().await;
+        drop(self.cluster);
+    }
+}
+
+pub fn conn_str(addr: SocketAddr, user: &str, password: &str) -> String {
+    format!(
+        "host={} port={} user={user} password={password} dbname=postgres connect_timeout=10",
+        addr.ip(),
+        addr.port()
+    )
+}
+
+pub async fn connect(s: &str) -> Client {
+    let (client, conn) = tokio_postgres::connect(s, NoTls).await.expect("connect through the proxy");
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    client
+}
+
+/// Polls `cond` until it holds, panicking after `timeout`.
+pub async fn wait_until<F, Fut>(timeout: Duration, what: &str, mut cond: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if cond().await {
+            return;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Runs a client binary from PostgreSQL's bin directory.
+pub fn pg_bin(name: &str) -> std::path::PathBuf {
+    let out = std::process::Command::new("pg_config").arg("--bindir").output();
+    let dir = match out {
+        Ok(o) if o.status.success() => String::from_utf8_lossy(&o.stdout).trim().to_string(),
+        _ => "/usr/lib/postgresql/15/bin".to_string(),
+    };
+    std::path::Path::new(&dir).join(name)
+}
+
+/// A raw GET on the admin endpoint: (status, body).
+pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.expect("admin connect");
+    let req = format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf).await.unwrap();
+    let text = String::from_utf8_lossy(&buf).into_owned();
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    (status, body)
+}
