@@ -84,9 +84,7 @@ impl Connector {
             recycling_method: RecyclingMethod::Fast,
         };
         let mgr = match self {
-            Connector::NoTls => {
-                Manager::from_config(config, tokio_postgres::NoTls, mgr_config)
-            }
+            Connector::NoTls => Manager::from_config(config, tokio_postgres::NoTls, mgr_config),
             #[cfg(feature = "rustls")]
             Connector::Rustls(tls) => Manager::from_config(config, tls.clone(), mgr_config),
         };

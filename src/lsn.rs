@@ -99,7 +99,8 @@ impl FromStr for Lsn {
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let err = || ParseLsnError(s.chars().take(64).collect());
         let (hi, lo) = s.trim().split_once('/').ok_or_else(err)?;
-        let valid = |p: &str| !p.is_empty() && p.len() <= 8 && p.bytes().all(|b| b.is_ascii_hexdigit());
+        let valid =
+            |p: &str| !p.is_empty() && p.len() <= 8 && p.bytes().all(|b| b.is_ascii_hexdigit());
         if !valid(hi) || !valid(lo) {
             return Err(err());
         }
@@ -218,7 +219,10 @@ mod tests {
         assert_eq!(Lsn(start + 40).round_to_record_boundary(seg), Lsn(start));
         // Offset 24 of a segment's first page lies inside the long header and
         // is never an insert position, but must not be rounded as if short.
-        assert_eq!(Lsn(start + 24).round_to_record_boundary(seg), Lsn(start + 24));
+        assert_eq!(
+            Lsn(start + 24).round_to_record_boundary(seg),
+            Lsn(start + 24)
+        );
         // Offset 40 of an ordinary page can be the end of a continued record.
         let page = start + 3 * WAL_PAGE_SIZE;
         assert_eq!(Lsn(page + 40).round_to_record_boundary(seg), Lsn(page + 40));
@@ -239,6 +243,9 @@ mod tests {
             Lsn(seg)
         );
         // A zero segment size (unknown) still rounds short headers.
-        assert_eq!(Lsn(WAL_PAGE_SIZE + 24).round_to_record_boundary(0), Lsn(WAL_PAGE_SIZE));
+        assert_eq!(
+            Lsn(WAL_PAGE_SIZE + 24).round_to_record_boundary(0),
+            Lsn(WAL_PAGE_SIZE)
+        );
     }
 }

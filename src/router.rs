@@ -75,7 +75,8 @@ impl Router {
             }
             Consistency::ReadYourWrites { .. } => match cx.token {
                 None => self.pick(topo, |i, _| usable(i)),
-                Some(t) => match self.pick(topo, |i, lsn| usable(i) && lsn.is_some_and(|l| l >= t)) {
+                Some(t) => match self.pick(topo, |i, lsn| usable(i) && lsn.is_some_and(|l| l >= t))
+                {
                     Route::Primary => topo
                         .serving_replicas()
                         .filter(|&i| usable(i))
@@ -130,7 +131,10 @@ impl Router {
         if let Some(c) = self.outstanding.get(i) {
             c.fetch_add(1, Ordering::Relaxed);
         }
-        InFlight { router: self, node: i }
+        InFlight {
+            router: self,
+            node: i,
+        }
     }
 }
 

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use common::{DEADLINE, cluster, eventually, node_index, start_pg, wait_topology};
 use lagrouter::{
-    ConsistencyToken, Consistency, Error, Fallback, FallbackReason, LoadBalance, Lsn, Role,
+    Consistency, ConsistencyToken, Error, Fallback, FallbackReason, LoadBalance, Lsn, Role,
     TokenError,
 };
 
@@ -46,7 +46,10 @@ async fn token_gated_read_waits_for_paused_replica_then_is_served_there() {
     // monitor publish a few rounds (~60 ms) and check it is still waiting.
     let gen0 = cluster.topology().generation;
     wait_topology(&cluster, |t| t.generation >= gen0 + 3).await;
-    assert!(!reader.is_finished(), "read finished while no replica had the write");
+    assert!(
+        !reader.is_finished(),
+        "read finished while no replica had the write"
+    );
 
     pg.resume_replay(r1).await.unwrap();
     let (row, session) = reader.await.unwrap();
@@ -109,7 +112,9 @@ async fn paused_replicas_past_max_wait_fall_back_or_error_per_policy() {
 async fn no_read_your_writes_violation_in_1000_pairs_with_50ms_apply_delay() {
     let pg = start_pg(2).await;
     for r in pg.replicas() {
-        pg.set_apply_delay(r, Duration::from_millis(50)).await.unwrap();
+        pg.set_apply_delay(r, Duration::from_millis(50))
+            .await
+            .unwrap();
     }
     let cluster = cluster(&pg, |b| b.policy(RYW).pool_size(12)).await;
     let violations = Arc::new(AtomicUsize::new(0));
@@ -149,7 +154,10 @@ async fn no_read_your_writes_violation_in_1000_pairs_with_50ms_apply_delay() {
     println!("{total} write-then-read pairs: {replica_reads} reads served by replicas");
     assert_eq!(violations.load(Ordering::Relaxed), 0, "stale reads");
     // The delay (50 ms) is below max_wait (100 ms): replicas serve most reads.
-    assert!(replica_reads > total / 2, "only {replica_reads} of {total} on replicas");
+    assert!(
+        replica_reads > total / 2,
+        "only {replica_reads} of {total} on replicas"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -181,7 +189,10 @@ async fn monotonic_reads_across_replicas_with_different_lag() {
         let node = session.last_served().unwrap().node;
         if seen {
             assert_eq!(n, 1, "read went back in time (node {node})");
-            assert_ne!(node, bi, "a lagging replica served a session that saw newer data");
+            assert_ne!(
+                node, bi,
+                "a lagging replica served a session that saw newer data"
+            );
         }
         if n == 1 {
             seen = true;
@@ -197,7 +208,10 @@ async fn monotonic_reads_across_replicas_with_different_lag() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn retry_on_miss_reads_the_primary_when_replica_has_no_row() {
     let pg = start_pg(2).await;
-    let with_retry = cluster(&pg, |b| b.policy(Consistency::Eventual).retry_on_empty(true)).await;
+    let with_retry = cluster(&pg, |b| {
+        b.policy(Consistency::Eventual).retry_on_empty(true)
+    })
+    .await;
     let without = cluster(&pg, |b| b.policy(Consistency::Eventual)).await;
     for r in pg.replicas() {
         pg.pause_replay(r).await.unwrap();
@@ -209,18 +223,27 @@ async fn retry_on_miss_reads_the_primary_when_replica_has_no_row() {
         .unwrap();
 
     let mut s = without.session();
-    let row = s.query_opt("SELECT body FROM items WHERE id = 4", &[]).await.unwrap();
+    let row = s
+        .query_opt("SELECT body FROM items WHERE id = 4", &[])
+        .await
+        .unwrap();
     assert!(row.is_none(), "a paused replica cannot have the row");
     assert_eq!(s.last_served().unwrap().role, Role::Replica);
 
     let mut s = with_retry.session();
-    let row = s.query_opt("SELECT body FROM items WHERE id = 4", &[]).await.unwrap();
+    let row = s
+        .query_opt("SELECT body FROM items WHERE id = 4", &[])
+        .await
+        .unwrap();
     assert_eq!(row.expect("retried on primary").get::<_, &str>(0), "four");
     let served = s.last_served().unwrap();
     assert_eq!(served.role, Role::Primary);
     assert_eq!(served.fallback, Some(FallbackReason::EmptyResult));
     // A plain query (not expecting a row) is not retried.
-    let rows = s.query("SELECT body FROM items WHERE id = 4", &[]).await.unwrap();
+    let rows = s
+        .query("SELECT body FROM items WHERE id = 4", &[])
+        .await
+        .unwrap();
     assert!(rows.is_empty());
     assert_eq!(s.last_served().unwrap().role, Role::Replica);
     for r in pg.replicas() {
@@ -260,7 +283,11 @@ async fn killed_replica_is_ejected_and_reads_continue() {
     let pg = start_pg(2).await;
     let victim = pg.replicas()[0];
     let vi = node_index(&pg, victim);
-    let cluster = cluster(&pg, |b| b.policy(Consistency::Eventual).pool_timeout(Duration::from_secs(2))).await;
+    let cluster = cluster(&pg, |b| {
+        b.policy(Consistency::Eventual)
+            .pool_timeout(Duration::from_secs(2))
+    })
+    .await;
     let mut s = cluster.session();
     // Warm the pools of both replicas.
     for _ in 0..4 {
@@ -303,7 +330,9 @@ async fn bounded_staleness_excludes_a_lagging_replica() {
         .await
         .unwrap();
     wait_topology(&cluster, |t| {
-        t.nodes[li].lag.is_some_and(|l| l > Duration::from_millis(300))
+        t.nodes[li]
+            .lag
+            .is_some_and(|l| l > Duration::from_millis(300))
             && t.nodes[fi].lag == Some(Duration::ZERO)
     })
     .await;
@@ -336,7 +365,10 @@ async fn garbage_foreign_and_future_tokens_are_typed_errors() {
         })
     })
     .await;
-    let id = cluster.topology().cluster.expect("cluster identity is known");
+    let id = cluster
+        .topology()
+        .cluster
+        .expect("cluster identity is known");
 
     assert!(matches!(
         "not-a-token".parse::<ConsistencyToken>(),
@@ -346,7 +378,10 @@ async fn garbage_foreign_and_future_tokens_are_typed_errors() {
     let foreign = ConsistencyToken::new(Lsn(1), id.system_identifier ^ 1, id.timeline);
     let mut s = cluster.session().with_token(foreign);
     let err = s.query("SELECT 1", &[]).await.unwrap_err();
-    assert!(matches!(err, Error::Token(TokenError::ForeignCluster { .. })), "{err:?}");
+    assert!(
+        matches!(err, Error::Token(TokenError::ForeignCluster { .. })),
+        "{err:?}"
+    );
     assert_eq!(err.code(), Some("22023"));
 
     let now = pg.current_lsn().await.unwrap();
@@ -362,10 +397,17 @@ async fn garbage_foreign_and_future_tokens_are_typed_errors() {
 
     // A valid token of this cluster works.
     let mut s = cluster.session();
-    s.execute("INSERT INTO items VALUES (9, 'nine')", &[]).await.unwrap();
+    s.execute("INSERT INTO items VALUES (9, 'nine')", &[])
+        .await
+        .unwrap();
     let text = s.token().unwrap().to_string();
     let mut s2 = cluster.session().with_token(text.parse().unwrap());
-    assert!(s2.query_opt("SELECT 1 FROM items WHERE id = 9", &[]).await.unwrap().is_some());
+    assert!(
+        s2.query_opt("SELECT 1 FROM items WHERE id = 9", &[])
+            .await
+            .unwrap()
+            .is_some()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -380,7 +422,9 @@ async fn write_token_is_at_or_after_the_commit_and_reached_by_replicas() {
         let t = s.token().unwrap();
         // Never beyond what the primary has, never unreachable for replicas.
         assert!(t.lsn <= pg.current_lsn().await.unwrap());
-        pg.wait_for_replay(pg.replicas()[0], t.lsn, DEADLINE).await.unwrap();
+        pg.wait_for_replay(pg.replicas()[0], t.lsn, DEADLINE)
+            .await
+            .unwrap();
     }
 }
 
@@ -390,8 +434,12 @@ async fn transactions_commit_advances_token_and_drop_rolls_back() {
     let cluster = cluster(&pg, |b| b.policy(RYW)).await;
     let mut s = cluster.session();
     let tx = s.transaction().await.unwrap();
-    tx.execute("INSERT INTO items VALUES (20, 'a')", &[]).await.unwrap();
-    tx.execute("INSERT INTO items VALUES (21, 'b')", &[]).await.unwrap();
+    tx.execute("INSERT INTO items VALUES (20, 'a')", &[])
+        .await
+        .unwrap();
+    tx.execute("INSERT INTO items VALUES (21, 'b')", &[])
+        .await
+        .unwrap();
     tx.commit().await.unwrap();
     let t1 = s.token().unwrap();
     let n: i64 = s
@@ -403,11 +451,15 @@ async fn transactions_commit_advances_token_and_drop_rolls_back() {
 
     {
         let tx = s.transaction().await.unwrap();
-        tx.execute("INSERT INTO items VALUES (22, 'c')", &[]).await.unwrap();
+        tx.execute("INSERT INTO items VALUES (22, 'c')", &[])
+            .await
+            .unwrap();
         // dropped: rolled back
     }
     let tx = s.transaction().await.unwrap();
-    tx.execute("INSERT INTO items VALUES (23, 'd')", &[]).await.unwrap();
+    tx.execute("INSERT INTO items VALUES (23, 'd')", &[])
+        .await
+        .unwrap();
     tx.rollback().await.unwrap();
     let c = pg.connect(pg.primary()).await.unwrap();
     let gone: i64 = c
@@ -441,21 +493,37 @@ async fn token_at_a_segment_boundary_is_reached_by_an_idle_replica() {
     })
     .await;
     let mut s = cluster.session();
-    s.execute("INSERT INTO items VALUES (30, 'x')", &[]).await.unwrap();
+    s.execute("INSERT INTO items VALUES (30, 'x')", &[])
+        .await
+        .unwrap();
     // After a WAL switch the insert position is just past the next
     // segment's long page header, where no record ends: the replica's replay
     // position stops at the segment start.
     s.write_query("SELECT pg_switch_wal()", &[]).await.unwrap();
     let raw = pg.current_lsn().await.unwrap();
     let seg = cluster.topology().wal_segment_size;
-    assert_eq!(raw.as_u64() % seg, 40, "insert position after pg_switch_wal: {raw}");
+    assert_eq!(
+        raw.as_u64() % seg,
+        40,
+        "insert position after pg_switch_wal: {raw}"
+    );
     let token = s.token().unwrap();
-    assert_eq!(token.lsn.as_u64() % seg, 0, "token rounded to the segment start");
+    assert_eq!(
+        token.lsn.as_u64() % seg,
+        0,
+        "token rounded to the segment start"
+    );
     pg.wait_for_replay(r, token.lsn, DEADLINE).await.unwrap();
     let replayed = pg.replay_lsn(r).await.unwrap().unwrap();
-    assert!(replayed < raw, "an idle replica stops before the raw position");
+    assert!(
+        replayed < raw,
+        "an idle replica stops before the raw position"
+    );
     // The read is served by the replica, without waiting for max_wait.
-    let row = s.query_opt("SELECT 1 FROM items WHERE id = 30", &[]).await.unwrap();
+    let row = s
+        .query_opt("SELECT 1 FROM items WHERE id = 30", &[])
+        .await
+        .unwrap();
     assert!(row.is_some());
     assert_eq!(s.last_served().unwrap().role, Role::Replica);
 }

@@ -16,15 +16,24 @@ use tower::{Service, ServiceBuilder, ServiceExt};
 async fn service_routes_writes_to_primary_and_token_reads_see_them() {
     let pg = start_pg(1).await;
     let r = pg.replicas()[0];
-    pg.set_apply_delay(r, Duration::from_millis(50)).await.unwrap();
-    let cluster = cluster(&pg, |b| b.policy(Consistency::read_your_writes(Duration::from_secs(5)))).await;
+    pg.set_apply_delay(r, Duration::from_millis(50))
+        .await
+        .unwrap();
+    let cluster = cluster(&pg, |b| {
+        b.policy(Consistency::read_your_writes(Duration::from_secs(5)))
+    })
+    .await;
     let mut svc = RouterService::new(cluster);
 
     let w = svc
         .ready()
         .await
         .unwrap()
-        .call(Request::write("INSERT INTO items VALUES ($1, $2)").bind(1i32).bind("a".to_string()))
+        .call(
+            Request::write("INSERT INTO items VALUES ($1, $2)")
+                .bind(1i32)
+                .bind("a".to_string()),
+        )
         .await
         .unwrap();
     assert_eq!(w.rows_affected, 1);
@@ -51,14 +60,22 @@ async fn service_routes_writes_to_primary_and_token_reads_see_them() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn layers_set_policy_and_track_tokens() {
     let pg = start_pg(1).await;
-    pg.set_apply_delay(pg.replicas()[0], Duration::from_millis(50)).await.unwrap();
+    pg.set_apply_delay(pg.replicas()[0], Duration::from_millis(50))
+        .await
+        .unwrap();
     let cluster = cluster(&pg, |b| b.policy(Consistency::Eventual)).await;
 
     // ConsistencyLayer: requests without a policy get Primary.
     let mut primary_only = ServiceBuilder::new()
         .layer(ConsistencyLayer::new(Consistency::Primary))
         .service(RouterService::new(cluster.clone()));
-    let r = primary_only.ready().await.unwrap().call(Request::read("SELECT 1")).await.unwrap();
+    let r = primary_only
+        .ready()
+        .await
+        .unwrap()
+        .call(Request::read("SELECT 1"))
+        .await
+        .unwrap();
     assert_eq!(r.served_by.role, Role::Primary);
     // …but an explicit policy wins.
     let r = primary_only
@@ -75,7 +92,9 @@ async fn layers_set_policy_and_track_tokens() {
     let mut tracked = ServiceBuilder::new()
         .timeout(Duration::from_secs(10))
         .layer(TokenTrackingLayer::new(shared.clone()))
-        .layer(ConsistencyLayer::new(Consistency::read_your_writes(Duration::from_secs(5))))
+        .layer(ConsistencyLayer::new(Consistency::read_your_writes(
+            Duration::from_secs(5),
+        )))
         .service(RouterService::new(cluster));
     for id in 10..30i32 {
         tracked

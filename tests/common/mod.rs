@@ -23,7 +23,9 @@ pub fn init_tracing() {
 /// Starts a primary with `replicas` replicas and a table `items(id int primary key, body text)`.
 pub async fn start_pg(replicas: usize) -> PgCluster {
     init_tracing();
-    let pg = PgCluster::start(replicas).await.expect("start PostgreSQL cluster");
+    let pg = PgCluster::start(replicas)
+        .await
+        .expect("start PostgreSQL cluster");
     let c = pg.connect(pg.primary()).await.expect("connect to primary");
     c.batch_execute(
         "CREATE TABLE items (id int PRIMARY KEY, body text NOT NULL);
@@ -31,7 +33,9 @@ pub async fn start_pg(replicas: usize) -> PgCluster {
     )
     .await
     .expect("create schema");
-    pg.wait_caught_up(DEADLINE).await.expect("replicas catch up");
+    pg.wait_caught_up(DEADLINE)
+        .await
+        .expect("replicas catch up");
     pg
 }
 
@@ -50,7 +54,10 @@ pub async fn cluster(pg: &PgCluster, f: impl FnOnce(ClusterBuilder) -> ClusterBu
 }
 
 /// Waits (with a deadline) until the topology satisfies `pred`.
-pub async fn wait_topology(cluster: &Cluster, pred: impl FnMut(&Topology) -> bool) -> std::sync::Arc<Topology> {
+pub async fn wait_topology(
+    cluster: &Cluster,
+    pred: impl FnMut(&Topology) -> bool,
+) -> std::sync::Arc<Topology> {
     match cluster.monitor().wait_for(DEADLINE, pred).await {
         Some(t) => t,
         None => panic!("topology condition not reached: {:#?}", cluster.topology()),
@@ -78,6 +85,10 @@ pub fn node_index(pg: &PgCluster, pg_node: usize) -> usize {
     if pg_node == pg.primary() {
         0
     } else {
-        1 + pg.replicas().iter().position(|&r| r == pg_node).expect("a replica")
+        1 + pg
+            .replicas()
+            .iter()
+            .position(|&r| r == pg_node)
+            .expect("a replica")
     }
 }
