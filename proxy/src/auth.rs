@@ -123,9 +123,15 @@ impl ScramServer {
         let text = std::str::from_utf8(message).map_err(|_| AuthError::Protocol("not UTF-8"))?;
         // gs2-header: channel binding flag, authzid, then the bare message.
         let mut parts = text.splitn(3, ',');
-        let cbind = parts.next().ok_or(AuthError::Protocol("missing gs2 header"))?;
-        let authzid = parts.next().ok_or(AuthError::Protocol("missing gs2 header"))?;
-        let bare = parts.next().ok_or(AuthError::Protocol("missing client-first-bare"))?;
+        let cbind = parts
+            .next()
+            .ok_or(AuthError::Protocol("missing gs2 header"))?;
+        let authzid = parts
+            .next()
+            .ok_or(AuthError::Protocol("missing gs2 header"))?;
+        let bare = parts
+            .next()
+            .ok_or(AuthError::Protocol("missing client-first-bare"))?;
         match cbind {
             "n" | "y" => {}
             _ if cbind.starts_with("p=") => {
@@ -141,7 +147,9 @@ impl ScramServer {
             if let Some(n) = attr.strip_prefix("r=") {
                 client_nonce = Some(n);
             } else if attr.starts_with("m=") {
-                return Err(AuthError::Protocol("mandatory extensions are not supported"));
+                return Err(AuthError::Protocol(
+                    "mandatory extensions are not supported",
+                ));
             }
         }
         let client_nonce = client_nonce
@@ -231,11 +239,9 @@ pub fn md5_expected(user: &str, password: &str, salt: [u8; 4]) -> String {
             data.extend_from_slice(&salt);
             format!("md5{}", md5_hex(&data))
         }
-        None => postgres_protocol::authentication::md5_hash(
-            user.as_bytes(),
-            password.as_bytes(),
-            salt,
-        ),
+        None => {
+            postgres_protocol::authentication::md5_hash(user.as_bytes(), password.as_bytes(), salt)
+        }
     }
 }
 
@@ -250,7 +256,10 @@ fn md5_hex(data: &[u8]) -> String {
 
 /// Checks an md5 response in constant time.
 pub fn md5_check(user: &str, password: &str, salt: [u8; 4], response: &str) -> bool {
-    ct_eq(md5_expected(user, password, salt).as_bytes(), response.as_bytes())
+    ct_eq(
+        md5_expected(user, password, salt).as_bytes(),
+        response.as_bytes(),
+    )
 }
 
 /// A random md5 salt.
@@ -292,7 +301,13 @@ mod tests {
     #[test]
     fn scram_garbage_is_rejected() {
         let verifier = ScramVerifier::from_password("x");
-        for msg in [&b""[..], b"garbage", b"p=tls-server-end-point,,n=,r=abc", b"n,,n=", b"\xff\xfe"] {
+        for msg in [
+            &b""[..],
+            b"garbage",
+            b"p=tls-server-end-point,,n=,r=abc",
+            b"n,,n=",
+            b"\xff\xfe",
+        ] {
             let mut server = ScramServer::new("u", verifier.clone());
             assert!(server.client_first(msg).is_err(), "{msg:?}");
         }

@@ -195,10 +195,9 @@ impl BackendConn {
 
     async fn authenticate(&mut self, target: &BackendTarget) -> Result<(), BackendError> {
         let password = || {
-            target
-                .password
-                .as_deref()
-                .ok_or_else(|| BackendError::Auth("the server asks for a password but none is configured".into()))
+            target.password.as_deref().ok_or_else(|| {
+                BackendError::Auth("the server asks for a password but none is configured".into())
+            })
         };
         let mut scram: Option<ScramSha256> = None;
         loop {
@@ -238,7 +237,11 @@ impl BackendConn {
                         ));
                     }
                     let s = ScramSha256::new(password()?.as_bytes(), ChannelBinding::unsupported());
-                    frontend::sasl_initial_response(sasl::SCRAM_SHA_256, s.message(), &mut self.wbuf)?;
+                    frontend::sasl_initial_response(
+                        sasl::SCRAM_SHA_256,
+                        s.message(),
+                        &mut self.wbuf,
+                    )?;
                     scram = Some(s);
                 }
                 Message::AuthenticationSaslContinue(body) => {
@@ -280,7 +283,9 @@ impl BackendConn {
     /// stays buffered.
     pub async fn read_frame(&mut self) -> Result<Frame, BackendError> {
         loop {
-            if let Some(f) = protocol::split_frame(&mut self.rbuf, protocol::MAX_BACKEND_MESSAGE_LEN)? {
+            if let Some(f) =
+                protocol::split_frame(&mut self.rbuf, protocol::MAX_BACKEND_MESSAGE_LEN)?
+            {
                 return Ok(f);
             }
             if self.rbuf.capacity() - self.rbuf.len() < 4096 {
@@ -318,7 +323,10 @@ impl BackendConn {
 
     /// Runs one simple query to completion and returns its rows as text
     /// (for the proxy's own setup statements). Server errors are returned.
-    pub async fn simple_query(&mut self, sql: &str) -> Result<Vec<Vec<Option<String>>>, BackendError> {
+    pub async fn simple_query(
+        &mut self,
+        sql: &str,
+    ) -> Result<Vec<Vec<Option<String>>>, BackendError> {
         frontend::query(sql, &mut self.wbuf)?;
         self.flush().await?;
         let mut rows = Vec::new();

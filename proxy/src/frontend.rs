@@ -41,7 +41,11 @@ fn detached() -> io::Error {
 }
 
 impl AsyncRead for ClientStream {
-    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
         match self.get_mut() {
             ClientStream::Plain(s) => Pin::new(s).poll_read(cx, buf),
             ClientStream::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
@@ -51,7 +55,11 @@ impl AsyncRead for ClientStream {
 }
 
 impl AsyncWrite for ClientStream {
-    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
         match self.get_mut() {
             ClientStream::Plain(s) => Pin::new(s).poll_write(cx, buf),
             ClientStream::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
@@ -118,6 +126,15 @@ impl ClientConn {
     /// Splits one complete message off the receive buffer, if any.
     pub fn try_frame(&mut self) -> Result<Option<Frame>, ProtocolError> {
         protocol::split_frame(&mut self.rbuf, protocol::MAX_MESSAGE_LEN)
+    }
+
+    /// Whether a complete message (or a malformed header) is buffered.
+    pub fn has_frame(&self) -> bool {
+        if self.rbuf.len() < 5 {
+            return false;
+        }
+        let len = i32::from_be_bytes([self.rbuf[1], self.rbuf[2], self.rbuf[3], self.rbuf[4]]);
+        len < 4 || len as usize > protocol::MAX_MESSAGE_LEN || self.rbuf.len() > len as usize
     }
 
     /// Reads more bytes into the receive buffer (cancel-safe). Fails with
@@ -191,8 +208,12 @@ pub async fn handle(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr) {
         }
         Ok(Err(ClientError::Protocol(e))) => {
             debug!(%peer, error = %e, "startup protocol violation");
-            conn.fatal(&PgError::fatal(protocol::SQLSTATE_PROTOCOL_VIOLATION, e.to_string()))
-                .await;
+            metrics::counter!(crate::admin::PROTOCOL_ERRORS_TOTAL).increment(1);
+            conn.fatal(&PgError::fatal(
+                protocol::SQLSTATE_PROTOCOL_VIOLATION,
+                e.to_string(),
+            ))
+            .await;
             return;
         }
         Ok(Err(e)) => {
@@ -200,8 +221,11 @@ pub async fn handle(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr) {
             return;
         }
         Err(_) => {
-            conn.fatal(&PgError::fatal("08006", "canceling authentication due to timeout"))
-                .await;
+            conn.fatal(&PgError::fatal(
+                "08006",
+                "canceling authentication due to timeout",
+            ))
+            .await;
             return;
         }
     };
@@ -219,7 +243,10 @@ async fn read_startup_packet(conn: &mut ClientConn) -> Result<Bytes, ClientError
 
 /// Negotiation, startup packet and authentication. `Ok(None)` when the
 /// connection was a cancel request.
-async fn startup(shared: &Arc<Shared>, conn: &mut ClientConn) -> Result<Option<StartupInfo>, ClientError> {
+async fn startup(
+    shared: &Arc<Shared>,
+    conn: &mut ClientConn,
+) -> Result<Option<StartupInfo>, ClientError> {
     let mut tls_done = false;
     let mut gss_done = false;
     let startup = loop {
@@ -288,8 +315,8 @@ async fn startup(shared: &Arc<Shared>, conn: &mut ClientConn) -> Result<Option<S
             "database" => database = Some(v),
             "replication" => replication = !matches!(v.as_str(), "false" | "off" | "no" | "0"),
             "options" => {
-                for (name, value) in parse_options(&v)
-                    .map_err(|m| ClientError::Fatal(PgError::fatal("22023", m)))?
+                for (name, value) in
+                    parse_options(&v).map_err(|m| ClientError::Fatal(PgError::fatal("22023", m)))?
                 {
                     params.insert(name.to_ascii_lowercase(), value);
                 }
@@ -318,7 +345,9 @@ async fn startup(shared: &Arc<Shared>, conn: &mut ClientConn) -> Result<Option<S
             "replication connections are not supported by lagrouter-proxy",
         )));
     }
-    let database = database.filter(|d| !d.is_empty()).unwrap_or_else(|| user.clone());
+    let database = database
+        .filter(|d| !d.is_empty())
+        .unwrap_or_else(|| user.clone());
 
     let entry = shared.settings().users.get(&user).cloned();
     authenticate(conn, &user, entry.as_deref()).await?;
@@ -370,22 +399,25 @@ fn parse_options(text: &str) -> Result<Vec<(String, String)>, String> {
         } else {
             return Err(format!("unsupported command-line option {w:?} in options"));
         };
-        let (n, v) = setting
-            .split_once('=')
-            .ok_or_else(|| format!("invalid setting {setting:?} in options: expected name=value"))?;
+        let (n, v) = setting.split_once('=').ok_or_else(|| {
+            format!("invalid setting {setting:?} in options: expected name=value")
+        })?;
         out.push((n.replace('-', "_"), v.to_string()));
     }
     Ok(out)
 }
 
 fn auth_failed(user: &str) -> ClientError {
+    metrics::counter!(crate::admin::AUTH_FAILURES_TOTAL).increment(1);
     ClientError::Fatal(PgError::fatal(
         "28P01",
         format!("password authentication failed for user \"{user}\""),
     ))
 }
 
-async fn read_password_message(conn: &mut ClientConn) -> Result<pgwire::messages::startup::PasswordMessageFamily, ClientError> {
+async fn read_password_message(
+    conn: &mut ClientConn,
+) -> Result<pgwire::messages::startup::PasswordMessageFamily, ClientError> {
     conn.flush().await?;
     let frame = conn.read_frame().await?;
     if frame.tag != b'p' {
@@ -412,14 +444,21 @@ fn bad_message(e: impl std::fmt::Display) -> ClientError {
 
 /// Authenticates the client against its configured user. Unknown users go
 /// through the same exchange and fail at the end, as PostgreSQL does.
-async fn authenticate(conn: &mut ClientConn, user: &str, entry: Option<&UserEntry>) -> Result<(), ClientError> {
+async fn authenticate(
+    conn: &mut ClientConn,
+    user: &str,
+    entry: Option<&UserEntry>,
+) -> Result<(), ClientError> {
     let method = entry.map_or(AuthMethod::ScramSha256, |e| e.auth);
     match method {
         AuthMethod::Trust => {}
         AuthMethod::Md5 => {
             let salt = auth::random_salt();
             protocol::encode(&Authentication::MD5Password(salt.to_vec()), &mut conn.wbuf);
-            let p = read_password_message(conn).await?.into_password().map_err(bad_message)?;
+            let p = read_password_message(conn)
+                .await?
+                .into_password()
+                .map_err(bad_message)?;
             let ok = entry.is_some_and(|e| auth::md5_check(user, &e.password, salt, &p.password));
             if !ok {
                 warn!(peer = %conn.peer, %user, "md5 authentication failed");
@@ -449,8 +488,13 @@ async fn authenticate(conn: &mut ClientConn, user: &str, entry: Option<&UserEntr
                 )));
             }
             let data = init.data.unwrap_or_default();
-            let first = server.client_first(&data).map_err(|e| scram_error(conn, user, e))?;
-            protocol::encode(&Authentication::SASLContinue(Bytes::from(first)), &mut conn.wbuf);
+            let first = server
+                .client_first(&data)
+                .map_err(|e| scram_error(conn, user, e))?;
+            protocol::encode(
+                &Authentication::SASLContinue(Bytes::from(first)),
+                &mut conn.wbuf,
+            );
             let resp = read_password_message(conn)
                 .await?
                 .into_sasl_response()

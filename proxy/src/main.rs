@@ -71,7 +71,10 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
             c
         }
         None => {
-            info!(replicas = args.demo_replicas, "no --config: starting the demo cluster");
+            info!(
+                replicas = args.demo_replicas,
+                "no --config: starting the demo cluster"
+            );
             let d = lagrouter_proxy::demo::start(args.demo_replicas).await?;
             let mut c = d.config.clone();
             apply_overrides(&mut c, &args);
@@ -90,7 +93,10 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
                 lagrouter_proxy::demo::DEMO_PASSWORD
             )
         );
-        println!("  admin:    http://{}/status  (also /health, /metrics)", proxy.admin_addr());
+        println!(
+            "  admin:    http://{}/status  (also /health, /metrics)",
+            proxy.admin_addr()
+        );
         println!("  Ctrl-C stops the proxy and the demo cluster.");
     }
     wait_for_signals(&proxy, args.config.as_deref(), &args).await;
@@ -106,7 +112,10 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
 #[cfg(unix)]
 async fn wait_for_signals(proxy: &ProxyHandle, config: Option<&std::path::Path>, args: &Args) {
     use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut hup)) = (signal(SignalKind::terminate()), signal(SignalKind::hangup())) else {
+    let (Ok(mut term), Ok(mut hup)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::hangup()),
+    ) else {
         let _ = tokio::signal::ctrl_c().await;
         return;
     };

@@ -132,16 +132,14 @@ impl NodePool {
     /// Takes a connection, opening one if none is idle.
     pub async fn checkout(self: &Arc<Self>) -> Result<PooledConn, PoolError> {
         let settings = self.settings();
-        let permit = match tokio::time::timeout(
-            settings.checkout_timeout,
-            self.sem.clone().acquire_owned(),
-        )
-        .await
-        {
-            Ok(Ok(p)) => p,
-            Ok(Err(_)) => return Err(PoolError::Closed),
-            Err(_) => return Err(PoolError::Timeout(settings.checkout_timeout)),
-        };
+        let permit =
+            match tokio::time::timeout(settings.checkout_timeout, self.sem.clone().acquire_owned())
+                .await
+            {
+                Ok(Ok(p)) => p,
+                Ok(Err(_)) => return Err(PoolError::Closed),
+                Err(_) => return Err(PoolError::Timeout(settings.checkout_timeout)),
+            };
         let now = Instant::now();
         loop {
             let candidate = self.idle.lock().expect("pool lock").pop();
@@ -161,7 +159,8 @@ impl NodePool {
                 pool: self.clone(),
             });
         }
-        let conn = BackendConn::connect(self.key.node, &self.target, settings.connect_timeout).await?;
+        let conn =
+            BackendConn::connect(self.key.node, &self.target, settings.connect_timeout).await?;
         self.created.fetch_add(1, Ordering::Relaxed);
         self.open.fetch_add(1, Ordering::Relaxed);
         metrics::counter!("lagrouter_proxy_server_connections_opened_total").increment(1);
@@ -175,8 +174,8 @@ impl NodePool {
     fn checkin(&self, mut conn: BackendConn) {
         let settings = self.settings();
         let now = Instant::now();
-        let too_old =
-            !settings.max_lifetime.is_zero() && now.duration_since(conn.created_at) > settings.max_lifetime;
+        let too_old = !settings.max_lifetime.is_zero()
+            && now.duration_since(conn.created_at) > settings.max_lifetime;
         let mut idle = self.idle.lock().expect("pool lock");
         if conn.broken || too_old || idle.len() >= *self.size.lock().expect("pool lock") {
             drop(idle);
@@ -270,13 +269,17 @@ impl Drop for PooledConn {
 impl std::ops::Deref for PooledConn {
     type Target = BackendConn;
     fn deref(&self) -> &BackendConn {
-        self.conn.as_ref().expect("connection present until release")
+        self.conn
+            .as_ref()
+            .expect("connection present until release")
     }
 }
 
 impl std::ops::DerefMut for PooledConn {
     fn deref_mut(&mut self) -> &mut BackendConn {
-        self.conn.as_mut().expect("connection present until release")
+        self.conn
+            .as_mut()
+            .expect("connection present until release")
     }
 }
 

@@ -10,10 +10,10 @@
 use std::io;
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
+use fallible_iterator::FallibleIterator;
 use pgwire::messages::cancel::CancelRequest;
 use pgwire::messages::startup::{GssEncRequest, SslRequest, Startup};
 use pgwire::messages::{DecodeContext, Message, PgWireFrontendMessage, ProtocolVersion};
-use fallible_iterator::FallibleIterator;
 use postgres_protocol::message::backend;
 
 /// Largest client message accepted (64 MiB); longer ones close the
@@ -515,7 +515,10 @@ mod tests {
         let mut neg = BytesMut::new();
         neg.put_u8(b'Q');
         neg.put_i32(2);
-        assert!(matches!(split_frame(&mut neg, 1000), Err(ProtocolError::BadLength(2))));
+        assert!(matches!(
+            split_frame(&mut neg, 1000),
+            Err(ProtocolError::BadLength(2))
+        ));
     }
 
     #[test]

@@ -46,7 +46,9 @@ pub fn route_read(
     };
     let target = Target::from(router.route(topo, policy, &cx));
     match target {
-        Target::Replica(i) | Target::ReplicaIfCaughtUp(i) if exclude.contains(&i) => Target::Primary,
+        Target::Replica(i) | Target::ReplicaIfCaughtUp(i) if exclude.contains(&i) => {
+            Target::Primary
+        }
         // ReplicaIfCaughtUp needs a token to compare with.
         Target::ReplicaIfCaughtUp(i) if cx.token.is_none() => Target::Replica(i),
         t => t,
@@ -77,13 +79,22 @@ mod tests {
         let t = topo();
         let router = Router::new(2, LoadBalance::RoundRobin);
         let ryw = Consistency::read_your_writes(Duration::from_millis(10));
-        assert_eq!(route_read(&t, &router, &ryw, None, None, &[]), Target::Replica(1));
-        assert_eq!(route_read(&t, &router, &ryw, Some(Lsn(800)), None, &[]), Target::Replica(1));
+        assert_eq!(
+            route_read(&t, &router, &ryw, None, None, &[]),
+            Target::Replica(1)
+        );
+        assert_eq!(
+            route_read(&t, &router, &ryw, Some(Lsn(800)), None, &[]),
+            Target::Replica(1)
+        );
         assert_eq!(
             route_read(&t, &router, &ryw, Some(Lsn(950)), None, &[]),
             Target::ReplicaIfCaughtUp(1)
         );
-        assert_eq!(route_read(&t, &router, &ryw, Some(Lsn(950)), None, &[1]), Target::Primary);
+        assert_eq!(
+            route_read(&t, &router, &ryw, Some(Lsn(950)), None, &[1]),
+            Target::Primary
+        );
         assert_eq!(
             route_read(&t, &router, &Consistency::Primary, None, None, &[]),
             Target::Primary

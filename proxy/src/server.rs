@@ -15,7 +15,9 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
-use lagrouter::{Connector, Consistency, LagMonitor, LoadBalance, MonitorConfig, MonitorTarget, Router};
+use lagrouter::{
+    Connector, Consistency, LagMonitor, LoadBalance, MonitorConfig, MonitorTarget, Router,
+};
 use serde::Serialize;
 use tokio::net::TcpListener;
 use tokio::sync::{Notify, OnceCell, watch};
@@ -141,7 +143,9 @@ impl Settings {
             );
         }
         let tls = match &config.tls {
-            Some(t) => Some(TlsAcceptor::from(crate::tls::load_server_config(&t.cert, &t.key)?)),
+            Some(t) => Some(TlsAcceptor::from(crate::tls::load_server_config(
+                &t.cert, &t.key,
+            )?)),
             None => None,
         };
         Ok(Settings {
@@ -279,7 +283,13 @@ impl Shared {
     }
 
     /// Where node `node` is, as `user` on `database`.
-    pub fn backend_target(&self, node: usize, user: &str, password: Option<String>, database: &str) -> BackendTarget {
+    pub fn backend_target(
+        &self,
+        node: usize,
+        user: &str,
+        password: Option<String>,
+        database: &str,
+    ) -> BackendTarget {
         let n = &self.nodes[node.min(self.nodes.len() - 1)];
         BackendTarget {
             host: n.host.clone(),
@@ -292,10 +302,15 @@ impl Shared {
 
     /// The server's parameter names (lower-cased), to validate startup
     /// parameters; learnt once from the first backend.
-    pub async fn guc_names(&self, conn: &mut BackendConn) -> Result<Arc<HashSet<String>>, BackendError> {
+    pub async fn guc_names(
+        &self,
+        conn: &mut BackendConn,
+    ) -> Result<Arc<HashSet<String>>, BackendError> {
         self.guc_names
             .get_or_try_init(|| async {
-                let rows = conn.simple_query("SELECT name FROM pg_catalog.pg_settings").await?;
+                let rows = conn
+                    .simple_query("SELECT name FROM pg_catalog.pg_settings")
+                    .await?;
                 Ok(Arc::new(
                     rows.into_iter()
                         .filter_map(|r| r.into_iter().next().flatten())
@@ -352,7 +367,8 @@ impl Shared {
         let topo = self.monitor.snapshot();
         for n in &topo.nodes {
             if let Some(b) = n.lag_bytes {
-                metrics::gauge!(admin::REPLICA_LAG_BYTES, admin::LABEL_NODE => n.name.clone()).set(b as f64);
+                metrics::gauge!(admin::REPLICA_LAG_BYTES, admin::LABEL_NODE => n.name.clone())
+                    .set(b as f64);
             }
             if let Some(l) = n.lag {
                 metrics::gauge!(admin::REPLICA_LAG_SECONDS, admin::LABEL_NODE => n.name.clone())
@@ -433,24 +449,28 @@ impl Proxy {
                 addr: config.proxy.listen,
                 source,
             })?;
-        let admin_listener = TcpListener::bind(config.proxy.admin_listen)
-            .await
-            .map_err(|source| ProxyError::Bind {
-                addr: config.proxy.admin_listen,
-                source,
-            })?;
+        let admin_listener =
+            TcpListener::bind(config.proxy.admin_listen)
+                .await
+                .map_err(|source| ProxyError::Bind {
+                    addr: config.proxy.admin_listen,
+                    source,
+                })?;
         let local_addr = listener.local_addr().map_err(|source| ProxyError::Bind {
             addr: config.proxy.listen,
             source,
         })?;
-        let admin_addr = admin_listener.local_addr().map_err(|source| ProxyError::Bind {
-            addr: config.proxy.admin_listen,
-            source,
-        })?;
+        let admin_addr = admin_listener
+            .local_addr()
+            .map_err(|source| ProxyError::Bind {
+                addr: config.proxy.admin_listen,
+                source,
+            })?;
         monitor.first_probe(Duration::from_secs(5)).await;
 
         let (shutdown_tx, shutdown_rx) = watch::channel(false);
-        let router: &'static Router = Box::leak(Box::new(Router::new(nodes.len(), LoadBalance::RoundRobin)));
+        let router: &'static Router =
+            Box::leak(Box::new(Router::new(nodes.len(), LoadBalance::RoundRobin)));
         let pool_settings = settings.pool_settings();
         let shared = Arc::new(Shared {
             settings: RwLock::new(Arc::new(settings)),
@@ -474,7 +494,11 @@ impl Proxy {
         let metrics_handle = admin::install_metrics_recorder();
         admin::describe_metrics();
         let (s1, s2) = (shared.clone(), shared.clone());
-        let state = admin::AdminState::new(metrics_handle, move || s1.healthy(), move || s2.status_json());
+        let state = admin::AdminState::new(
+            metrics_handle,
+            move || s1.healthy(),
+            move || s2.status_json(),
+        );
         let mut admin_shutdown = shutdown_rx.clone();
         let admin_task = tokio::spawn(async move {
             let stop = async move {
@@ -535,9 +559,13 @@ impl Proxy {
 
 /// Refuses a client over the connection limit with SQLSTATE 53300.
 async fn refuse(_shared: Arc<Shared>, tcp: tokio::net::TcpStream, peer: SocketAddr) {
-    let mut conn = crate::frontend::ClientConn::new(crate::frontend::ClientStream::Plain(tcp), peer);
-    conn.fatal(&crate::protocol::PgError::fatal("53300", "sorry, too many clients already"))
-        .await;
+    let mut conn =
+        crate::frontend::ClientConn::new(crate::frontend::ClientStream::Plain(tcp), peer);
+    conn.fatal(&crate::protocol::PgError::fatal(
+        "53300",
+        "sorry, too many clients already",
+    ))
+    .await;
 }
 
 /// A running proxy.
@@ -565,6 +593,11 @@ impl ProxyHandle {
         self.shared.monitor.snapshot()
     }
 
+    /// The configuration in force.
+    pub fn config(&self) -> Config {
+        self.shared.settings().config.clone()
+    }
+
     /// The `/status` document.
     pub fn status(&self) -> serde_json::Value {
         self.shared.status_json()
@@ -585,7 +618,9 @@ impl ProxyHandle {
             warn!("reload: [[nodes]] changes need a restart and are ignored");
             config.nodes = old.config.nodes.clone();
         }
-        if config.proxy.listen != old.config.proxy.listen || config.proxy.admin_listen != old.config.proxy.admin_listen {
+        if config.proxy.listen != old.config.proxy.listen
+            || config.proxy.admin_listen != old.config.proxy.admin_listen
+        {
             warn!("reload: listen address changes need a restart and are ignored");
             config.proxy.listen = old.config.proxy.listen;
             config.proxy.admin_listen = old.config.proxy.admin_listen;

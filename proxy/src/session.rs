@@ -30,10 +30,12 @@ use pgwire::messages::PgWireFrontendMessage;
 use postgres_protocol::message::frontend;
 use tracing::{debug, info, warn};
 
-use crate::backend::{BackendConn, BackendError};
-use crate::classify::{Classification, RouteHint, StatementKind, reset_statement_sql, set_statement_sql};
-use crate::frontend::{ClientConn, ClientError, StartupInfo};
 use crate::admin as m;
+use crate::backend::{BackendConn, BackendError};
+use crate::classify::{
+    Classification, RouteHint, StatementKind, reset_statement_sql, set_statement_sql,
+};
+use crate::frontend::{ClientConn, ClientError, StartupInfo};
 use crate::pool::{PoolError, PooledConn};
 use crate::protocol::{self, Frame, PgError};
 use crate::router::{self as routing, Target};
@@ -175,6 +177,9 @@ enum Action {
     ForgetBackendStmt(String),
 }
 
+/// A probe's answer: `(in_recovery, lsn)`.
+type Position = (bool, Option<Lsn>);
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum ProbeKind {
     /// Before a read on a replica that may not have reached `need`.
@@ -206,7 +211,7 @@ enum Expect {
         parsed: bool,
         saw_parse_complete: bool,
         failed: bool,
-        result: Option<(bool, Option<Lsn>)>,
+        result: Option<Position>,
     },
 }
 
@@ -255,6 +260,8 @@ struct Held {
     unit_open: bool,
     unnamed_ok: bool,
     query_error: bool,
+    /// A `Flush` arrived while the replica's position was being checked.
+    flush_pending: bool,
     portal_class: HashMap<String, Arc<Classification>>,
     _inflight: InFlight<'static>,
 }
@@ -401,6 +408,9 @@ pub async fn run(shared: Arc<Shared>, client: ClientConn, info: StartupInfo) {
         Ok(()) | Err(SessionEnd::Closed) => {}
         Err(SessionEnd::Fatal(e)) => {
             debug!(pid, error = %e, "session ended with a fatal error");
+            if e.code == protocol::SQLSTATE_PROTOCOL_VIOLATION {
+                metrics::counter!(m::PROTOCOL_ERRORS_TOTAL).increment(1);
+            }
             s.client.fatal(&e).await;
         }
         Err(SessionEnd::Client(e)) => debug!(pid, error = %e, "client connection failed"),
@@ -430,7 +440,10 @@ impl Session {
         let mut conn = match self.checkout(node).await {
             Ok(c) => c,
             Err(e) => {
-                return Err(SessionEnd::Fatal(PgError::fatal(e.sqlstate(), e.to_string())));
+                return Err(SessionEnd::Fatal(PgError::fatal(
+                    e.sqlstate(),
+                    e.to_string(),
+                )));
             }
         };
         let known = match self.shared.guc_names(&mut conn).await {
@@ -504,6 +517,10 @@ impl Session {
                     "terminating connection due to administrator command",
                 )));
             }
+            // Client messages that arrived while a unit was in flight.
+            if self.accepts_client_input() && self.client.has_frame() {
+                continue;
+            }
             // 4. Wait for something to happen.
             let accept = self.accepts_client_input();
             let has_backend = self.backend.is_some();
@@ -564,7 +581,10 @@ impl Session {
             Some(h) => {
                 self.pinned
                     || h.copy_in
-                    || h.unit_open
+                    || (h.unit_open
+                        && !h.flush_pending
+                        && h.retry.is_none()
+                        && !matches!(h.mode, Mode::Discard))
                     || (h.predicted != b'I' && h.retry.is_none() && matches!(h.mode, Mode::Direct))
             }
         }
@@ -584,6 +604,7 @@ impl Session {
     // ---------------------------------------------------------------
 
     async fn on_client_frame(&mut self, frame: Frame) -> Flow {
+        tracing::trace!(pid = self.pid, tag = %char::from(frame.tag), held = self.backend.is_some(), "client message");
         match frame.tag {
             b'X' => Err(SessionEnd::Closed),
             b'd' | b'c' | b'f' => {
@@ -780,7 +801,11 @@ impl Session {
     /// Handles a simple query the proxy answers itself (lagrouter
     /// settings, empty queries, `DEALLOCATE` of protocol-level statements).
     /// `None` when the query must go to a server.
-    fn local_query(&mut self, sql: &str, class: &Classification) -> Option<Result<Vec<Bytes>, PgError>> {
+    fn local_query(
+        &mut self,
+        sql: &str,
+        class: &Classification,
+    ) -> Option<Result<Vec<Bytes>, PgError>> {
         if let Some(t) = &class.token {
             if let Err(e) = self.accept_token(t) {
                 return Some(Err(e));
@@ -820,13 +845,15 @@ impl Session {
                 !matches!(Self::local_stmt(sql, &class), Ok(None))
             }
             CMsg::Bind { stmt, .. } => self.stmt_info(stmt).is_some_and(|i| i.local.is_some()),
-            CMsg::Describe { kind: b'S', name, .. } => {
-                self.stmt_info(name).is_some_and(|i| i.local.is_some())
-            }
+            CMsg::Describe {
+                kind: b'S', name, ..
+            } => self.stmt_info(name).is_some_and(|i| i.local.is_some()),
             CMsg::Describe { name, .. } | CMsg::Execute { portal: name, .. } => {
                 self.local_portals.contains_key(name)
             }
-            CMsg::Close { kind: b'S', name, .. } => !name.is_empty(),
+            CMsg::Close {
+                kind: b'S', name, ..
+            } => !name.is_empty(),
             CMsg::Close { name, .. } => self.local_portals.contains_key(name),
             CMsg::Sync { .. } | CMsg::Flush { .. } => true,
             CMsg::Query { .. } => false,
@@ -846,16 +873,23 @@ impl Session {
                     l
                 }
                 CMsg::Bind { portal, stmt, .. } => {
-                    let l = stmts.get(stmt.as_str()).copied().unwrap_or_else(|| self.is_local_ext(msg));
+                    let l = stmts
+                        .get(stmt.as_str())
+                        .copied()
+                        .unwrap_or_else(|| self.is_local_ext(msg));
                     portals.insert(portal, l);
                     l
                 }
-                CMsg::Describe { kind: b'S', name, .. } => {
-                    stmts.get(name.as_str()).copied().unwrap_or_else(|| self.is_local_ext(msg))
-                }
-                CMsg::Describe { name, .. } | CMsg::Execute { portal: name, .. } => {
-                    portals.get(name.as_str()).copied().unwrap_or_else(|| self.is_local_ext(msg))
-                }
+                CMsg::Describe {
+                    kind: b'S', name, ..
+                } => stmts
+                    .get(name.as_str())
+                    .copied()
+                    .unwrap_or_else(|| self.is_local_ext(msg)),
+                CMsg::Describe { name, .. } | CMsg::Execute { portal: name, .. } => portals
+                    .get(name.as_str())
+                    .copied()
+                    .unwrap_or_else(|| self.is_local_ext(msg)),
                 other => self.is_local_ext(other),
             };
             if !local {
@@ -889,7 +923,9 @@ impl Session {
     /// the session are applied. An error means: report it and skip to Sync.
     fn local_ext(&mut self, msg: &CMsg) -> Option<Result<Vec<Bytes>, PgError>> {
         match msg {
-            CMsg::Parse { name, sql, types, .. } => {
+            CMsg::Parse {
+                name, sql, types, ..
+            } => {
                 let info = match self.make_info(sql, types) {
                     Ok(i) => i,
                     Err(e) => return Some(Err(e)),
@@ -916,7 +952,9 @@ impl Session {
                 self.local_portals.insert(portal.clone(), local);
                 Some(Ok(vec![protocol::empty_message(b'2')]))
             }
-            CMsg::Describe { kind: b'S', name, .. } => {
+            CMsg::Describe {
+                kind: b'S', name, ..
+            } => {
                 let info = self.stmt_info(name)?;
                 let local = info.local.as_ref()?;
                 Some(Ok(Self::describe_local(local, true)))
@@ -929,7 +967,9 @@ impl Session {
                 let local = self.local_portals.get(portal)?.clone();
                 Some(self.run_local(&local, true))
             }
-            CMsg::Close { kind: b'S', name, .. } if !name.is_empty() => {
+            CMsg::Close {
+                kind: b'S', name, ..
+            } if !name.is_empty() => {
                 // Only the client's name goes: the backend statement is
                 // shared and stays prepared.
                 self.prepared.remove(name);
@@ -977,7 +1017,9 @@ impl Session {
                     }
                 }
                 match msg {
-                    CMsg::Sync { .. } => protocol::ready_for_query(self.txn_status, &mut self.client.wbuf),
+                    CMsg::Sync { .. } => {
+                        protocol::ready_for_query(self.txn_status, &mut self.client.wbuf)
+                    }
                     CMsg::Flush { .. } => {}
                     other => match self.local_ext(other) {
                         Some(Ok(msgs)) => {
@@ -1000,8 +1042,13 @@ impl Session {
         let mut classes: Vec<Arc<Classification>> = Vec::new();
         for msg in &batch {
             match msg {
-                CMsg::Query { sql, .. } | CMsg::Parse { sql, .. } => classes.push(self.classify(sql)),
-                CMsg::Bind { stmt: name, .. } | CMsg::Describe { kind: b'S', name, .. } => {
+                CMsg::Query { sql, .. } | CMsg::Parse { sql, .. } => {
+                    classes.push(self.classify(sql))
+                }
+                CMsg::Bind { stmt: name, .. }
+                | CMsg::Describe {
+                    kind: b'S', name, ..
+                } => {
                     if let Some(i) = self.stmt_info(name) {
                         classes.push(i.class.clone());
                     }
@@ -1053,7 +1100,11 @@ impl Session {
         self.start_unit(target, batch, read).await?;
         if pin_session && self.backend.is_some() {
             if !self.pinned {
-                info!(pid = self.pid, reason = pin.map(|p| p.as_str()), "session pinned to the primary");
+                info!(
+                    pid = self.pid,
+                    reason = pin.map(|p| p.as_str()),
+                    "session pinned to the primary"
+                );
                 metrics::counter!(crate::server::PINNED_SESSIONS_TOTAL).increment(1);
             }
             self.pinned = true;
@@ -1078,7 +1129,14 @@ impl Session {
             database: self.database.clone(),
         };
         let shared = &self.shared;
-        let pool = shared.pools.get(&key, || shared.backend_target(node, &self.server_user, self.server_password.clone(), &self.database));
+        let pool = shared.pools.get(&key, || {
+            shared.backend_target(
+                node,
+                &self.server_user,
+                self.server_password.clone(),
+                &self.database,
+            )
+        });
         let r = pool.checkout().await;
         if let Err(PoolError::Connect(e)) = &r {
             if e.is_connection_failure() {
@@ -1098,7 +1156,10 @@ impl Session {
                 Target::Primary => match topo.primary {
                     Some(p) => p,
                     None => {
-                        self.unit_error(&batch, PgError::error("08006", "no primary server is available"));
+                        self.unit_error(
+                            &batch,
+                            PgError::error("08006", "no primary server is available"),
+                        );
                         return Ok(());
                     }
                 },
@@ -1139,7 +1200,11 @@ impl Session {
                 Target::Replica(_) => "replica",
                 Target::ReplicaIfCaughtUp(_) => "replica_checked",
             };
-            let node_name = topo.nodes.get(node).map(|n| n.name.clone()).unwrap_or_default();
+            let node_name = topo
+                .nodes
+                .get(node)
+                .map(|n| n.name.clone())
+                .unwrap_or_default();
             metrics::counter!(crate::server::ROUTED_TOTAL, "target" => label, m::LABEL_NODE => node_name.clone())
                 .increment(1);
             for kind in std::mem::take(&mut self.unit_kinds) {
@@ -1150,7 +1215,11 @@ impl Session {
                 node,
                 on_replica,
                 queue: VecDeque::new(),
-                mode: if retryable { Mode::Buffer(BytesMut::new()) } else { Mode::Direct },
+                mode: if retryable {
+                    Mode::Buffer(BytesMut::new())
+                } else {
+                    Mode::Direct
+                },
                 out: BytesMut::new(),
                 retry: None,
                 unit: retryable.then(|| batch.clone()),
@@ -1164,6 +1233,7 @@ impl Session {
                 unit_open: false,
                 unnamed_ok: false,
                 query_error: false,
+                flush_pending: false,
                 portal_class: HashMap::new(),
                 _inflight: self.shared.router().track(node),
                 conn,
@@ -1176,8 +1246,9 @@ impl Session {
                 }
             }
             if let (Target::ReplicaIfCaughtUp(_), Some(t)) = (target, self.token) {
-                let parsed = encode_probe(&mut h.conn, true);
-                h.queue.push_back(probe(ProbeKind::Before { need: t.lsn }, parsed));
+                let parsed = encode_probe(&mut h.conn);
+                h.queue
+                    .push_back(probe(ProbeKind::Before { need: t.lsn }, parsed));
             }
             let _ = settings;
             self.backend = Some(h);
@@ -1215,7 +1286,10 @@ impl Session {
     /// names and recording what replies to expect.
     fn forward(&mut self, msg: CMsg) {
         // Local replies (lagrouter statements, statement closes, …).
-        if !matches!(msg, CMsg::Query { .. } | CMsg::Sync { .. } | CMsg::Flush { .. }) {
+        if !matches!(
+            msg,
+            CMsg::Query { .. } | CMsg::Sync { .. } | CMsg::Flush { .. }
+        ) {
             if let Some(r) = self.local_ext(&msg) {
                 let h = self.backend.as_mut().expect("held");
                 match r {
@@ -1242,21 +1316,21 @@ impl Session {
         match msg {
             CMsg::Query { sql, frame } => {
                 let class = self.classify(&sql);
-                match self.local_query(&sql, &class) {
-                    Some(r) => {
-                        let status = self.backend.as_ref().map_or(self.txn_status, |h| h.predicted);
-                        let h = self.backend.as_mut().expect("held");
-                        match r {
-                            Ok(msgs) => h.queue.extend(msgs.into_iter().map(Expect::Synth)),
-                            Err(e) => h.queue.push_back(Expect::Synth(e.to_bytes())),
-                        }
-                        let mut z = BytesMut::new();
-                        protocol::ready_for_query(status, &mut z);
-                        h.queue.push_back(Expect::Synth(z.freeze()));
-                        h.drain_synth();
-                        return;
+                if let Some(r) = self.local_query(&sql, &class) {
+                    let status = self
+                        .backend
+                        .as_ref()
+                        .map_or(self.txn_status, |h| h.predicted);
+                    let h = self.backend.as_mut().expect("held");
+                    match r {
+                        Ok(msgs) => h.queue.extend(msgs.into_iter().map(Expect::Synth)),
+                        Err(e) => h.queue.push_back(Expect::Synth(e.to_bytes())),
                     }
-                    None => {}
+                    let mut z = BytesMut::new();
+                    protocol::ready_for_query(status, &mut z);
+                    h.queue.push_back(Expect::Synth(z.freeze()));
+                    h.drain_synth();
+                    return;
                 }
                 self.note_statements(&class);
                 let actions = setting_actions(&class);
@@ -1270,9 +1344,14 @@ impl Session {
                     on_success: actions,
                     on_fail: Vec::new(),
                 });
-                self.attach_probe(true);
+                self.attach_probe();
             }
-            CMsg::Parse { name, sql, types, frame } => {
+            CMsg::Parse {
+                name,
+                sql,
+                types,
+                frame,
+            } => {
                 let info = match self.make_info(&sql, &types) {
                     Ok(i) => i,
                     Err(e) => return self.local_error(e),
@@ -1293,7 +1372,8 @@ impl Session {
                 let global = info.global.clone();
                 self.prepared.insert(name.clone(), info);
                 if h.conn.prepared.contains(&global) {
-                    h.queue.push_back(Expect::Synth(protocol::empty_message(b'1')));
+                    h.queue
+                        .push_back(Expect::Synth(protocol::empty_message(b'1')));
                     h.drain_synth();
                     return;
                 }
@@ -1305,10 +1385,17 @@ impl Session {
                 h.queue.push_back(Expect::Client {
                     kind: b'P',
                     on_success: Vec::new(),
-                    on_fail: vec![Action::ForgetClientStmt(name), Action::ForgetBackendStmt(global)],
+                    on_fail: vec![
+                        Action::ForgetClientStmt(name),
+                        Action::ForgetBackendStmt(global),
+                    ],
                 });
             }
-            CMsg::Bind { portal, stmt, frame } => {
+            CMsg::Bind {
+                portal,
+                stmt,
+                frame,
+            } => {
                 self.local_portals.remove(&portal);
                 let Some(info) = self.stmt_info(&stmt) else {
                     return self.local_error(no_such_statement(&stmt));
@@ -1342,7 +1429,11 @@ impl Session {
                 let h = self.backend.as_mut().expect("held");
                 h.unit_open = true;
                 if kind == b'S' {
-                    let Some(info) = (if name.is_empty() { self.unnamed.clone() } else { self.prepared.get(&name).cloned() }) else {
+                    let Some(info) = (if name.is_empty() {
+                        self.unnamed.clone()
+                    } else {
+                        self.prepared.get(&name).cloned()
+                    }) else {
                         return self.local_error(no_such_statement(&name));
                     };
                     if name.is_empty() {
@@ -1405,11 +1496,29 @@ impl Session {
                     on_success: Vec::new(),
                     on_fail: Vec::new(),
                 });
-                self.attach_probe(false);
+                self.attach_probe();
             }
             CMsg::Flush { frame } => {
                 let h = self.backend.as_mut().expect("held");
                 h.conn.wbuf.extend_from_slice(&frame.bytes);
+                // The client waits for the replies so far: stop holding them
+                // back (the unit can no longer be retried elsewhere), once
+                // the replica is known to be fresh enough.
+                let checking = h.queue.iter().any(|e| {
+                    matches!(
+                        e,
+                        Expect::Probe {
+                            kind: ProbeKind::Before { .. },
+                            ..
+                        }
+                    )
+                });
+                if checking {
+                    h.flush_pending = true;
+                } else if matches!(h.mode, Mode::Buffer(_)) {
+                    h.commit_output();
+                    h.unit = None;
+                }
             }
         }
         if let Some(h) = &mut self.backend {
@@ -1442,7 +1551,7 @@ impl Session {
 
     /// Pipelines a position probe behind the statement just forwarded,
     /// when read-your-writes or monotonic reads need one.
-    fn attach_probe(&mut self, simple: bool) {
+    fn attach_probe(&mut self) {
         let uses_token = self.settings().policy.uses_token();
         let Some(h) = &mut self.backend else { return };
         if std::mem::take(&mut h.no_pipelined_probe) || !uses_token || h.predicted != b'I' {
@@ -1451,10 +1560,10 @@ impl Session {
             return;
         }
         if h.on_replica {
-            let parsed = encode_probe(&mut h.conn, simple);
+            let parsed = encode_probe(&mut h.conn);
             h.queue.push_back(probe(ProbeKind::After, parsed));
         } else if h.wrote_since_probe {
-            let parsed = encode_probe(&mut h.conn, simple);
+            let parsed = encode_probe(&mut h.conn);
             h.queue.push_back(probe(ProbeKind::Write, parsed));
             h.wrote_since_probe = false;
         }
@@ -1465,10 +1574,10 @@ impl Session {
     // ---------------------------------------------------------------
 
     fn on_backend_frame(&mut self, f: Frame) {
+        tracing::trace!(pid = self.pid, tag = %char::from(f.tag), queue = ?self.backend.as_ref().map(|h| &h.queue), "server message");
         let mut actions: Vec<Action> = Vec::new();
         let mut client_z: Option<Frame> = None;
-        let mut probe_done: Option<(ProbeKind, bool, Option<(bool, Option<Lsn>)>)> = None;
-        let retry_enabled = self.settings().config.routing.retry_on_replica_error;
+        let mut probe_done: Option<(ProbeKind, bool, Option<Position>)> = None;
         {
             let h = self.backend.as_mut().expect("held");
             let head_is_client = matches!(h.queue.front(), Some(Expect::Client { .. }) | None);
@@ -1556,10 +1665,11 @@ impl Session {
                         b'E' => {
                             let fields = protocol::error_fields(&f);
                             let retryable = matches!(h.mode, Mode::Buffer(_))
-                                && retry_enabled
                                 && (fields.code == "25006"
-                                    || (fields.code == "40001" && fields.message.contains("recovery"))
-                                    || fields.code.starts_with("57P"));
+                                    || (fields.code == "40001"
+                                        && fields.message.contains("recovery"))
+                                    || fields.code.starts_with("57P"))
+                                && self.shared.settings().config.routing.retry_on_replica_error;
                             if retryable {
                                 debug!(code = %fields.code, "replica rejected the read; retrying on the primary");
                                 h.mode = Mode::Discard;
@@ -1572,7 +1682,8 @@ impl Session {
                             h.emit(&f.bytes);
                             if kind == b'Q' {
                                 h.query_error = true;
-                            } else if let Some(Expect::Client { on_fail, .. }) = h.queue.pop_front() {
+                            } else if let Some(Expect::Client { on_fail, .. }) = h.queue.pop_front()
+                            {
                                 actions.extend(on_fail);
                                 fail_until_sync(h, &mut actions);
                             }
@@ -1591,10 +1702,13 @@ impl Session {
                             h.emit(&f.bytes);
                             if kind == b'E' {
                                 h.copy_ignoring_sync = true;
+                                // The client's real Sync follows the COPY data.
+                                h.unit_open = true;
                                 // Syncs sent before COPY started are ignored
                                 // by the server: expect no reply to them.
                                 let head = h.queue.pop_front();
-                                h.queue.retain(|e| !matches!(e, Expect::Client { kind: b'S', .. }));
+                                h.queue
+                                    .retain(|e| !matches!(e, Expect::Client { kind: b'S', .. }));
                                 if let Some(head) = head {
                                     h.queue.push_front(head);
                                 }
@@ -1609,7 +1723,8 @@ impl Session {
                             h.copy_ignoring_sync = false;
                             h.emit(&f.bytes);
                             if kind == b'E' {
-                                if let Some(Expect::Client { on_success, .. }) = h.queue.pop_front() {
+                                if let Some(Expect::Client { on_success, .. }) = h.queue.pop_front()
+                                {
                                     actions.extend(on_success);
                                 }
                             }
@@ -1623,7 +1738,11 @@ impl Session {
                     }
                 }
             }
-            h.drain_synth();
+            // Synthesized replies queued behind a ReadyForQuery or a probe
+            // wait until that has been handled (below).
+            if client_z.is_none() && probe_done.is_none() {
+                h.drain_synth();
+            }
         }
         self.apply_actions(actions);
         if let Some(z) = client_z {
@@ -1631,6 +1750,9 @@ impl Session {
         }
         if let Some((kind, lost_parse, result)) = probe_done {
             self.on_probe(kind, lost_parse, result);
+        }
+        if let Some(h) = &mut self.backend {
+            h.drain_synth();
         }
     }
 
@@ -1654,12 +1776,15 @@ impl Session {
         }
         let probe_follows = matches!(
             h.queue.front(),
-            Some(Expect::Probe { kind: ProbeKind::After | ProbeKind::Write, .. })
+            Some(Expect::Probe {
+                kind: ProbeKind::After | ProbeKind::Write,
+                ..
+            })
         );
         if !probe_follows && h.wrote_since_probe && uses_token && !h.on_replica {
             // Not pipelined (COPY, or a transaction end the proxy could
             // not predict): probe now, before the client may go on.
-            let parsed = encode_probe(&mut h.conn, true);
+            let parsed = encode_probe(&mut h.conn);
             h.queue.push_front(probe(ProbeKind::Write, parsed));
             h.wrote_since_probe = false;
             h.held_rfq = Some(z);
@@ -1672,7 +1797,7 @@ impl Session {
         }
     }
 
-    fn on_probe(&mut self, kind: ProbeKind, lost_parse: bool, result: Option<(bool, Option<Lsn>)>) {
+    fn on_probe(&mut self, kind: ProbeKind, lost_parse: bool, result: Option<Position>) {
         let max_wait = match self.settings().policy {
             lagrouter::Consistency::ReadYourWrites { max_wait, .. } => max_wait,
             _ => Duration::ZERO,
@@ -1686,6 +1811,10 @@ impl Session {
             match kind {
                 ProbeKind::Before { need } => {
                     let caught_up = matches!(result, Some((_, Some(lsn))) if lsn >= need);
+                    if caught_up && std::mem::take(&mut h.flush_pending) {
+                        h.commit_output();
+                        h.unit = None;
+                    }
                     if !caught_up && !matches!(h.mode, Mode::Discard) {
                         h.mode = Mode::Discard;
                         h.retry = Some(if result.is_some() {
@@ -1704,7 +1833,10 @@ impl Session {
                     }
                 }
                 ProbeKind::Write => {
-                    let committed = h.held_rfq.as_ref().is_some_and(|z| protocol::rfq_status(z) == b'I');
+                    let committed = h
+                        .held_rfq
+                        .as_ref()
+                        .is_some_and(|z| protocol::rfq_status(z) == b'I');
                     match result {
                         Some((false, Some(lsn))) if committed => new_token = Some((lsn, true)),
                         _ => h.wrote_since_probe = true,
@@ -1714,7 +1846,11 @@ impl Session {
         }
         if let Some((lsn, write)) = new_token {
             let seg = self.shared.monitor.snapshot().wal_segment_size;
-            let lsn = if write { lsn.round_to_record_boundary(seg) } else { lsn };
+            let lsn = if write {
+                lsn.round_to_record_boundary(seg)
+            } else {
+                lsn
+            };
             let before = self.token;
             self.advance_token(lsn);
             if write && self.token != before {
@@ -1802,7 +1938,9 @@ impl Session {
     async fn housekeeping(&mut self) -> Flow {
         loop {
             self.move_output();
-            let Some(h) = &mut self.backend else { return Ok(()) };
+            let Some(h) = &mut self.backend else {
+                return Ok(());
+            };
             if !h.queue.is_empty() || h.copy_in || !h.conn.wbuf.is_empty() {
                 return Ok(());
             }
@@ -1834,7 +1972,9 @@ impl Session {
     }
 
     async fn run_retry(&mut self, retry: Retry) -> Flow {
-        let Some(mut h) = self.backend.take() else { return Ok(()) };
+        let Some(mut h) = self.backend.take() else {
+            return Ok(());
+        };
         let unit = h.unit.take().unwrap_or_default();
         *self.cancel.lock().expect("cancel slot") = None;
         match retry {
@@ -1858,12 +1998,15 @@ impl Session {
                     tokio::time::sleep(WAIT_POLL.min(deadline - now)).await;
                     match poll_position(&mut h.conn).await {
                         Ok(Some(lsn)) if lsn >= need => {
-                            metrics::histogram!(m::TOKEN_WAIT_SECONDS).record(started.elapsed().as_secs_f64());
+                            metrics::histogram!(m::TOKEN_WAIT_SECONDS)
+                                .record(started.elapsed().as_secs_f64());
                             // Caught up: run the unit here after all.
                             h.mode = Mode::Buffer(BytesMut::new());
+                            h.flush_pending = false;
                             h.unit = Some(unit.clone());
                             h.predicted = self.txn_status;
-                            *self.cancel.lock().expect("cancel slot") = Some(h.conn.cancel_target());
+                            *self.cancel.lock().expect("cancel slot") =
+                                Some(h.conn.cancel_target());
                             self.backend = Some(h);
                             self.forward_all(unit);
                             return Ok(());
@@ -1891,7 +2034,8 @@ impl Session {
                 };
                 match then {
                     Fallback::Primary => {
-                        metrics::counter!(m::FALLBACKS_TOTAL, "reason" => "wait_timeout").increment(1);
+                        metrics::counter!(m::FALLBACKS_TOTAL, "reason" => "wait_timeout")
+                            .increment(1);
                         self.start_unit(Target::Primary, unit, true).await
                     }
                     Fallback::Error => {
@@ -1915,14 +2059,17 @@ impl Session {
     /// reached the client yet, else end the session (its transaction or
     /// pipeline state is lost).
     async fn backend_failed(&mut self, e: BackendError) -> Flow {
-        let Some(mut h) = self.backend.take() else { return Ok(()) };
+        let Some(mut h) = self.backend.take() else {
+            return Ok(());
+        };
         *self.cancel.lock().expect("cancel slot") = None;
         warn!(node = h.node, error = %e, "server connection failed");
         if e.is_connection_failure() {
             self.shared.monitor.report_failure(h.node, &e.to_string());
         }
         h.conn.broken = true;
-        let retryable = h.unit.is_some() && matches!(h.mode, Mode::Buffer(_) | Mode::Discard) && !self.pinned;
+        let retryable =
+            h.unit.is_some() && matches!(h.mode, Mode::Buffer(_) | Mode::Discard) && !self.pinned;
         if retryable {
             let unit = h.unit.take().unwrap_or_default();
             drop(h);
@@ -1948,16 +2095,19 @@ fn probe(kind: ProbeKind, parsed: bool) -> Expect {
     }
 }
 
-/// Queues a position probe on `conn`; `true` when it includes the `Parse`
-/// of the proxy's named probe statement.
-fn encode_probe(conn: &mut BackendConn, simple: bool) -> bool {
-    if simple {
-        let _ = frontend::query(POSITION_SQL, &mut conn.wbuf);
-        return false;
-    }
+/// Queues a position probe on `conn`: `Bind`/`Execute`/`Sync` of the
+/// proxy's own named statement (prepared once per connection, never the
+/// client's unnamed statement), after either protocol's messages. Returns
+/// `true` when it includes the `Parse`.
+fn encode_probe(conn: &mut BackendConn) -> bool {
     let parsed = !conn.probe_prepared;
     if parsed {
-        let _ = frontend::parse(PROBE_STATEMENT, POSITION_SQL, std::iter::empty(), &mut conn.wbuf);
+        let _ = frontend::parse(
+            PROBE_STATEMENT,
+            POSITION_SQL,
+            std::iter::empty(),
+            &mut conn.wbuf,
+        );
         conn.probe_prepared = true;
     }
     let _ = frontend::bind(
@@ -1985,7 +2135,7 @@ async fn poll_position(conn: &mut BackendConn) -> Result<Option<Lsn>, BackendErr
 }
 
 /// `(in_recovery, lsn)` from a probe's `DataRow`.
-fn position(f: &Frame) -> (bool, Option<Lsn>) {
+fn position(f: &Frame) -> Position {
     let cols = protocol::data_row_texts(f);
     let in_recovery = cols
         .first()
@@ -2001,7 +2151,14 @@ fn position(f: &Frame) -> (bool, Option<Lsn>) {
 /// Re-parses a client's statement on a backend that lacks it.
 fn inject_parse(h: &mut Held, info: &StmtInfo, global: Option<String>) {
     let name = global.as_deref().unwrap_or("");
-    if frontend::parse(name, &info.sql, info.types.iter().copied(), &mut h.conn.wbuf).is_err() {
+    if frontend::parse(
+        name,
+        &info.sql,
+        info.types.iter().copied(),
+        &mut h.conn.wbuf,
+    )
+    .is_err()
+    {
         return;
     }
     match &global {
@@ -2028,7 +2185,9 @@ fn fail_until_sync(h: &mut Held, actions: &mut Vec<Action>) {
         }
         match h.queue.pop_front() {
             Some(Expect::Client { on_fail, .. }) => actions.extend(on_fail),
-            Some(Expect::Injected { global: Some(g) }) => actions.push(Action::ForgetBackendStmt(g)),
+            Some(Expect::Injected { global: Some(g) }) => {
+                actions.push(Action::ForgetBackendStmt(g))
+            }
             _ => {}
         }
     }
@@ -2042,7 +2201,9 @@ fn setting_actions(class: &Classification) -> Vec<Action> {
         .filter(|k| {
             matches!(
                 k,
-                StatementKind::Set { local: false, .. } | StatementKind::Reset { .. } | StatementKind::Discard
+                StatementKind::Set { local: false, .. }
+                    | StatementKind::Reset { .. }
+                    | StatementKind::Discard
             )
         })
         .cloned()
@@ -2107,16 +2268,25 @@ fn deallocate_target(sql: &str) -> Option<Option<String>> {
 }
 
 fn unknown_setting(name: &str) -> PgError {
-    PgError::error("42704", format!("unrecognized configuration parameter \"{name}\""))
-        .with_hint("lagrouter-proxy knows lagrouter.min_token (SET) and lagrouter.token (SHOW).")
+    PgError::error(
+        "42704",
+        format!("unrecognized configuration parameter \"{name}\""),
+    )
+    .with_hint("lagrouter-proxy knows lagrouter.min_token (SET) and lagrouter.token (SHOW).")
 }
 
 fn no_such_statement(name: &str) -> PgError {
-    PgError::error("26000", format!("prepared statement \"{name}\" does not exist"))
+    PgError::error(
+        "26000",
+        format!("prepared statement \"{name}\" does not exist"),
+    )
 }
 
 fn malformed(what: &str) -> PgError {
-    PgError::error(protocol::SQLSTATE_PROTOCOL_VIOLATION, format!("malformed {what} message"))
+    PgError::error(
+        protocol::SQLSTATE_PROTOCOL_VIOLATION,
+        format!("malformed {what} message"),
+    )
 }
 
 fn backend_fatal(e: &BackendError) -> PgError {
@@ -2132,19 +2302,34 @@ mod tests {
 
     #[test]
     fn show_and_deallocate_are_recognised() {
-        assert_eq!(show_lagrouter("SHOW lagrouter.token;"), Some("lagrouter.token".into()));
-        assert_eq!(show_lagrouter("show  LAGROUTER.TOKEN"), Some("lagrouter.token".into()));
+        assert_eq!(
+            show_lagrouter("SHOW lagrouter.token;"),
+            Some("lagrouter.token".into())
+        );
+        assert_eq!(
+            show_lagrouter("show  LAGROUTER.TOKEN"),
+            Some("lagrouter.token".into())
+        );
         assert_eq!(show_lagrouter("SHOW search_path"), None);
         assert_eq!(deallocate_target("DEALLOCATE s1"), Some(Some("s1".into())));
-        assert_eq!(deallocate_target("deallocate prepare \"S1\";"), Some(Some("S1".into())));
+        assert_eq!(
+            deallocate_target("deallocate prepare \"S1\";"),
+            Some(Some("S1".into()))
+        );
         assert_eq!(deallocate_target("DEALLOCATE ALL"), Some(None));
         assert_eq!(deallocate_target("SELECT 1"), None);
     }
 
     #[test]
     fn global_names_depend_on_sql_and_types() {
-        assert_eq!(global_name("SELECT $1", &[23]), global_name("SELECT $1", &[23]));
-        assert_ne!(global_name("SELECT $1", &[23]), global_name("SELECT $1", &[25]));
+        assert_eq!(
+            global_name("SELECT $1", &[23]),
+            global_name("SELECT $1", &[23])
+        );
+        assert_ne!(
+            global_name("SELECT $1", &[23]),
+            global_name("SELECT $1", &[25])
+        );
         assert_ne!(global_name("SELECT 1", &[]), global_name("SELECT 2", &[]));
     }
 

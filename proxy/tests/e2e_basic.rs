@@ -13,7 +13,9 @@ use tokio_postgres::SimpleQueryMessage;
 fn simple_rows(msgs: &[SimpleQueryMessage]) -> Vec<Vec<Option<String>>> {
     msgs.iter()
         .filter_map(|m| match m {
-            SimpleQueryMessage::Row(r) => Some((0..r.len()).map(|i| r.get(i).map(str::to_string)).collect()),
+            SimpleQueryMessage::Row(r) => {
+                Some((0..r.len()).map(|i| r.get(i).map(str::to_string)).collect())
+            }
             _ => None,
         })
         .collect()
@@ -26,9 +28,16 @@ async fn simple_extended_prepared_and_transactions() {
     let rows = simple_rows(&c.simple_query("SELECT 1 AS one, 'x' AS two").await.unwrap());
     assert_eq!(rows, vec![vec![Some("1".into()), Some("x".into())]]);
 
-    c.batch_execute("CREATE TABLE t(id int primary key, v text)").await.unwrap();
-    c.execute("INSERT INTO t VALUES ($1, $2)", &[&1i32, &"a"]).await.unwrap();
-    let r = c.query_one("SELECT v FROM t WHERE id = $1", &[&1i32]).await.unwrap();
+    c.batch_execute("CREATE TABLE t(id int primary key, v text)")
+        .await
+        .unwrap();
+    c.execute("INSERT INTO t VALUES ($1, $2)", &[&1i32, &"a"])
+        .await
+        .unwrap();
+    let r = c
+        .query_one("SELECT v FROM t WHERE id = $1", &[&1i32])
+        .await
+        .unwrap();
     assert_eq!(r.get::<_, String>(0), "a");
 
     // Prepared statements reused many times from several clients: the
@@ -37,7 +46,10 @@ async fn simple_extended_prepared_and_transactions() {
     let ins = c.prepare("INSERT INTO t VALUES ($1, $2)").await.unwrap();
     let sel = c.prepare("SELECT v FROM t WHERE id = $1").await.unwrap();
     let other = env.connect().await;
-    let sel2 = other.prepare("SELECT v FROM t WHERE id = $1").await.unwrap();
+    let sel2 = other
+        .prepare("SELECT v FROM t WHERE id = $1")
+        .await
+        .unwrap();
     for i in 2..60i32 {
         c.execute(&ins, &[&i, &format!("v{i}")]).await.unwrap();
         let row = c.query_one(&sel, &[&i]).await.unwrap();
@@ -45,7 +57,14 @@ async fn simple_extended_prepared_and_transactions() {
         let row = other.query_opt(&sel2, &[&(i - 1)]).await.unwrap();
         // `other` has no token: it may read an older snapshot, never garbage.
         if let Some(row) = row {
-            assert_eq!(row.get::<_, String>(0), if i == 2 { "a".to_string() } else { format!("v{}", i - 1) });
+            assert_eq!(
+                row.get::<_, String>(0),
+                if i == 2 {
+                    "a".to_string()
+                } else {
+                    format!("v{}", i - 1)
+                }
+            );
         }
     }
     // Statement closed by the client, then prepared again under the same name.
@@ -58,23 +77,42 @@ async fn simple_extended_prepared_and_transactions() {
     let mut c = c;
     {
         let tx = c.transaction().await.unwrap();
-        tx.execute("INSERT INTO t VALUES (1000, 'tx')", &[]).await.unwrap();
-        let n: i64 = tx.query_one("SELECT count(*) FROM t WHERE id = 1000", &[]).await.unwrap().get(0);
+        tx.execute("INSERT INTO t VALUES (1000, 'tx')", &[])
+            .await
+            .unwrap();
+        let n: i64 = tx
+            .query_one("SELECT count(*) FROM t WHERE id = 1000", &[])
+            .await
+            .unwrap()
+            .get(0);
         assert_eq!(n, 1);
         tx.rollback().await.unwrap();
     }
-    let n: i64 = c.query_one("SELECT count(*) FROM t WHERE id = 1000", &[]).await.unwrap().get(0);
+    let n: i64 = c
+        .query_one("SELECT count(*) FROM t WHERE id = 1000", &[])
+        .await
+        .unwrap()
+        .get(0);
     assert_eq!(n, 0);
     {
         let tx = c.transaction().await.unwrap();
-        tx.execute("INSERT INTO t VALUES (1001, 'tx')", &[]).await.unwrap();
+        tx.execute("INSERT INTO t VALUES (1001, 'tx')", &[])
+            .await
+            .unwrap();
         tx.commit().await.unwrap();
     }
-    let n: i64 = c.query_one("SELECT count(*) FROM t WHERE id = 1001", &[]).await.unwrap().get(0);
+    let n: i64 = c
+        .query_one("SELECT count(*) FROM t WHERE id = 1001", &[])
+        .await
+        .unwrap()
+        .get(0);
     assert_eq!(n, 1);
 
     // Errors keep the session usable, in both protocols.
-    let e = c.simple_query("SELECT * FROM missing_table").await.unwrap_err();
+    let e = c
+        .simple_query("SELECT * FROM missing_table")
+        .await
+        .unwrap_err();
     assert_eq!(e.code().unwrap().code(), "42P01");
     let e = c.query("SELECT 1/0", &[]).await.unwrap_err();
     assert_eq!(e.code().unwrap().code(), "22012");
@@ -83,7 +121,10 @@ async fn simple_extended_prepared_and_transactions() {
     let e = c.simple_query("SELECT 1").await.unwrap_err();
     assert_eq!(e.code().unwrap().code(), "25P02");
     c.batch_execute("ROLLBACK").await.unwrap();
-    assert_eq!(simple_rows(&c.simple_query("SELECT 2").await.unwrap()), vec![vec![Some("2".into())]]);
+    assert_eq!(
+        simple_rows(&c.simple_query("SELECT 2").await.unwrap()),
+        vec![vec![Some("2".into())]]
+    );
     env.stop().await;
 }
 
@@ -91,7 +132,9 @@ async fn simple_extended_prepared_and_transactions() {
 async fn copy_in_and_out() {
     let env = start(1).await;
     let c = env.connect().await;
-    c.batch_execute("CREATE TABLE c(id int, v text)").await.unwrap();
+    c.batch_execute("CREATE TABLE c(id int, v text)")
+        .await
+        .unwrap();
     let sink = c.copy_in("COPY c FROM STDIN").await.unwrap();
     futures_util::pin_mut!(sink);
     let mut data = String::new();
@@ -101,10 +144,17 @@ async fn copy_in_and_out() {
     sink.send(bytes::Bytes::from(data)).await.unwrap();
     let n = sink.finish().await.unwrap();
     assert_eq!(n, 5000);
-    let count: i64 = c.query_one("SELECT count(*) FROM c", &[]).await.unwrap().get(0);
+    let count: i64 = c
+        .query_one("SELECT count(*) FROM c", &[])
+        .await
+        .unwrap()
+        .get(0);
     assert_eq!(count, 5000);
 
-    let stream = c.copy_out("COPY (SELECT id FROM c ORDER BY id) TO STDOUT").await.unwrap();
+    let stream = c
+        .copy_out("COPY (SELECT id FROM c ORDER BY id) TO STDOUT")
+        .await
+        .unwrap();
     futures_util::pin_mut!(stream);
     let mut out = Vec::new();
     while let Some(chunk) = stream.next().await {
@@ -115,12 +165,21 @@ async fn copy_in_and_out() {
     assert_eq!(text.lines().last(), Some("4999"));
 
     // A failing COPY leaves the session usable.
-    let sink = c.copy_in::<_, bytes::Bytes>("COPY c FROM STDIN").await.unwrap();
+    let sink = c
+        .copy_in::<_, bytes::Bytes>("COPY c FROM STDIN")
+        .await
+        .unwrap();
     futures_util::pin_mut!(sink);
-    sink.send(bytes::Bytes::from_static(b"not-a-number\tx\n")).await.unwrap();
+    sink.send(bytes::Bytes::from_static(b"not-a-number\tx\n"))
+        .await
+        .unwrap();
     let e = sink.finish().await.unwrap_err();
     assert_eq!(e.code().unwrap().code(), "22P02");
-    let count: i64 = c.query_one("SELECT count(*) FROM c", &[]).await.unwrap().get(0);
+    let count: i64 = c
+        .query_one("SELECT count(*) FROM c", &[])
+        .await
+        .unwrap()
+        .get(0);
     assert_eq!(count, 5000);
     env.stop().await;
 }
@@ -151,7 +210,10 @@ async fn cancel_reaches_the_running_backend() {
     assert_eq!(e.code().unwrap().code(), "57014");
     assert!(started.elapsed() < Duration::from_secs(20));
     // Still usable afterwards.
-    assert_eq!(simple_rows(&c.simple_query("SELECT 3").await.unwrap()), vec![vec![Some("3".into())]]);
+    assert_eq!(
+        simple_rows(&c.simple_query("SELECT 3").await.unwrap()),
+        vec![vec![Some("3".into())]]
+    );
     env.stop().await;
 }
 
@@ -160,23 +222,42 @@ async fn settings_follow_the_session_across_backends() {
     let env = start(1).await;
     let a = env.connect().await;
     let b = env.connect().await;
-    a.batch_execute("SET application_name = 'client-a'").await.unwrap();
-    a.batch_execute("SET search_path TO pg_catalog, public").await.unwrap();
+    a.batch_execute("SET application_name = 'client-a'")
+        .await
+        .unwrap();
+    a.batch_execute("SET search_path TO pg_catalog, public")
+        .await
+        .unwrap();
     for _ in 0..20 {
-        let r = a.query_one("SELECT current_setting('application_name')", &[]).await.unwrap();
+        let r = a
+            .query_one("SELECT current_setting('application_name')", &[])
+            .await
+            .unwrap();
         assert_eq!(r.get::<_, String>(0), "client-a");
-        let r = b.query_one("SELECT current_setting('application_name')", &[]).await.unwrap();
+        let r = b
+            .query_one("SELECT current_setting('application_name')", &[])
+            .await
+            .unwrap();
         assert_ne!(r.get::<_, String>(0), "client-a");
         let r = a.simple_query("SHOW search_path").await.unwrap();
-        assert_eq!(simple_rows(&r), vec![vec![Some("pg_catalog, public".into())]]);
+        assert_eq!(
+            simple_rows(&r),
+            vec![vec![Some("pg_catalog, public".into())]]
+        );
     }
     a.batch_execute("RESET application_name").await.unwrap();
-    let r = a.query_one("SELECT current_setting('application_name')", &[]).await.unwrap();
+    let r = a
+        .query_one("SELECT current_setting('application_name')", &[])
+        .await
+        .unwrap();
     assert_ne!(r.get::<_, String>(0), "client-a");
     // Startup parameters apply too.
     let c = connect(&format!("{} application_name=from-startup", env.conn_str())).await;
     for _ in 0..5 {
-        let r = c.query_one("SELECT current_setting('application_name')", &[]).await.unwrap();
+        let r = c
+            .query_one("SELECT current_setting('application_name')", &[])
+            .await
+            .unwrap();
         assert_eq!(r.get::<_, String>(0), "from-startup");
     }
     env.stop().await;

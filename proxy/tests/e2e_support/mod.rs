@@ -52,7 +52,10 @@ pub async fn start_with(
     let proxy = &env.proxy;
     wait_until(Duration::from_secs(30), "replicas healthy", || async {
         let t = proxy.topology();
-        t.primary.is_some() && replicas.iter().all(|&i| t.nodes[i].healthy && t.nodes[i].lsn.is_some())
+        t.primary.is_some()
+            && replicas
+                .iter()
+                .all(|&i| t.nodes[i].healthy && t.nodes[i].lsn.is_some())
     })
     .await;
     env
@@ -71,6 +74,10 @@ impl Env {
         connect(&self.conn_str()).await
     }
 
+    pub fn proxy_config(&self) -> Config {
+        self.proxy.config()
+    }
+
     pub async fn stop(self) {
         self.proxy.shutdown().await;
         drop(self.cluster);
@@ -86,7 +93,9 @@ pub fn conn_str(addr: SocketAddr, user: &str, password: &str) -> String {
 }
 
 pub async fn connect(s: &str) -> Client {
-    let (client, conn) = tokio_postgres::connect(s, NoTls).await.expect("connect through the proxy");
+    let (client, conn) = tokio_postgres::connect(s, NoTls)
+        .await
+        .expect("connect through the proxy");
     tokio::spawn(async move {
         let _ = conn.await;
     });
@@ -111,7 +120,9 @@ where
 
 /// Runs a client binary from PostgreSQL's bin directory.
 pub fn pg_bin(name: &str) -> std::path::PathBuf {
-    let out = std::process::Command::new("pg_config").arg("--bindir").output();
+    let out = std::process::Command::new("pg_config")
+        .arg("--bindir")
+        .output();
     let dir = match out {
         Ok(o) if o.status.success() => String::from_utf8_lossy(&o.stdout).trim().to_string(),
         _ => "/usr/lib/postgresql/15/bin".to_string(),
@@ -122,7 +133,9 @@ pub fn pg_bin(name: &str) -> std::path::PathBuf {
 /// A raw GET on the admin endpoint: (status, body).
 pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(addr).await.expect("admin connect");
+    let mut s = tokio::net::TcpStream::connect(addr)
+        .await
+        .expect("admin connect");
     let req = format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
     s.write_all(req.as_bytes()).await.unwrap();
     let mut buf = Vec::new();
@@ -133,6 +146,140 @@ pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
         .nth(1)
         .and_then(|c| c.parse().ok())
         .unwrap_or(0);
-    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
     (status, body)
+}
+
+/// A raw protocol client for malformed-input and protocol-level tests.
+pub struct Raw {
+    pub stream: tokio::net::TcpStream,
+    buf: Vec<u8>,
+}
+
+/// One server message: type byte and body.
+pub type Msg = (u8, Vec<u8>);
+
+impl Raw {
+    pub async fn connect(addr: SocketAddr) -> Raw {
+        let stream = tokio::net::TcpStream::connect(addr)
+            .await
+            .expect("raw connect");
+        Raw {
+            stream,
+            buf: Vec::new(),
+        }
+    }
+
+    pub async fn send(&mut self, bytes: &[u8]) {
+        use tokio::io::AsyncWriteExt;
+        // The peer may already have closed: ignore write errors.
+        let _ = self.stream.write_all(bytes).await;
+    }
+
+    pub async fn startup(&mut self, params: &[(&str, &str)]) {
+        let mut b = bytes::BytesMut::new();
+        postgres_protocol::message::frontend::startup_message(params.iter().copied(), &mut b)
+            .unwrap();
+        self.send(&b).await;
+    }
+
+    /// Next message, `None` at end of stream (or after 10 s).
+    pub async fn read_msg(&mut self) -> Option<Msg> {
+        use tokio::io::AsyncReadExt;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if self.buf.len() >= 5 {
+                let len = i32::from_be_bytes([self.buf[1], self.buf[2], self.buf[3], self.buf[4]])
+                    as usize;
+                if self.buf.len() > len {
+                    let tag = self.buf[0];
+                    let body = self.buf[5..len + 1].to_vec();
+                    self.buf.drain(..len + 1);
+                    return Some((tag, body));
+                }
+            }
+            let mut chunk = [0u8; 8192];
+            let left = deadline.saturating_duration_since(Instant::now());
+            match tokio::time::timeout(left, self.stream.read(&mut chunk)).await {
+                Ok(Ok(0)) | Ok(Err(_)) | Err(_) => return None,
+                Ok(Ok(n)) => self.buf.extend_from_slice(&chunk[..n]),
+            }
+        }
+    }
+
+    /// Reads messages up to and including one of type `tag`.
+    pub async fn read_until(&mut self, tag: u8) -> Vec<Msg> {
+        let mut out = Vec::new();
+        while let Some(m) = self.read_msg().await {
+            let done = m.0 == tag;
+            out.push(m);
+            if done {
+                break;
+            }
+        }
+        out
+    }
+
+    /// Whether the server closed the connection (after any messages).
+    pub async fn closed(&mut self) -> bool {
+        while let Some(_m) = self.read_msg().await {}
+        true
+    }
+
+    /// Connects and completes startup as a trust user; returns the
+    /// startup messages.
+    pub async fn login(addr: SocketAddr, user: &str) -> (Raw, Vec<Msg>) {
+        let mut r = Raw::connect(addr).await;
+        r.startup(&[("user", user), ("database", "postgres")]).await;
+        let msgs = r.read_until(b'Z').await;
+        assert_eq!(
+            msgs.last().map(|m| m.0),
+            Some(b'Z'),
+            "login failed: {msgs:?}"
+        );
+        (r, msgs)
+    }
+
+    pub async fn query(&mut self, sql: &str) -> Vec<Msg> {
+        let mut b = bytes::BytesMut::new();
+        postgres_protocol::message::frontend::query(sql, &mut b).unwrap();
+        self.send(&b).await;
+        self.read_until(b'Z').await
+    }
+}
+
+/// Field `code` (e.g. b'C' for SQLSTATE) of an ErrorResponse body.
+pub fn error_field(body: &[u8], code: u8) -> Option<String> {
+    let mut i = 0;
+    while i < body.len() && body[i] != 0 {
+        let t = body[i];
+        let end = i + 1 + body[i + 1..].iter().position(|&b| b == 0)?;
+        if t == code {
+            return Some(String::from_utf8_lossy(&body[i + 1..end]).into_owned());
+        }
+        i = end + 1;
+    }
+    None
+}
+
+/// SQLSTATE of the first ErrorResponse among `msgs`.
+pub fn sqlstate(msgs: &[Msg]) -> Option<String> {
+    msgs.iter()
+        .find(|m| m.0 == b'E')
+        .and_then(|m| error_field(&m.1, b'C'))
+}
+
+/// Adds a trust-authenticated user `raw` (backend credentials of the
+/// harness superuser) for raw-protocol tests.
+pub fn add_trust_user(config: &mut Config) {
+    config.users.push(lagrouter_proxy::config::UserConfig {
+        name: "raw".into(),
+        password: String::new(),
+        auth: lagrouter_proxy::config::AuthMethod::Trust,
+        server_user: Some(USER.into()),
+        server_password: Some(PASSWORD.into()),
+    });
 }

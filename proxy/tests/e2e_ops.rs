@@ -1,0 +1,290 @@
+//! Operations: replicas that fall behind (wait, fallback, error), reload,
+//! graceful shutdown, TLS, extended-protocol error recovery.
+
+mod e2e_support;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use e2e_support::*;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lagging_replica_waits_then_falls_back() {
+    let env = start(1).await;
+    let replica = env.cluster.replicas()[0];
+    let c = env.connect().await;
+    c.batch_execute("CREATE TABLE lag(id int)").await.unwrap();
+    env.cluster
+        .wait_caught_up(Duration::from_secs(10))
+        .await
+        .unwrap();
+
+    // Replay paused: the read waits max_wait (100 ms) for the replica, then
+    // goes to the primary, and still sees the write.
+    env.cluster.pause_replay(replica).await.unwrap();
+    c.execute("INSERT INTO lag VALUES (1)", &[]).await.unwrap();
+    let started = Instant::now();
+    let r = c
+        .query_one("SELECT count(*), pg_is_in_recovery() FROM lag", &[])
+        .await
+        .unwrap();
+    assert_eq!(r.get::<_, i64>(0), 1);
+    assert!(!r.get::<_, bool>(1), "served by the primary");
+    assert!(
+        started.elapsed() >= Duration::from_millis(50),
+        "{:?}",
+        started.elapsed()
+    );
+
+    // With `then = "error"` the read fails with 57014 instead.
+    let mut config = env.proxy_config();
+    config.routing.then = lagrouter::Fallback::Error;
+    env.proxy.reload(config.clone()).unwrap();
+    let e = c
+        .query_one("SELECT count(*) FROM lag", &[])
+        .await
+        .unwrap_err();
+    assert_eq!(e.code().unwrap().code(), "57014", "{e}");
+    let e = c
+        .simple_query("SELECT count(*) FROM lag")
+        .await
+        .unwrap_err();
+    assert_eq!(e.code().unwrap().code(), "57014", "{e}");
+
+    // Replay resumes while a read waits: it is served by the replica.
+    config.routing.max_wait = Duration::from_secs(10);
+    env.proxy.reload(config.clone()).unwrap();
+    let resume = {
+        let cluster = &env.cluster;
+        async move {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            cluster.resume_replay(replica).await.unwrap();
+        }
+    };
+    let read = c.query_one("SELECT count(*), pg_is_in_recovery() FROM lag", &[]);
+    let (r, ()) = tokio::join!(read, resume);
+    let r = r.unwrap();
+    assert_eq!(r.get::<_, i64>(0), 1);
+    assert!(r.get::<_, bool>(1), "served by the caught-up replica");
+
+    // Reload to policy "primary": everything goes to the primary.
+    config.routing.policy = lagrouter_proxy::config::Policy::Primary;
+    env.proxy.reload(config).unwrap();
+    let fresh = env.connect().await;
+    let r: bool = fresh
+        .query_one("SELECT pg_is_in_recovery()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(!r);
+    env.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn graceful_shutdown_finishes_transactions() {
+    let env = start(1).await;
+    let setup = env.connect().await;
+    setup.batch_execute("CREATE TABLE s(id int)").await.unwrap();
+    let idle = env.connect().await;
+    let mut busy = env.connect().await;
+    let tx = busy.transaction().await.unwrap();
+    tx.execute("INSERT INTO s VALUES (1)", &[]).await.unwrap();
+
+    let Env { cluster, proxy } = env;
+    let addr = proxy.local_addr();
+    let shutdown = tokio::spawn(proxy.shutdown());
+    // Idle sessions are told to go away.
+    wait_until(Duration::from_secs(10), "idle session closed", || async {
+        idle.is_closed()
+    })
+    .await;
+    // New connections are refused.
+    wait_until(Duration::from_secs(10), "listener closed", || async {
+        tokio::net::TcpStream::connect(addr).await.is_err()
+    })
+    .await;
+    // The transaction in flight completes.
+    tx.execute("INSERT INTO s VALUES (2)", &[]).await.unwrap();
+    tx.commit().await.unwrap();
+    tokio::time::timeout(Duration::from_secs(10), shutdown)
+        .await
+        .unwrap()
+        .unwrap();
+    let direct = cluster.connect(cluster.primary()).await.unwrap();
+    let n: i64 = direct
+        .query_one("SELECT count(*) FROM s", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 2);
+    drop(busy);
+    drop(cluster);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_clients() {
+    let dir = tempfile::tempdir().unwrap();
+    let ck = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
+    let (cert_path, key_path) = (dir.path().join("server.crt"), dir.path().join("server.key"));
+    std::fs::write(&cert_path, ck.cert.pem()).unwrap();
+    std::fs::write(&key_path, ck.signing_key.serialize_pem()).unwrap();
+    let env = start_with(lagrouter::testing::PgCluster::builder().replicas(1), |c| {
+        add_trust_user(c);
+        c.tls = Some(lagrouter_proxy::config::TlsConfig {
+            cert: cert_path.clone(),
+            key: key_path.clone(),
+        });
+    })
+    .await;
+
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(ck.cert.der().clone()).unwrap();
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let mut tcp = tokio::net::TcpStream::connect(env.addr()).await.unwrap();
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut req = Vec::new();
+    req.extend_from_slice(&8i32.to_be_bytes());
+    req.extend_from_slice(&80877103i32.to_be_bytes());
+    tcp.write_all(&req).await.unwrap();
+    let mut answer = [0u8; 1];
+    tcp.read_exact(&mut answer).await.unwrap();
+    assert_eq!(&answer, b"S");
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    let mut tls = connector.connect(name, tcp).await.unwrap();
+    let mut b = bytes::BytesMut::new();
+    postgres_protocol::message::frontend::startup_message(
+        [("user", "raw"), ("database", "postgres")],
+        &mut b,
+    )
+    .unwrap();
+    postgres_protocol::message::frontend::query("SELECT 'over tls'", &mut b).unwrap();
+    tls.write_all(&b).await.unwrap();
+    let mut got = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !String::from_utf8_lossy(&got).contains("over tls") {
+        assert!(Instant::now() < deadline, "no answer over TLS");
+        let mut chunk = [0u8; 4096];
+        let n = tokio::time::timeout(Duration::from_secs(10), tls.read(&mut chunk))
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(n > 0, "closed: {:?}", String::from_utf8_lossy(&got));
+        got.extend_from_slice(&chunk[..n]);
+    }
+    // Plain clients still work (sslmode=prefer falls back only when refused;
+    // here TLS is offered, tokio-postgres without TLS support uses plain).
+    let c = env.connect().await;
+    c.simple_query("SELECT 1").await.unwrap();
+    env.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn extended_protocol_error_recovery() {
+    let env = start_with(
+        lagrouter::testing::PgCluster::builder().replicas(1),
+        add_trust_user,
+    )
+    .await;
+    let (mut r, startup) = Raw::login(env.addr(), "raw").await;
+    assert!(startup.iter().any(|m| m.0 == b'K'), "BackendKeyData sent");
+    assert!(startup.iter().any(|m| m.0 == b'S'), "ParameterStatus sent");
+    use postgres_protocol::message::frontend as f;
+    let mut b = bytes::BytesMut::new();
+    // A batch whose second statement fails: the rest is skipped until Sync.
+    f::parse("a", "SELECT 1", std::iter::empty(), &mut b).unwrap();
+    f::parse(
+        "b",
+        "SELECT * FROM no_such_table",
+        std::iter::empty(),
+        &mut b,
+    )
+    .unwrap();
+    f::parse("c", "SELECT 3", std::iter::empty(), &mut b).unwrap();
+    f::sync(&mut b);
+    r.send(&b).await;
+    let msgs = r.read_until(b'Z').await;
+    let tags: Vec<u8> = msgs.iter().map(|m| m.0).collect();
+    assert_eq!(tags, vec![b'1', b'E', b'Z'], "{msgs:?}");
+    assert_eq!(sqlstate(&msgs).as_deref(), Some("42P01"));
+
+    // "a" exists, "c" does not (it was skipped).
+    let mut b = bytes::BytesMut::new();
+    for stmt in ["a", "c"] {
+        f::bind(
+            "",
+            stmt,
+            std::iter::empty::<i16>(),
+            std::iter::empty::<Option<&[u8]>>(),
+            |_: Option<&[u8]>, _: &mut bytes::BytesMut| Ok(postgres_protocol::IsNull::Yes),
+            std::iter::empty::<i16>(),
+            &mut b,
+        )
+        .map_err(|_| ())
+        .unwrap();
+        f::execute("", 0, &mut b).unwrap();
+        f::sync(&mut b);
+    }
+    r.send(&b).await;
+    let first = r.read_until(b'Z').await;
+    assert_eq!(
+        first.iter().map(|m| m.0).collect::<Vec<_>>(),
+        vec![b'2', b'D', b'C', b'Z'],
+        "{first:?}"
+    );
+    let second = r.read_until(b'Z').await;
+    assert_eq!(sqlstate(&second).as_deref(), Some("26000"), "{second:?}");
+
+    // A write then its token as a ParameterStatus before ReadyForQuery.
+    let msgs = r.query("CREATE TABLE ext(id int)").await;
+    let token = msgs
+        .iter()
+        .find(|m| m.0 == b'S' && m.1.starts_with(b"lagrouter.token\0"))
+        .map(|m| String::from_utf8_lossy(&m.1[16..m.1.len() - 1]).into_owned());
+    assert!(
+        token.as_deref().is_some_and(|t| t.starts_with("v1.")),
+        "{msgs:?}"
+    );
+    assert_eq!(msgs.last().map(|m| m.0), Some(b'Z'));
+
+    // Flush-driven exchange (no Sync until later).
+    let mut b = bytes::BytesMut::new();
+    f::parse("", "SELECT 42", std::iter::empty(), &mut b).unwrap();
+    f::describe(b'S', "", &mut b).unwrap();
+    f::flush(&mut b);
+    r.send(&b).await;
+    let msgs = r.read_until(b'T').await;
+    assert_eq!(
+        msgs.iter().map(|m| m.0).collect::<Vec<_>>(),
+        vec![b'1', b't', b'T'],
+        "{msgs:?}"
+    );
+    let mut b = bytes::BytesMut::new();
+    f::bind(
+        "",
+        "",
+        std::iter::empty::<i16>(),
+        std::iter::empty::<Option<&[u8]>>(),
+        |_: Option<&[u8]>, _: &mut bytes::BytesMut| Ok(postgres_protocol::IsNull::Yes),
+        std::iter::empty::<i16>(),
+        &mut b,
+    )
+    .map_err(|_| ())
+    .unwrap();
+    f::execute("", 0, &mut b).unwrap();
+    f::sync(&mut b);
+    r.send(&b).await;
+    let msgs = r.read_until(b'Z').await;
+    assert_eq!(
+        msgs.iter().map(|m| m.0).collect::<Vec<_>>(),
+        vec![b'2', b'D', b'C', b'Z'],
+        "{msgs:?}"
+    );
+    env.stop().await;
+}
