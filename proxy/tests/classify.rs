@@ -944,29 +944,3 @@ fn large_but_parseable_inputs_are_parsed() {
         .unwrap();
     assert_eq!(handle.join().unwrap(), vec![K::Read]);
 }
-
-#[test]
-#[ignore = "timing report; run with --release -- --ignored --nocapture"]
-fn zz_timing() {
-    let c = Classifier::default();
-    for sql in [
-        "SELECT 1",
-        "SELECT abalance FROM pgbench_accounts WHERE aid = $1",
-        "UPDATE pgbench_accounts SET abalance = abalance + $1 WHERE aid = $2",
-        "SELECT a::text, b FROM t JOIN u ON u.id = t.id WHERE c = $1 AND d IN (SELECT x FROM y) ORDER BY a LIMIT 10",
-        "/* lagrouter:token=v1.AAAA */ SELECT * FROM t WHERE id = $1",
-    ] {
-        let n = 20_000;
-        let start = Instant::now();
-        for _ in 0..n {
-            std::hint::black_box(classify(std::hint::black_box(sql)));
-        }
-        let uncached = start.elapsed() / n;
-        let start = Instant::now();
-        for _ in 0..n {
-            std::hint::black_box(c.classify(std::hint::black_box(sql)));
-        }
-        let cached = start.elapsed() / n;
-        eprintln!("{uncached:>10?} uncached {cached:>10?} cached  {sql}");
-    }
-}
