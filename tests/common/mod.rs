@@ -1,6 +1,8 @@
 //! Shared helpers for the library's integration tests.
 #![allow(dead_code)]
 
+pub mod counters;
+
 use std::future::Future;
 use std::time::{Duration, Instant};
 
