@@ -18,14 +18,16 @@
 //! 1. Criterion benchmarks `read/*` and `write/*` (small samples, a few
 //!    seconds each).
 //! 2. A paired comparison printed as markdown tables at the end: every
-//!    iteration calls each variant once, in rotating order, so whatever the
+//!    iteration calls each variant once, in random order, so whatever the
 //!    machine does at that moment affects all variants alike. It reports the
 //!    median and p99 latency, the client thread's CPU time per call, and as
 //!    the overhead figure the median over rounds of
-//!    `median(variant) / median(plain)` with its range.
+//!    `median(variant) / median(plain)` with its range, and the same against
+//!    `plain_pipelined_probe` (what lagrouter adds beyond the probe itself).
 //!    `LAGROUTER_BENCH_ROUNDS` (30) × `LAGROUTER_BENCH_PER_ROUND` (300) calls
 //!    per variant; `LAGROUTER_BENCH_PAIRED=0` skips it. It is skipped in
-//!    criterion's `--test` and `--list` modes.
+//!    criterion's `--test` and `--list` modes; `LAGROUTER_BENCH_CRITERION=0`
+//!    runs it alone.
 //!
 //! Placement (`LAGROUTER_BENCH_PIN`): on a small VM a loopback round trip
 //! costs ~10 µs when client and server share a CPU and ~60 µs when the
@@ -72,6 +74,9 @@ use deadpool_postgres::Pool;
 use lagrouter::exec::POSITION_SQL;
 use lagrouter::testing::PgCluster;
 use lagrouter::{Cluster, Connector, Request, Role, RouterService, Session};
+use rand::SeedableRng;
+use rand::rngs::StdRng;
+use rand::seq::SliceRandom;
 use tokio::runtime::Runtime;
 use tokio_postgres::types::ToSql;
 use tower::{Service, ServiceExt};
@@ -403,11 +408,12 @@ fn median(v: &mut [f64]) -> f64 {
     }
 }
 
-/// Per-call interleaving: each iteration calls every variant once (the order
-/// rotating), so that whatever the machine does at that moment affects all
+/// Per-call interleaving: each iteration calls every variant once (in a new
+/// random order, so that no variant always follows the same one), so that whatever the machine does at that moment affects all
 /// variants alike. `rounds` rounds of `per_round` iterations; the overhead
 /// figure is the median over rounds of `median(variant) / median(plain)`
-/// (the first variant is the baseline), with the range over rounds.
+/// (the first variant is the baseline), with the range over rounds, and the
+/// same against the second variant (plain + the position probe by hand).
 async fn paired(mut vs: Vec<Variant>, rounds: usize, per_round: usize) -> String {
     // Warm up every variant (connections, statement caches).
     for v in vs.iter_mut() {
@@ -418,13 +424,16 @@ async fn paired(mut vs: Vec<Variant>, rounds: usize, per_round: usize) -> String
     let n = vs.len();
     let mut all: Vec<Vec<Duration>> = vec![Vec::new(); n];
     let mut round_ratios: Vec<Vec<f64>> = vec![Vec::new(); n];
+    let mut probe_ratios: Vec<Vec<f64>> = vec![Vec::new(); n];
     let mut cpu: Vec<Duration> = vec![Duration::ZERO; n];
     let mut seq = 1_000_000u64;
+    let mut order: Vec<usize> = (0..n).collect();
+    let mut rng = StdRng::seed_from_u64(7);
     for _ in 0..rounds {
         let mut lat: Vec<Vec<Duration>> = vec![Vec::with_capacity(per_round); n];
-        for it in 0..per_round {
-            for k in 0..n {
-                let idx = (it + k) % n;
+        for _ in 0..per_round {
+            order.shuffle(&mut rng);
+            for &idx in &order {
                 seq += 1;
                 let c0 = thread_cpu();
                 let t = Instant::now();
@@ -442,20 +451,22 @@ async fn paired(mut vs: Vec<Variant>, rounds: usize, per_round: usize) -> String
             .collect();
         for i in 0..n {
             round_ratios[i].push(medians[i] / medians[0]);
+            probe_ratios[i].push(medians[i] / medians[1.min(n - 1)]);
             all[i].extend_from_slice(&lat[i]);
         }
     }
     let mut out = String::from(
-        "| variant | calls | median µs | p99 µs | client CPU µs/call | ratio to plain: median of rounds (range) |\n\
-         |---|---:|---:|---:|---:|---:|\n",
+        "| variant | calls | median µs | p99 µs | client CPU µs/call | vs plain: median of rounds (range) | vs plain + probe by hand |\n\
+         |---|---:|---:|---:|---:|---:|---:|\n",
     );
     for (i, v) in vs.iter().enumerate() {
         let lat = &mut all[i];
         lat.sort();
         let ratios = &mut round_ratios[i];
         let mid = median(ratios);
+        let vs_probe = median(&mut probe_ratios[i]);
         out.push_str(&format!(
-            "| {} | {} | {:.1} | {:.1} | {:.1} | {:.3} ({:.2}–{:.2}) |\n",
+            "| {} | {} | {:.1} | {:.1} | {:.1} | {:.3} ({:.2}–{:.2}) | {:.3} |\n",
             v.name(),
             lat.len(),
             percentile(lat, 0.5).as_secs_f64() * 1e6,
@@ -464,6 +475,7 @@ async fn paired(mut vs: Vec<Variant>, rounds: usize, per_round: usize) -> String
             mid,
             ratios.first().copied().unwrap_or(f64::NAN),
             ratios.last().copied().unwrap_or(f64::NAN),
+            vs_probe,
         ));
     }
     out
@@ -472,7 +484,9 @@ async fn paired(mut vs: Vec<Variant>, rounds: usize, per_round: usize) -> String
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     let listing = args.iter().any(|a| a == "--list");
-    let test_mode = args.iter().any(|a| a == "--test");
+    // `cargo bench` passes `--bench`; without it (e.g. `cargo test --benches`)
+    // criterion runs every benchmark once as a test, and so do we.
+    let test_mode = args.iter().any(|a| a == "--test") || !args.iter().any(|a| a == "--bench");
     if listing {
         return;
     }
@@ -517,9 +531,13 @@ fn main() {
         assert_eq!(s.last_served().expect("served").role, Role::Primary);
     });
 
-    let mut c = Criterion::default().configure_from_args();
-    criterion_benches(&mut c, &rt, &env);
-    c.final_summary();
+    if std::env::var("LAGROUTER_BENCH_CRITERION").is_ok_and(|v| v == "0") {
+        eprintln!("end_to_end: criterion part skipped (LAGROUTER_BENCH_CRITERION=0)");
+    } else {
+        let mut c = Criterion::default().configure_from_args();
+        criterion_benches(&mut c, &rt, &env);
+        c.final_summary();
+    }
 
     if test_mode || std::env::var("LAGROUTER_BENCH_PAIRED").is_ok_and(|v| v == "0") {
         return;

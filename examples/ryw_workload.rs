@@ -18,7 +18,7 @@
 //! served by replicas is measured at the server, separately for writers and
 //! readers.
 //!
-//! Lag scenarios (`--lag`, comma separated):
+//! Lag scenarios (`--lag`, comma separated, or `all` for the three below):
 //!
 //! * `0ms`: plain streaming replication on loopback (sub-millisecond lag);
 //! * `50ms` (any `<N>ms`): `recovery_min_apply_delay` on the replicas;
@@ -42,18 +42,32 @@
 //!   (reads straight to a replica, no token);
 //! * `primary`: [`Consistency::Primary`], everything on the primary.
 //!
+//! `--target proxy` runs the same sessions as tokio-postgres connections to
+//! lagrouter-proxy (build it first: `cargo build --release -p
+//! lagrouter-proxy`): each scenario starts `--proxy-bin` with a generated
+//! TOML configuration for that policy over the same cluster, and stops it
+//! afterwards. The proxy keeps the token per connection. The `-notoken`
+//! variants are library-only.
+//!
 //! Run:
 //!
 //! ```text
 //! cargo run --release --example ryw_workload --features testing -- --policy ryw --lag 50ms
 //! # every policy x lag, 3 s each, one table (what BENCHMARKS.md shows):
-//! cargo run --release --example ryw_workload --features testing -- --policy all
-//! # through lagrouter-proxy instead of the library (see --help):
-//! cargo run --release --example ryw_workload --features testing -- --target proxy --policy all
+//! cargo run --release --example ryw_workload --features testing -- --policy all --lag all
+//! cargo run --release --example ryw_workload --features testing -- --policy all --lag all --lag-on first
+//! # through lagrouter-proxy instead of the library:
+//! cargo run --release --example ryw_workload --features testing -- --target proxy --policy all --lag all
 //! ```
 //!
 //! Each scenario prints one JSON line; a markdown table of all of them
-//! follows at the end.
+//! follows at the end. Besides the violations and replica shares it gives
+//! p50/p99 latencies per statement, **fallbacks** (reads meant for a replica
+//! and served elsewhere, by reason in the JSON) and **waits** (reads that
+//! waited at least 2 ms for a replica to reach their token, with the mean
+//! wait). Through the proxy these two come from the proxy's metrics
+//! (`lagrouter_proxy_fallbacks_total`, `lagrouter_proxy_token_waits_total`,
+//! `lagrouter_proxy_token_wait_seconds`), which count every token wait.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -310,7 +324,7 @@ struct Stats {
     reader_replica_reads: u64,
     reader_read_lat: Vec<Duration>,
     monotonic: u64,
-    fallbacks: BTreeMap<&'static str, u64>,
+    fallbacks: BTreeMap<String, u64>,
     waits: u64,
     waited: Duration,
     errors: u64,
@@ -343,7 +357,7 @@ impl Stats {
 
     fn observe(&mut self, obs: &Obs) {
         if let Some(f) = obs.fallback {
-            *self.fallbacks.entry(f).or_default() += 1;
+            *self.fallbacks.entry(f.to_string()).or_default() += 1;
         }
         // `waited` also counts the routing time of reads that did not wait;
         // a real wait polls a replica's position at least once (the first
@@ -465,6 +479,7 @@ async fn reader_loop(
 struct ProxyProcess {
     child: tokio::process::Child,
     config: tokio_postgres::Config,
+    admin_port: u16,
     _dir: tempfile::TempDir,
 }
 
@@ -481,18 +496,19 @@ impl ProxyProcess {
         let admin_port = free_port()?;
         let mut toml = format!(
             "[proxy]\nlisten = \"127.0.0.1:{port}\"\nadmin_listen = \"127.0.0.1:{admin_port}\"\n\n\
-             [routing]\npolicy = \"{}\"\n",
-            proxy_policy_name(policy)
+             [routing]\npolicy = \"{}\"\nmonitor_interval = \"{}ms\"\n",
+            proxy_policy_name(policy),
+            args.monitor_interval.as_millis()
         );
         match policy_cfg {
             Consistency::ReadYourWrites { max_wait, .. } => {
                 toml.push_str(&format!("max_wait = \"{}ms\"\n", max_wait.as_millis()));
             }
             Consistency::BoundedStaleness(b) => {
-                toml.push_str(&format!("max_staleness = \"{}ms\"\n", b.as_millis()));
+                toml.push_str(&format!("max_lag = \"{}ms\"\n", b.as_millis()));
             }
             Consistency::PrimaryAfterWrite(w) => {
-                toml.push_str(&format!("window = \"{}ms\"\n", w.as_millis()));
+                toml.push_str(&format!("primary_window = \"{}ms\"\n", w.as_millis()));
             }
             _ => {}
         }
@@ -542,6 +558,7 @@ impl ProxyProcess {
         let proxy = ProxyProcess {
             child,
             config,
+            admin_port,
             _dir: dir,
         };
         // Wait until it accepts connections and answers.
@@ -565,6 +582,52 @@ impl ProxyProcess {
         Ok(client)
     }
 
+    /// The proxy's Prometheus metrics (`GET /metrics` on the admin port).
+    async fn metrics(&self) -> Result<String, BoxError> {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut s = tokio::net::TcpStream::connect(("127.0.0.1", self.admin_port)).await?;
+        s.write_all(b"GET /metrics HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
+            .await?;
+        let mut body = String::new();
+        s.read_to_string(&mut body).await?;
+        Ok(body)
+    }
+
+    /// Copies the proxy's fallback and token-wait counters into `st`.
+    async fn collect(&self, st: &mut Stats) {
+        let text = match self.metrics().await {
+            Ok(t) => t,
+            Err(e) => {
+                eprintln!("could not read the proxy's metrics: {e}");
+                return;
+            }
+        };
+        for line in text.lines().filter(|l| !l.starts_with('#')) {
+            let Some((key, value)) = line.rsplit_once(' ') else {
+                continue;
+            };
+            let Ok(value) = value.parse::<f64>() else {
+                continue;
+            };
+            let name = key.split('{').next().unwrap_or(key);
+            match name {
+                "lagrouter_proxy_fallbacks_total" => {
+                    let reason = key
+                        .split("reason=\"")
+                        .nth(1)
+                        .and_then(|r| r.split('"').next())
+                        .unwrap_or("unknown");
+                    *st.fallbacks.entry(reason.to_string()).or_default() += value as u64;
+                }
+                "lagrouter_proxy_token_waits_total" => st.waits += value as u64,
+                "lagrouter_proxy_token_wait_seconds_sum" => {
+                    st.waited += Duration::from_secs_f64(value.max(0.0));
+                }
+                _ => {}
+            }
+        }
+    }
+
     async fn stop(mut self) {
         let _ = self.child.start_kill();
         let _ = self.child.wait().await;
@@ -573,9 +636,9 @@ impl ProxyProcess {
 
 fn proxy_policy_name(policy: &str) -> &'static str {
     match policy {
-        "ryw" => "read_your_writes",
-        "bounded" => "bounded_staleness",
-        "window" => "primary_after_write",
+        "ryw" => "read-your-writes",
+        "bounded" => "bounded-staleness",
+        "window" => "primary-after-write",
         "eventual" => "eventual",
         _ => "primary",
     }
@@ -715,6 +778,7 @@ async fn run_scenario(
         inj.await??;
     }
     if let Some(p) = proxy {
+        p.collect(&mut stats).await;
         p.stop().await;
     }
     Ok(Outcome {
@@ -810,7 +874,11 @@ fn loadavg() -> String {
 async fn main() -> Result<(), BoxError> {
     let args = Args::parse();
     let lags = parse_lags(&args.lag)?;
-    let policies = parse_policies(&args.policy, &args)?;
+    let mut policies = parse_policies(&args.policy, &args)?;
+    if args.target == Target::Proxy && args.policy == "all" {
+        // The no-token variants are a library-only illustration.
+        policies.retain(|(name, _)| !name.ends_with("-notoken"));
+    }
     if args.writers == 0 {
         return Err("--writers must be at least 1".into());
     }
