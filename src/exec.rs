@@ -428,6 +428,15 @@ impl Cluster {
                         counted_wait = true;
                         metrics::counter!("lagrouter_token_waits_total").increment(1);
                     }
+                    if optimistic_done && max_wait.is_zero() {
+                        // No waiting in this policy: the check in the read's
+                        // round trip failed, so the primary it is.
+                        waited = start.elapsed();
+                        fallback = Some(FallbackReason::WaitTimeout);
+                        return self
+                            .read_on_primary(stmt, &topo, token, opts, waited, fallback)
+                            .await;
+                    }
                     if optimistic_done {
                         // Poll the position only, until it passes or time is up.
                         match self.position_of(i).await {

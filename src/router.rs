@@ -85,11 +85,22 @@ impl Router {
                     r => r,
                 },
             },
-            Consistency::BoundedStaleness(max_lag) => self.pick(topo, |i, lsn| {
-                usable(i)
-                    && topo.nodes[i].lag.is_some_and(|l| l <= max_lag)
-                    && cx.token.is_none_or(|t| lsn.is_some_and(|l| l >= t))
-            }),
+            Consistency::BoundedStaleness(max_lag) => {
+                let fresh = |i: usize| usable(i) && topo.nodes[i].lag.is_some_and(|l| l <= max_lag);
+                match self.pick(topo, |i, lsn| {
+                    fresh(i) && cx.token.is_none_or(|t| lsn.is_some_and(|l| l >= t))
+                }) {
+                    // The token is usually just past the snapshot (a session's
+                    // last read advanced it): check the most advanced fresh
+                    // replica in the read's round trip rather than give up.
+                    Route::Primary if cx.token.is_some() => topo
+                        .serving_replicas()
+                        .filter(|&i| fresh(i))
+                        .max_by_key(|&i| topo.nodes[i].lsn)
+                        .map_or(Route::Primary, Route::ReplicaIfCaughtUp),
+                    r => r,
+                }
+            }
         }
     }
 
@@ -254,6 +265,26 @@ mod tests {
         }
         let p = Consistency::BoundedStaleness(Duration::from_millis(10));
         assert_eq!(r.route(&t, &p, &ReadContext::default()), Route::Primary);
+    }
+
+    #[test]
+    fn bounded_staleness_checks_a_fresh_replica_for_a_newer_token() {
+        let t = topo(&[(500, 5_000, true), (990, 20, true)]);
+        let r = Router::new(3, LoadBalance::RoundRobin);
+        let p = Consistency::BoundedStaleness(Duration::from_millis(100));
+        let cx = ReadContext {
+            token: Some(Lsn(995)),
+            ..Default::default()
+        };
+        // Replica 1 is too stale whatever its position; replica 2 is fresh
+        // enough but not known to have the token: check it.
+        assert_eq!(r.route(&t, &p, &cx), Route::ReplicaIfCaughtUp(2));
+        let cx = ReadContext {
+            token: Some(Lsn(995)),
+            exclude: &[2],
+            ..Default::default()
+        };
+        assert_eq!(r.route(&t, &p, &cx), Route::Primary);
     }
 
     #[test]
