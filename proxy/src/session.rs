@@ -432,17 +432,43 @@ impl Session {
     /// Validates the startup settings on a backend, learns the server's
     /// parameters and completes the startup exchange.
     async fn setup(&mut self, info: &StartupInfo, secret: i32) -> Flow {
+        // Any node can validate the startup: the primary when it is up,
+        // else a healthy replica, so that clients can still connect and read
+        // while the primary is down (degraded read-only mode).
         let topo = self.shared.monitor.snapshot();
-        let node = topo
+        let mut candidates: Vec<usize> = topo
             .primary
-            .or_else(|| topo.nodes.iter().position(|n| n.healthy))
-            .unwrap_or(0);
-        let mut conn = match self.checkout(node).await {
-            Ok(c) => c,
-            Err(e) => {
+            .filter(|&p| topo.nodes[p].healthy)
+            .into_iter()
+            .chain(topo.serving_replicas())
+            .collect();
+        let fallback = topo.primary.unwrap_or(0);
+        if !candidates.contains(&fallback) {
+            candidates.push(fallback);
+        }
+        let mut last_err = None;
+        let mut found = None;
+        for node in candidates {
+            match self.checkout(node).await {
+                Ok(c) => {
+                    found = Some(c);
+                    break;
+                }
+                Err(e) => last_err = Some(e),
+            }
+        }
+        let mut conn = match (found, last_err) {
+            (Some(c), _) => c,
+            (None, Some(e)) => {
                 return Err(SessionEnd::Fatal(PgError::fatal(
                     e.sqlstate(),
                     e.to_string(),
+                )));
+            }
+            (None, None) => {
+                return Err(SessionEnd::Fatal(PgError::fatal(
+                    "08006",
+                    "no node available",
                 )));
             }
         };
