@@ -94,9 +94,14 @@ impl ConsistencyToken {
         }
     }
 
-    /// Checks that the token was issued by the cluster `id`.
+    /// Checks that the token was issued by the cluster `id`. A system
+    /// identifier of 0 on either side means "unknown" (a token issued before
+    /// the cluster's identity could be read) and is accepted.
     pub fn check_cluster(&self, id: &ClusterId) -> Result<(), TokenError> {
-        if self.cluster.system_identifier != id.system_identifier {
+        if self.cluster.system_identifier != 0
+            && id.system_identifier != 0
+            && self.cluster.system_identifier != id.system_identifier
+        {
             return Err(TokenError::ForeignCluster {
                 token: self.cluster.system_identifier,
                 cluster: id.system_identifier,
@@ -288,6 +293,8 @@ mod tests {
             Err(TokenError::ForeignCluster { cluster: 1, .. })
         ));
         assert_eq!(t.check_cluster(&t.cluster), Ok(()));
+        let unknown = ConsistencyToken::new(Lsn(1), 0, 1);
+        assert_eq!(unknown.check_cluster(&other), Ok(()));
     }
 
     #[test]
