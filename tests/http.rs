@@ -6,6 +6,9 @@
 #[allow(dead_code)]
 #[path = "../examples/axum_app.rs"]
 mod app;
+mod common;
+
+use common::init_tracing;
 
 use std::time::Duration;
 
@@ -24,16 +27,6 @@ const DEADLINE: Duration = Duration::from_secs(30);
 const APPLY_DELAY: Duration = Duration::from_millis(50);
 const TOKEN_HEADER: &str = "x-lagrouter-token";
 const SYSID: u64 = 7_000_000_000_000_000_007;
-
-fn init_tracing() {
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "lagrouter=info".into()),
-        )
-        .with_test_writer()
-        .try_init();
-}
 
 /// A primary and `replicas` replicas with the app's schema, replaying with
 /// an apply delay (so that a read without a token right after a write is

@@ -1431,15 +1431,10 @@ impl Session {
                 let h = self.backend.as_mut().expect("held");
                 h.unit_open = true;
                 h.portal_class.insert(portal.clone(), class);
+                ensure_prepared(h, &info, stmt.is_empty());
                 if stmt.is_empty() {
-                    if !h.unnamed_ok {
-                        inject_parse(h, &info, None);
-                    }
                     h.conn.wbuf.extend_from_slice(&frame.bytes);
                 } else {
-                    if !h.conn.prepared.contains(&info.global) {
-                        inject_parse(h, &info, Some(info.global.clone()));
-                    }
                     match protocol::rename_statement(&frame, 1, &info.global) {
                         Some(bytes) => h.conn.wbuf.extend_from_slice(&bytes),
                         None => return self.local_error(malformed("Bind")),
@@ -1462,15 +1457,10 @@ impl Session {
                     }) else {
                         return self.local_error(no_such_statement(&name));
                     };
+                    ensure_prepared(h, &info, name.is_empty());
                     if name.is_empty() {
-                        if !h.unnamed_ok {
-                            inject_parse(h, &info, None);
-                        }
                         h.conn.wbuf.extend_from_slice(&frame.bytes);
                     } else {
-                        if !h.conn.prepared.contains(&info.global) {
-                            inject_parse(h, &info, Some(info.global.clone()));
-                        }
                         let _ = frontend::describe(b'S', &info.global, &mut h.conn.wbuf);
                     }
                 } else {
@@ -2172,6 +2162,18 @@ fn position(f: &Frame) -> Position {
         .and_then(|c| c.as_deref())
         .and_then(|s| s.parse().ok());
     (in_recovery, lsn)
+}
+
+/// Makes sure the held backend has `info` prepared (as the unnamed
+/// statement, or under its global name) before a Bind or Describe uses it.
+fn ensure_prepared(h: &mut Held, info: &StmtInfo, unnamed: bool) {
+    if unnamed {
+        if !h.unnamed_ok {
+            inject_parse(h, info, None);
+        }
+    } else if !h.conn.prepared.contains(&info.global) {
+        inject_parse(h, info, Some(info.global.clone()));
+    }
 }
 
 /// Re-parses a client's statement on a backend that lacks it.
