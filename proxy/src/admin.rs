@@ -40,6 +40,12 @@ pub const FALLBACKS_TOTAL: &str = "lagrouter_proxy_fallbacks_total";
 pub const TOKEN_WAITS_TOTAL: &str = "lagrouter_proxy_token_waits_total";
 /// Histogram: how long token-gated reads waited for a replica, in seconds.
 pub const TOKEN_WAIT_SECONDS: &str = "lagrouter_proxy_token_wait_seconds";
+/// Counter: reads refused with SQLSTATE 55000 because the session's token
+/// is ahead of the primary: forged, or writes lost in a failover.
+pub const TOKENS_AHEAD_TOTAL: &str = "lagrouter_proxy_tokens_ahead_total";
+/// Counter: client sessions closed by a timeout, by `reason`
+/// (`idle`, `idle_in_transaction`, `write`).
+pub const CLIENT_TIMEOUTS_TOTAL: &str = "lagrouter_proxy_client_timeouts_total";
 /// Gauge: client connections currently open.
 pub const CLIENTS: &str = "lagrouter_proxy_clients";
 /// Counter: client connections accepted since start.
@@ -103,6 +109,16 @@ pub fn describe_metrics() {
         "How long token-gated reads waited for a replica."
     );
     describe_gauge!(CLIENTS, Unit::Count, "Client connections currently open.");
+    describe_counter!(
+        TOKENS_AHEAD_TOTAL,
+        Unit::Count,
+        "Reads refused because the session token is ahead of the primary (lost writes or a forged token)."
+    );
+    describe_counter!(
+        CLIENT_TIMEOUTS_TOTAL,
+        Unit::Count,
+        "Client sessions closed by a timeout, by reason."
+    );
     describe_counter!(
         CLIENT_CONNECTIONS_TOTAL,
         Unit::Count,

@@ -28,6 +28,8 @@ admin_listen = "127.0.0.1:9930"    # HTTP: /metrics /health /status
 max_client_connections = 10000
 shutdown_timeout = "30s"           # graceful shutdown grace period
 client_idle_timeout = "0s"         # 0 = never close idle clients
+idle_transaction_timeout = "0s"    # 0 = never close clients idle inside a transaction
+client_write_timeout = "30s"       # close a client that reads nothing for this long; 0 = never
 
 [routing]
 policy = "read-your-writes"        # read-your-writes | bounded-staleness | eventual | primary | primary-after-write
@@ -197,6 +199,18 @@ pub struct ProxyConfig {
     /// transaction) for this long. `"0s"` (the default) disables it.
     #[serde(with = "duration_str")]
     pub client_idle_timeout: Duration,
+    /// Close client connections idle inside a transaction (holding a
+    /// server connection) for this long, with SQLSTATE 25P03; the server
+    /// rolls the transaction back. `"0s"` (the default) disables it, as
+    /// PgBouncer's `idle_transaction_timeout`.
+    #[serde(with = "duration_str")]
+    pub idle_transaction_timeout: Duration,
+    /// Close a client connection when replies for it cannot be written for
+    /// this long (the client stopped reading). Its server connection is
+    /// discarded, so a stalled client holds one for at most this long.
+    /// Default `"30s"`; `"0s"` disables it.
+    #[serde(with = "duration_str")]
+    pub client_write_timeout: Duration,
 }
 
 impl Default for ProxyConfig {
@@ -207,6 +221,8 @@ impl Default for ProxyConfig {
             max_client_connections: 10_000,
             shutdown_timeout: Duration::from_secs(30),
             client_idle_timeout: Duration::ZERO,
+            idle_transaction_timeout: Duration::ZERO,
+            client_write_timeout: Duration::from_secs(30),
         }
     }
 }
@@ -551,6 +567,16 @@ impl Config {
         check_duration(
             "proxy.client_idle_timeout",
             self.proxy.client_idle_timeout,
+            false,
+        )?;
+        check_duration(
+            "proxy.idle_transaction_timeout",
+            self.proxy.idle_transaction_timeout,
+            false,
+        )?;
+        check_duration(
+            "proxy.client_write_timeout",
+            self.proxy.client_write_timeout,
             false,
         )?;
 

@@ -50,6 +50,11 @@ pub enum ProtocolError {
         /// What was wrong.
         detail: String,
     },
+    /// A name or query string is not valid UTF-8 (the only client encoding
+    /// the proxy accepts). The message itself is well-framed, so this is an
+    /// ordinary error (SQLSTATE 22021), not a protocol violation.
+    #[error("invalid byte sequence for encoding \"UTF8\" in {0} message")]
+    InvalidUtf8(&'static str),
     /// A message type this side of the protocol does not know.
     #[error("invalid frontend message type {:?}", char::from(*.0))]
     UnknownType(u8),
@@ -98,9 +103,10 @@ pub fn split_frame(buf: &mut BytesMut, max: usize) -> Result<Option<Frame>, Prot
     }
     let total = len + 1;
     if buf.len() < total {
-        // Grow once for big messages instead of many small reallocations,
-        // bounded by the checked length.
-        buf.reserve(total - buf.len());
+        // Grow ahead for big messages instead of many small reallocations,
+        // but never by more than 1 MiB before the bytes arrive: a client that
+        // announces a large message and stalls pins little memory.
+        buf.reserve((total - buf.len()).min(1 << 20));
         return Ok(None);
     }
     let bytes = buf.split_to(total).freeze();
@@ -215,6 +221,10 @@ pub fn decode_frontend(frame: &Frame) -> Result<PgWireFrontendMessage, ProtocolE
     if what == "unknown" {
         return Err(ProtocolError::UnknownType(frame.tag));
     }
+    check_layout(frame.tag, frame.body()).map_err(|d| match d {
+        INVALID_UTF8 => ProtocolError::InvalidUtf8(what),
+        d => ProtocolError::malformed(what, d),
+    })?;
     let (msg, rest) = isolated(what, &frame.bytes, |b| {
         PgWireFrontendMessage::decode(b, &ctx)
     })?;
@@ -222,6 +232,85 @@ pub fn decode_frontend(frame: &Frame) -> Result<PgWireFrontendMessage, ProtocolE
         return Err(ProtocolError::malformed(what, "trailing bytes"));
     }
     Ok(msg)
+}
+
+/// Walks the fields of an extended-protocol message or `Query` and checks
+/// that every count and length stays inside the message and that names and
+/// SQL are UTF-8, so that the decoder is only ever given structurally
+/// sound input.
+const INVALID_UTF8: &str = "invalid UTF-8";
+
+fn check_layout(tag: u8, body: &[u8]) -> Result<(), &'static str> {
+    struct Cursor<'a>(&'a [u8]);
+    impl Cursor<'_> {
+        fn take(&mut self, n: usize) -> Result<&[u8], &'static str> {
+            if self.0.len() < n {
+                return Err("field extends past the end of the message");
+            }
+            let (head, rest) = self.0.split_at(n);
+            self.0 = rest;
+            Ok(head)
+        }
+        fn cstr(&mut self) -> Result<(), &'static str> {
+            let end = self
+                .0
+                .iter()
+                .position(|&b| b == 0)
+                .ok_or("string without its terminating NUL")?;
+            std::str::from_utf8(&self.0[..end]).map_err(|_| INVALID_UTF8)?;
+            self.0 = &self.0[end + 1..];
+            Ok(())
+        }
+        fn count(&mut self) -> Result<usize, &'static str> {
+            let b = self.take(2)?;
+            let n = i16::from_be_bytes([b[0], b[1]]);
+            usize::try_from(n).map_err(|_| "negative count")
+        }
+    }
+    let mut c = Cursor(body);
+    match tag {
+        b'B' => {
+            c.cstr()?; // portal
+            c.cstr()?; // statement
+            let formats = c.count()?;
+            c.take(formats * 2)?;
+            for _ in 0..c.count()? {
+                let b = c.take(4)?;
+                let len = i32::from_be_bytes([b[0], b[1], b[2], b[3]]);
+                if len < -1 {
+                    return Err("negative parameter length");
+                }
+                if len > 0 {
+                    c.take(len as usize)?;
+                }
+            }
+            let results = c.count()?;
+            c.take(results * 2)?;
+        }
+        b'P' => {
+            c.cstr()?; // statement
+            c.cstr()?; // query
+            let types = c.count()?;
+            c.take(types * 4)?;
+        }
+        b'Q' => c.cstr()?,
+        b'D' | b'C' => {
+            if !matches!(c.take(1)?, b"S" | b"P") {
+                return Err("target type must be 'S' or 'P'");
+            }
+            c.cstr()?;
+        }
+        b'E' => {
+            c.cstr()?;
+            c.take(4)?;
+        }
+        _ => return Ok(()),
+    }
+    if c.0.is_empty() {
+        Ok(())
+    } else {
+        Err("trailing bytes")
+    }
 }
 
 /// Human name of a client message type (for errors and logs).

@@ -536,7 +536,7 @@ impl Session {
                     continue;
                 }
             }
-            self.client.flush().await.map_err(ClientError::from)?;
+            self.flush_client().await?;
             if self.closing && self.backend.is_none() {
                 return Err(SessionEnd::Fatal(PgError::fatal(
                     "57P01",
@@ -550,8 +550,8 @@ impl Session {
             // 4. Wait for something to happen.
             let accept = self.accepts_client_input();
             let has_backend = self.backend.is_some();
-            let idle_timeout = self.settings().config.proxy.client_idle_timeout;
-            let idle = !has_backend && !idle_timeout.is_zero();
+            let idle_timeout = self.idle_timeout();
+            let idle = !idle_timeout.is_zero();
             let closing = self.closing;
             let backend = &mut self.backend;
             let client = &mut self.client;
@@ -588,12 +588,68 @@ impl Session {
                 Event::Backend(Err(e)) => self.backend_failed(e).await?,
                 Event::Client(r) => r?,
                 Event::Shutdown => self.closing = true,
+                Event::Idle if self.backend.is_some() => {
+                    metrics::counter!(m::CLIENT_TIMEOUTS_TOTAL, m::LABEL_REASON => "idle_in_transaction")
+                        .increment(1);
+                    return Err(SessionEnd::Fatal(PgError::fatal(
+                        "25P03",
+                        "terminating connection due to idle-in-transaction timeout",
+                    )));
+                }
                 Event::Idle => {
+                    metrics::counter!(m::CLIENT_TIMEOUTS_TOTAL, m::LABEL_REASON => "idle")
+                        .increment(1);
                     return Err(SessionEnd::Fatal(PgError::fatal(
                         "57P05",
                         "terminating connection due to idle-session timeout",
                     )));
                 }
+            }
+        }
+    }
+
+    /// How long the session may wait for the client now before it is
+    /// closed (zero: forever): `client_idle_timeout` while it holds no
+    /// server connection, `idle_transaction_timeout` while it sits in a
+    /// transaction with nothing outstanding on the server.
+    fn idle_timeout(&self) -> Duration {
+        let proxy = &self.settings().config.proxy;
+        match &self.backend {
+            None => proxy.client_idle_timeout,
+            Some(h)
+                if self.txn_status != b'I'
+                    && h.queue.is_empty()
+                    && !h.copy_in
+                    && h.retry.is_none() =>
+            {
+                proxy.idle_transaction_timeout
+            }
+            Some(_) => Duration::ZERO,
+        }
+    }
+
+    /// Writes queued replies to the client, for at most
+    /// `client_write_timeout`: a client that stops reading is disconnected
+    /// (and its server connection discarded) rather than holding a server
+    /// connection forever. Replies are read from the server only as fast as
+    /// the client takes them, so a slow client costs no more memory than
+    /// one batch of messages.
+    async fn flush_client(&mut self) -> Flow {
+        let limit = self.settings().config.proxy.client_write_timeout;
+        if limit.is_zero() {
+            return Ok(self.client.flush().await.map_err(ClientError::from)?);
+        }
+        match tokio::time::timeout(limit, self.client.flush()).await {
+            Ok(r) => Ok(r.map_err(ClientError::from)?),
+            Err(_) => {
+                warn!(
+                    pid = self.pid,
+                    timeout = ?limit,
+                    "client stopped reading replies; closing the connection"
+                );
+                metrics::counter!(m::CLIENT_TIMEOUTS_TOTAL, m::LABEL_REASON => "write")
+                    .increment(1);
+                Err(SessionEnd::Closed)
             }
         }
     }
@@ -647,19 +703,47 @@ impl Session {
                 Ok(())
             }
             b'Q' | b'P' | b'B' | b'D' | b'E' | b'C' | b'S' | b'H' => {
-                let msg = CMsg::decode(frame).map_err(|e| {
-                    SessionEnd::Fatal(PgError::fatal(
+                let tag = frame.tag;
+                match CMsg::decode(frame) {
+                    Ok(msg) => self.on_message(msg).await,
+                    Err(e @ protocol::ProtocolError::InvalidUtf8(_)) => self.invalid_utf8(tag, e),
+                    Err(e) => Err(SessionEnd::Fatal(PgError::fatal(
                         protocol::SQLSTATE_PROTOCOL_VIOLATION,
                         e.to_string(),
-                    ))
-                })?;
-                self.on_message(msg).await
+                    ))),
+                }
             }
             other => Err(SessionEnd::Fatal(PgError::fatal(
                 protocol::SQLSTATE_PROTOCOL_VIOLATION,
                 format!("invalid frontend message type {}", other),
             ))),
         }
+    }
+
+    /// A well-framed message whose names or SQL are not UTF-8: an ordinary
+    /// error (22021) as PostgreSQL gives, when the session holds no server
+    /// connection. Inside a transaction the proxy cannot make the server
+    /// abort it as PostgreSQL would, so the session ends instead (the
+    /// server rolls the uncommitted transaction back).
+    fn invalid_utf8(&mut self, tag: u8, e: protocol::ProtocolError) -> Flow {
+        let err = PgError::error("22021", e.to_string());
+        if self.backend.is_some() {
+            return Err(SessionEnd::Fatal(PgError::fatal("22021", e.to_string())));
+        }
+        if self.skip_until_sync {
+            return Ok(());
+        }
+        if tag == b'Q' {
+            err.encode(&mut self.client.wbuf);
+            protocol::ready_for_query(self.txn_status, &mut self.client.wbuf);
+        } else {
+            // The rest of the extended batch is skipped up to Sync, as the
+            // server does after an error.
+            self.pending.clear();
+            err.encode(&mut self.client.wbuf);
+            self.skip_until_sync = true;
+        }
+        Ok(())
     }
 
     async fn on_message(&mut self, msg: CMsg) -> Flow {
@@ -1109,6 +1193,12 @@ impl Session {
         if !read && classes.iter().any(|c| c.has_write()) {
             self.last_write = Some(Instant::now());
         }
+        if read {
+            if let Err(e) = self.check_token_not_lost() {
+                self.unit_error(&batch, e);
+                return Ok(());
+            }
+        }
         let target = if read {
             let settings = self.settings();
             routing::route_read(
@@ -1123,7 +1213,7 @@ impl Session {
             Target::Primary
         };
         let pin_session = pin.is_some_and(|p| p.is_session_scoped());
-        self.start_unit(target, batch, read).await?;
+        self.start_unit(target, batch, read, None).await?;
         if pin_session && self.backend.is_some() {
             if !self.pinned {
                 info!(
@@ -1136,6 +1226,34 @@ impl Session {
             self.pinned = true;
         }
         Ok(())
+    }
+
+    /// Refuses a token-gated read whose token stands for writes the current
+    /// primary's history lacks: acknowledged by a former primary and lost in
+    /// a failover (asynchronous replication). A replica of the new timeline
+    /// may well have replayed past the token's position, so this is checked
+    /// before routing. A write on the new timeline supersedes the token.
+    fn check_token_not_lost(&self) -> Result<(), PgError> {
+        let Some(token) = self.token else {
+            return Ok(());
+        };
+        if !self.settings().policy.uses_token() {
+            return Ok(());
+        }
+        match self.shared.monitor.snapshot().token_lost(&token) {
+            Some(survived) => {
+                metrics::counter!(m::TOKENS_AHEAD_TOTAL).increment(1);
+                warn!(
+                    pid = self.pid,
+                    token = %token.lsn,
+                    token_timeline = token.cluster.timeline,
+                    %survived,
+                    "consistency token names writes lost in a failover"
+                );
+                Err(token_ahead(token.lsn, survived))
+            }
+            None => Ok(()),
+        }
     }
 
     /// Reports an error for a whole unit that did not reach a server.
@@ -1172,8 +1290,17 @@ impl Session {
         r
     }
 
-    /// Checks out a connection for `target` and sends the unit there.
-    async fn start_unit(&mut self, target: Target, batch: Vec<CMsg>, read: bool) -> Flow {
+    /// Checks out a connection for `target` and sends the unit there. With
+    /// `verify`, a read that falls back to the primary after no replica
+    /// reached that position first checks that the primary has it: a token
+    /// ahead of the primary was forged or names lost writes (55000).
+    async fn start_unit(
+        &mut self,
+        target: Target,
+        batch: Vec<CMsg>,
+        read: bool,
+        verify: Option<Lsn>,
+    ) -> Flow {
         let mut exclude: Vec<usize> = Vec::new();
         let mut target = target;
         loop {
@@ -1218,6 +1345,26 @@ impl Session {
                     return Ok(());
                 }
             };
+            let mut conn = conn;
+            if let (Target::Primary, Some(need)) = (target, verify) {
+                match poll_position(&mut conn).await {
+                    Ok(Some(at)) if at < need => {
+                        conn.release();
+                        metrics::counter!(m::TOKENS_AHEAD_TOTAL).increment(1);
+                        self.unit_error(&batch, token_ahead(need, at));
+                        return Ok(());
+                    }
+                    Ok(_) => {}
+                    Err(e) => {
+                        if e.is_connection_failure() {
+                            self.shared.monitor.report_failure(node, &e.to_string());
+                        }
+                        drop(conn);
+                        self.unit_error(&batch, PgError::error(e.sqlstate(), e.to_string()));
+                        return Ok(());
+                    }
+                }
+            }
             let settings = self.settings();
             let retryable = on_replica && read;
             let label = match target {
@@ -2001,7 +2148,7 @@ impl Session {
                 } else {
                     h.conn.release();
                 }
-                self.start_unit(Target::Primary, unit, true).await
+                self.start_unit(Target::Primary, unit, true, None).await
             }
             Retry::Wait { need, deadline } => {
                 metrics::counter!(m::TOKEN_WAITS_TOTAL).increment(1);
@@ -2052,7 +2199,8 @@ impl Session {
                     Fallback::Primary => {
                         metrics::counter!(m::FALLBACKS_TOTAL, "reason" => "wait_timeout")
                             .increment(1);
-                        self.start_unit(Target::Primary, unit, true).await
+                        self.start_unit(Target::Primary, unit, true, Some(need))
+                            .await
                     }
                     Fallback::Error => {
                         let waited = started.elapsed();
@@ -2090,7 +2238,7 @@ impl Session {
             let unit = h.unit.take().unwrap_or_default();
             drop(h);
             metrics::counter!(m::FALLBACKS_TOTAL, "reason" => "replica_error").increment(1);
-            return self.start_unit(Target::Primary, unit, true).await;
+            return self.start_unit(Target::Primary, unit, true, None).await;
         }
         self.client.wbuf.extend_from_slice(&h.out);
         drop(h);
@@ -2293,6 +2441,17 @@ fn deallocate_target(sql: &str) -> Option<Option<String>> {
         w.to_ascii_lowercase()
     };
     Some(Some(name))
+}
+
+/// SQLSTATE 55000 for a token ahead of what the primary has.
+fn token_ahead(token: Lsn, primary: Lsn) -> PgError {
+    PgError::error(
+        "55000",
+        format!(
+            "consistency token {token} is ahead of the primary ({primary}): the writes it stands for may have been lost in a failover"
+        ),
+    )
+    .with_hint("The token was forged, or writes acknowledged before a failover were lost. Check the data; a write on the current primary, or a new connection, starts from a fresh token.")
 }
 
 fn unknown_setting(name: &str) -> PgError {

@@ -151,6 +151,135 @@ async fn malformed_messages_are_rejected() {
     env.stop().await;
 }
 
+/// `Parse`/`Bind`/`Describe`/`Close` bodies for raw tests.
+fn parse_msg(name: &[u8], sql: &[u8]) -> Vec<u8> {
+    let mut body = Vec::new();
+    body.extend_from_slice(name);
+    body.push(0);
+    body.extend_from_slice(sql);
+    body.push(0);
+    body.extend_from_slice(&0i16.to_be_bytes());
+    frame(b'P', &body)
+}
+
+fn bind_msg(portal: &[u8], stmt: &[u8]) -> Vec<u8> {
+    let mut body = Vec::new();
+    body.extend_from_slice(portal);
+    body.push(0);
+    body.extend_from_slice(stmt);
+    body.push(0);
+    body.extend_from_slice(&[0, 0, 0, 0, 0, 0]);
+    frame(b'B', &body)
+}
+
+fn execute_msg(portal: &[u8]) -> Vec<u8> {
+    let mut body = portal.to_vec();
+    body.push(0);
+    body.extend_from_slice(&0i32.to_be_bytes());
+    frame(b'E', &body)
+}
+
+fn sync_msg() -> Vec<u8> {
+    frame(b'S', b"")
+}
+
+/// Error codes in `msgs`, in order.
+fn codes(msgs: &[Msg]) -> Vec<String> {
+    msgs.iter()
+        .filter(|m| m.0 == b'E')
+        .filter_map(|m| error_field(&m.1, b'C'))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn protocol_misuse_gets_errors_and_the_session_continues() {
+    let env = start_with(
+        lagrouter::testing::PgCluster::builder().replicas(1),
+        add_trust_user,
+    )
+    .await;
+    let healthy = env.connect().await;
+    let (mut r, _) = Raw::login(env.addr(), "raw").await;
+
+    // A Bind for a statement that was never prepared: 26000, then the
+    // batch is skipped to Sync and the session goes on.
+    r.send(&bind_msg(b"", b"never_prepared")).await;
+    r.send(&execute_msg(b"")).await;
+    r.send(&sync_msg()).await;
+    let msgs = r.read_until(b'Z').await;
+    assert_eq!(codes(&msgs), vec!["26000"], "{msgs:?}");
+    assert!(r.query("SELECT 1").await.iter().any(|m| m.0 == b'D'));
+
+    // Wrong order: Execute of a portal that was never bound (34000 from
+    // the server), Describe of an unknown portal, then a valid batch.
+    r.send(&execute_msg(b"no_portal")).await;
+    r.send(&sync_msg()).await;
+    let msgs = r.read_until(b'Z').await;
+    assert_eq!(codes(&msgs), vec!["34000"], "{msgs:?}");
+    r.send(&frame(b'D', b"Pno_portal\0")).await;
+    r.send(&sync_msg()).await;
+    let msgs = r.read_until(b'Z').await;
+    assert_eq!(codes(&msgs), vec!["34000"], "{msgs:?}");
+    r.send(&parse_msg(b"s1", b"SELECT 7")).await;
+    r.send(&bind_msg(b"", b"s1")).await;
+    r.send(&execute_msg(b"")).await;
+    r.send(&sync_msg()).await;
+    let msgs = r.read_until(b'Z').await;
+    assert!(codes(&msgs).is_empty(), "{msgs:?}");
+    assert!(msgs.iter().any(|m| m.0 == b'D'), "{msgs:?}");
+
+    // Invalid UTF-8 in SQL and in a statement name: 22021 as PostgreSQL
+    // gives, and the connection stays usable.
+    r.send(&frame(b'Q', b"SELECT '\xff\xfe'\0")).await;
+    let msgs = r.read_until(b'Z').await;
+    assert_eq!(codes(&msgs), vec!["22021"], "{msgs:?}");
+    r.send(&parse_msg(b"bad\xc3\x28", b"SELECT 1")).await;
+    r.send(&bind_msg(b"", b"bad\xc3\x28")).await;
+    r.send(&sync_msg()).await;
+    let msgs = r.read_until(b'Z').await;
+    assert_eq!(codes(&msgs), vec!["22021"], "{msgs:?}");
+    assert!(r.query("SELECT 2").await.iter().any(|m| m.0 == b'D'));
+
+    // A Describe with an invalid target type is a protocol violation.
+    r.send(&frame(b'D', b"Xname\0")).await;
+    r.send(&sync_msg()).await;
+    let msgs = r.read_until(b'E').await;
+    assert_eq!(sqlstate(&msgs).as_deref(), Some("08P01"), "{msgs:?}");
+    assert!(r.closed().await);
+
+    // A password message after startup is out of order: 08P01.
+    let (mut r, _) = Raw::login(env.addr(), "raw").await;
+    r.send(&frame(b'p', b"secret\0")).await;
+    let msgs = r.read_until(b'E').await;
+    assert_eq!(sqlstate(&msgs).as_deref(), Some("08P01"), "{msgs:?}");
+    assert!(r.closed().await);
+
+    // A forged token (valid checksum, position far ahead): after max_wait
+    // the primary is asked and the read is refused with 55000.
+    let cluster = env
+        .proxy
+        .topology()
+        .cluster
+        .expect("cluster identity known");
+    let forged = lagrouter::ConsistencyToken::new(
+        lagrouter::Lsn(1 << 60),
+        cluster.system_identifier,
+        cluster.timeline,
+    )
+    .encode();
+    let c = env.connect().await;
+    c.batch_execute(&format!("SET lagrouter.min_token = '{forged}'"))
+        .await
+        .unwrap();
+    let e = c.simple_query("SELECT 1").await.unwrap_err();
+    assert_eq!(e.code().map(|c| c.code()), Some("55000"), "{e}");
+    let e = c.query_one("SELECT 1", &[]).await.unwrap_err();
+    assert_eq!(e.code().map(|c| c.code()), Some("55000"), "{e}");
+
+    assert_healthy(&env, &healthy).await;
+    env.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn authentication_failures() {
     let env = start_with(lagrouter::testing::PgCluster::builder().replicas(1), |c| {

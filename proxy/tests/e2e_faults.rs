@@ -1,6 +1,8 @@
-//! Node failures through the proxy: a replica killed under read load causes
-//! no client-visible read error; with the primary killed, writes fail fast
-//! with a connection-class SQLSTATE while reads keep being served.
+//! Faults through the proxy: a replica killed under read load causes no
+//! client-visible read error; with the primary killed, writes fail fast with
+//! a connection-class SQLSTATE while reads keep being served; connection
+//! storms and exhausted pools get clear errors (53300), and clients idle in
+//! a transaction are closed.
 
 mod e2e_support;
 
@@ -117,5 +119,169 @@ async fn primary_killed_writes_fail_fast_and_reads_continue() {
         assert_eq!(row.get(0), Some("1"));
         assert_eq!(row.get(1), Some("t"), "served by a replica");
     }
+    env.stop().await;
+}
+
+/// A counter's value from `/metrics` (summed over label sets matching
+/// `labels`).
+async fn metric(env: &Env, name: &str, labels: &str) -> f64 {
+    let (_, body) = http_get(env.proxy.admin_addr(), "/metrics").await;
+    body.lines()
+        .filter(|l| l.starts_with(name) && l.contains(labels))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connection_storms_and_exhausted_pools_get_clear_errors() {
+    let env = start_with(lagrouter::testing::PgCluster::builder().replicas(1), |c| {
+        add_trust_user(c);
+        c.proxy.max_client_connections = 40;
+        c.pool.size = 2;
+        c.pool.checkout_timeout = Duration::from_millis(500);
+    })
+    .await;
+    let raw = raw_conn_str(env.addr());
+
+    // At the client limit, one more is refused with 53300.
+    let mut held = Vec::new();
+    for _ in 0..40 {
+        held.push(connect(&raw).await);
+    }
+    let proxy = &env.proxy;
+    wait_until(Duration::from_secs(10), "40 clients", || async {
+        proxy.clients() == 40
+    })
+    .await;
+    let e = tokio_postgres::connect(&raw, tokio_postgres::NoTls)
+        .await
+        .err()
+        .expect("over the client limit");
+    assert_eq!(e.code().map(|c| c.code()), Some("53300"), "{e}");
+
+    // Both primary connections held by open transactions: a third writer
+    // waits checkout_timeout, then gets 53300; nothing hangs.
+    held[0]
+        .batch_execute("CREATE TABLE storm(i int)")
+        .await
+        .unwrap();
+    held[0]
+        .batch_execute("BEGIN; INSERT INTO storm VALUES (1)")
+        .await
+        .unwrap();
+    held[1]
+        .batch_execute("BEGIN; INSERT INTO storm VALUES (2)")
+        .await
+        .unwrap();
+    let e = tokio::time::timeout(
+        Duration::from_secs(10),
+        held[2].simple_query("INSERT INTO storm VALUES (3)"),
+    )
+    .await
+    .expect("an exhausted pool must not hang the client")
+    .expect_err("no server connection free");
+    assert_eq!(e.code().map(|c| c.code()), Some("53300"), "{e}");
+    // Reads still go to the replica meanwhile.
+    held[3].simple_query("SELECT 1").await.unwrap();
+    held[0].batch_execute("COMMIT").await.unwrap();
+    held[2]
+        .simple_query("INSERT INTO storm VALUES (3)")
+        .await
+        .unwrap();
+    held[1].batch_execute("COMMIT").await.unwrap();
+    drop(held);
+    wait_until(Duration::from_secs(10), "clients gone", || async {
+        proxy.clients() == 0
+    })
+    .await;
+
+    // A storm of 150 simultaneous clients, each connecting and querying:
+    // each is served or refused with 53300, none hangs or sees another error.
+    let mut tasks = Vec::new();
+    for i in 0..150 {
+        let raw = raw.clone();
+        tasks.push(tokio::spawn(async move {
+            let work = async {
+                let (c, conn) = tokio_postgres::connect(&raw, tokio_postgres::NoTls).await?;
+                tokio::spawn(conn);
+                c.simple_query(&format!("SELECT {i}")).await?;
+                if i % 3 == 0 {
+                    c.simple_query(&format!("INSERT INTO storm VALUES ({i})"))
+                        .await?;
+                }
+                Ok::<_, tokio_postgres::Error>(())
+            };
+            tokio::time::timeout(Duration::from_secs(60), work)
+                .await
+                .expect("a storm client hung")
+        }));
+    }
+    let (mut served, mut refused, mut other) = (0, 0, Vec::new());
+    for t in tasks {
+        match t.await.unwrap() {
+            Ok(()) => served += 1,
+            Err(e) if e.code().map(|c| c.code()) == Some("53300") => refused += 1,
+            Err(e) => other.push(e.to_string()),
+        }
+    }
+    assert!(other.is_empty(), "unexpected errors: {other:?}");
+    assert!(served > 0, "no storm client was served");
+    wait_until(Duration::from_secs(10), "storm clients gone", || async {
+        proxy.clients() == 0
+    })
+    .await;
+    let c = env.connect().await;
+    c.simple_query("SELECT 1").await.unwrap();
+    println!("connection storm: 150 clients, {served} served, {refused} refused with 53300");
+    env.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_in_transaction_clients_are_closed_and_rolled_back() {
+    let env = start_with(lagrouter::testing::PgCluster::builder().replicas(1), |c| {
+        c.proxy.idle_transaction_timeout = Duration::from_millis(300);
+        c.pool.size = 1;
+    })
+    .await;
+    let c = env.connect().await;
+    c.batch_execute("CREATE TABLE itx(i int)").await.unwrap();
+    // Idle outside a transaction: not affected.
+    let idle = env.connect().await;
+    let c2 = env.connect().await;
+    c2.batch_execute("BEGIN; INSERT INTO itx VALUES (1)")
+        .await
+        .unwrap();
+    let e = tokio::time::timeout(Duration::from_secs(30), async {
+        // The proxy closes the connection: the next statement fails.
+        wait_until(
+            Duration::from_secs(30),
+            "the idle transaction closed",
+            || async { c2.is_closed() },
+        )
+        .await;
+        c2.simple_query("SELECT 1").await.unwrap_err()
+    })
+    .await
+    .unwrap();
+    assert!(e.is_closed(), "{e}");
+    // The held primary connection (pool size 1) is free again and the
+    // transaction was rolled back.
+    let n: i64 = c
+        .query_one("SELECT count(*) FROM itx", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 0);
+    c.batch_execute("INSERT INTO itx VALUES (2)").await.unwrap();
+    idle.simple_query("SELECT 1").await.unwrap();
+    assert!(
+        metric(
+            &env,
+            "lagrouter_proxy_client_timeouts_total",
+            "idle_in_transaction"
+        )
+        .await
+            >= 1.0
+    );
     env.stop().await;
 }

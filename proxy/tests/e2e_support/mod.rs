@@ -92,6 +92,15 @@ pub fn conn_str(addr: SocketAddr, user: &str, password: &str) -> String {
     )
 }
 
+/// Connection string of the trust user `raw` (see [`add_trust_user`]).
+pub fn raw_conn_str(addr: SocketAddr) -> String {
+    format!(
+        "host={} port={} user=raw dbname=postgres connect_timeout=10",
+        addr.ip(),
+        addr.port()
+    )
+}
+
 pub async fn connect(s: &str) -> Client {
     let (client, conn) = tokio_postgres::connect(s, NoTls)
         .await
