@@ -1,7 +1,8 @@
 //! Failover through the proxy: the primary dies after the standbys stopped
 //! receiving WAL, a replica is promoted, and the proxy follows it without a
 //! restart. Every write a client saw acknowledged is either readable with
-//! its token or reported lost (SQLSTATE 55000), never silently missing.
+//! its token or reported lost (SQLSTATE 55000), never silently missing. The
+//! old primary then rejoins as a standby and serves reads again.
 
 mod e2e_support;
 
@@ -300,6 +301,26 @@ async fn promoted_replica_is_followed_and_lost_writes_are_reported() {
             .any(|l| l.starts_with("lagrouter_proxy_tokens_ahead_total") && !l.ends_with(" 0")),
         "{metrics}"
     );
+
+    // The old primary comes back as a standby of the new one (pg_rewind):
+    // the proxy re-admits it as a replica and sends it reads.
+    let old_i = proxy_index(&env, old_primary);
+    pg.rejoin_as_standby(old_primary).await.unwrap();
+    wait_until(DEADLINE, "the old primary back as a replica", || async {
+        let n = &proxy.topology().nodes[old_i];
+        n.healthy && n.role == lagrouter::Role::Replica
+    })
+    .await;
+    let old_port = pg.config(old_primary).get_ports()[0].to_string();
+    let reader = env.connect().await;
+    wait_until(DEADLINE, "a read served by the rejoined node", || async {
+        let msgs = reader
+            .simple_query("SELECT inet_server_port()::text")
+            .await
+            .unwrap();
+        first_value(&msgs).as_deref() == Some(old_port.as_str())
+    })
+    .await;
 
     println!(
         "proxy failover: {} writes acknowledged, {} lost and all {} reported (55000), \

@@ -1,6 +1,8 @@
 //! Property tests: the proxy's message framing, decoding and statement
-//! classification never panic on arbitrary client bytes, and a well-formed
-//! message split at any point is reassembled exactly.
+//! classification never panic on arbitrary client bytes (not even a panic
+//! caught inside the decoder), well-formed extended-protocol messages always
+//! decode, any truncation of them is rejected, and a well-formed message
+//! split at any point is reassembled exactly.
 use bytes::{BufMut, BytesMut};
 use lagrouter_proxy::classify::classify;
 use lagrouter_proxy::protocol::{
@@ -10,6 +12,73 @@ use lagrouter_proxy::protocol::{
 use proptest::prelude::*;
 
 const MAX: usize = 1 << 20;
+
+static PANICS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// Counts every panic in the process, including ones a decoder catches
+/// internally, so that "never panics" can fail.
+fn count_panics() {
+    static HOOK: std::sync::Once = std::sync::Once::new();
+    HOOK.call_once(|| {
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            PANICS.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            previous(info);
+        }));
+    });
+}
+
+fn panics() -> usize {
+    PANICS.load(std::sync::atomic::Ordering::SeqCst)
+}
+
+/// Encodes extended-protocol messages with `postgres-protocol`.
+fn extended_messages(
+    name: &str,
+    sql: &str,
+    types: &[u32],
+    params: &[Option<Vec<u8>>],
+    formats: &[i16],
+) -> Vec<BytesMut> {
+    use postgres_protocol::message::frontend;
+    let mut out = Vec::new();
+    let mut b = BytesMut::new();
+    frontend::parse(name, sql, types.iter().copied(), &mut b).unwrap();
+    out.push(b);
+    let mut b = BytesMut::new();
+    let r = frontend::bind(
+        name,
+        name,
+        formats.iter().copied(),
+        params.iter(),
+        |p, buf| match p {
+            Some(v) => {
+                buf.put_slice(v);
+                Ok(postgres_protocol::IsNull::No)
+            }
+            None => Ok(postgres_protocol::IsNull::Yes),
+        },
+        formats.iter().copied(),
+        &mut b,
+    );
+    assert!(r.is_ok());
+    out.push(b);
+    for kind in [b'S', b'P'] {
+        let mut b = BytesMut::new();
+        frontend::describe(kind, name, &mut b).unwrap();
+        out.push(b);
+        let mut b = BytesMut::new();
+        frontend::close(kind, name, &mut b).unwrap();
+        out.push(b);
+    }
+    let mut b = BytesMut::new();
+    frontend::execute(name, 7, &mut b).unwrap();
+    out.push(b);
+    let mut b = BytesMut::new();
+    frontend::query(sql, &mut b).unwrap();
+    out.push(b);
+    out
+}
 
 fn config() -> ProptestConfig {
     ProptestConfig {
@@ -53,20 +122,56 @@ proptest! {
         tag in prop::sample::select(b"QPBDECSHFXdcfp!z\0".to_vec()),
         body in proptest::collection::vec(any::<u8>(), 0..256),
     ) {
+        count_panics();
+        let before = panics();
         let mut buf = framed(tag, &body);
         let frame = split_frame(&mut buf, MAX).unwrap().expect("complete frame");
         let _ = decode_frontend(&frame);
         let _ = data_row_texts(&frame);
         let _ = rename_statement(&frame, 0, "s");
         let _ = rename_statement(&frame, 1, "s");
+        prop_assert_eq!(panics(), before);
+    }
+
+    #[test]
+    fn well_formed_extended_messages_decode_and_truncations_are_rejected(
+        name in "[a-z_0-9\\PC]{0,12}",
+        sql in "\\PC{0,60}",
+        types in proptest::collection::vec(any::<u32>(), 0..4),
+        params in proptest::collection::vec(proptest::option::of(proptest::collection::vec(any::<u8>(), 0..16)), 0..5),
+        formats in proptest::collection::vec(0i16..2, 0..3),
+    ) {
+        count_panics();
+        let before = panics();
+        for whole in extended_messages(&name, &sql, &types, &params, &formats) {
+            let frame = split_frame(&mut whole.clone(), MAX).unwrap().expect("complete");
+            prop_assert!(decode_frontend(&frame).is_ok(), "{:?}", frame);
+            // The same message cut short, with a consistent length header.
+            for cut in 1..whole.len() - 5 {
+                let mut short = framed(whole[0], &whole[5..whole.len() - cut]);
+                let frame = split_frame(&mut short, MAX).unwrap().expect("complete");
+                let tag = whole[0];
+                // A cut that only shortens the last name or SQL string but
+                // keeps a NUL is still well-formed for a few message types.
+                if tag == b'B' || tag == b'P' || tag == b'E' {
+                    prop_assert!(decode_frontend(&frame).is_err(), "{:?}", frame);
+                } else {
+                    let _ = decode_frontend(&frame);
+                }
+            }
+        }
+        prop_assert_eq!(panics(), before);
     }
 
     #[test]
     fn random_streams_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..1024)) {
         let mut buf = BytesMut::from(&bytes[..]);
+        count_panics();
+        let before = panics();
         while let Ok(Some(frame)) = split_frame(&mut buf, 4096) {
             let _ = decode_frontend(&frame);
         }
+        prop_assert_eq!(panics(), before);
     }
 
     #[test]
