@@ -340,6 +340,13 @@ pub fn parse_backend(frame: &Frame) -> io::Result<backend::Message> {
         .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "truncated server message"))
 }
 
+/// The tag of a `CommandComplete` frame (`b"COMMIT"`, `b"INSERT 0 1"`, …).
+pub fn command_tag(frame: &Frame) -> &[u8] {
+    let body = frame.body();
+    let end = body.iter().position(|&b| b == 0).unwrap_or(body.len());
+    &body[..end]
+}
+
 /// The interesting fields of an `ErrorResponse` / `NoticeResponse`.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct ErrorFields {

@@ -260,6 +260,10 @@ struct Held {
     unit_open: bool,
     unnamed_ok: bool,
     query_error: bool,
+    /// Since the last transaction boundary, a statement failed or the
+    /// transaction was rolled back: if the session ends up idle, settings
+    /// made since then were undone by the server.
+    txn_failed: bool,
     /// A `Flush` arrived while the replica's position was being checked.
     flush_pending: bool,
     portal_class: HashMap<String, Arc<Classification>>,
@@ -358,6 +362,10 @@ struct Session {
     desired: BTreeMap<String, String>,
     /// The settings from the startup packet (what `RESET` returns to).
     startup_desired: BTreeMap<String, String>,
+    /// `desired` and the held connection's applied settings as of the last
+    /// transaction boundary: what a rollback returns them to, as the server
+    /// undoes a `SET` made inside a transaction that does not commit.
+    committed_settings: (BTreeMap<String, String>, BTreeMap<String, String>),
     prepared: HashMap<String, Arc<StmtInfo>>,
     unnamed: Option<Arc<StmtInfo>>,
     local_portals: HashMap<String, LocalStmt>,
@@ -389,6 +397,7 @@ pub async fn run(shared: Arc<Shared>, client: ClientConn, info: StartupInfo) {
         last_write: None,
         desired: BTreeMap::new(),
         startup_desired: BTreeMap::new(),
+        committed_settings: Default::default(),
         prepared: HashMap::new(),
         unnamed: None,
         local_portals: HashMap::new(),
@@ -1406,6 +1415,7 @@ impl Session {
                 unit_open: false,
                 unnamed_ok: false,
                 query_error: false,
+                txn_failed: false,
                 flush_pending: false,
                 portal_class: HashMap::new(),
                 _inflight: self.shared.router().track(node),
@@ -1417,6 +1427,9 @@ impl Session {
                     h.queue.push_back(Expect::Prelude);
                     h.conn.applied = self.desired.clone();
                 }
+            }
+            if self.txn_status == b'I' {
+                self.committed_settings = (self.desired.clone(), h.conn.applied.clone());
             }
             if let (Target::ReplicaIfCaughtUp(_), Some(t)) = (target, self.token) {
                 let parsed = encode_probe(&mut h.conn);
@@ -1741,6 +1754,7 @@ impl Session {
         let mut actions: Vec<Action> = Vec::new();
         let mut client_z: Option<Frame> = None;
         let mut probe_done: Option<(ProbeKind, bool, Option<Position>)> = None;
+        let mut committed = false;
         {
             let h = self.backend.as_mut().expect("held");
             let head_is_client = matches!(h.queue.front(), Some(Expect::Client { .. }) | None);
@@ -1843,6 +1857,7 @@ impl Session {
                                 }));
                             }
                             h.emit(&f.bytes);
+                            h.txn_failed = true;
                             if kind == b'Q' {
                                 h.query_error = true;
                             } else if let Some(Expect::Client { on_fail, .. }) = h.queue.pop_front()
@@ -1885,6 +1900,11 @@ impl Session {
                             h.copy_in = false;
                             h.copy_ignoring_sync = false;
                             h.emit(&f.bytes);
+                            match protocol::command_tag(&f) {
+                                b"ROLLBACK" => h.txn_failed = true,
+                                b"COMMIT" => committed = true,
+                                _ => {}
+                            }
                             if kind == b'E' {
                                 if let Some(Expect::Client { on_success, .. }) = h.queue.pop_front()
                                 {
@@ -1908,6 +1928,9 @@ impl Session {
             }
         }
         self.apply_actions(actions);
+        if committed {
+            self.settings_at_boundary();
+        }
         if let Some(z) = client_z {
             self.on_client_ready(z);
         }
@@ -1928,6 +1951,19 @@ impl Session {
             return;
         }
         self.txn_status = status;
+        match status {
+            b'I' => {
+                if std::mem::take(&mut h.txn_failed) {
+                    // Rolled back: the server undid this transaction's SETs.
+                    self.desired = self.committed_settings.0.clone();
+                    h.conn.applied = self.committed_settings.1.clone();
+                }
+                self.committed_settings = (self.desired.clone(), h.conn.applied.clone());
+            }
+            // Recovered (ROLLBACK TO SAVEPOINT): the transaction goes on.
+            b'T' => h.txn_failed = false,
+            _ => {}
+        }
         if !h.has_client_entries() {
             h.predicted = status;
         }
@@ -2049,6 +2085,14 @@ impl Session {
 
     /// Records a successful `SET`/`RESET`/`DISCARD` so it is replayed on
     /// whichever backend serves the next statement.
+    /// A transaction committed: its settings are now the session's.
+    fn settings_at_boundary(&mut self) {
+        if let Some(h) = &mut self.backend {
+            h.txn_failed = false;
+            self.committed_settings = (self.desired.clone(), h.conn.applied.clone());
+        }
+    }
+
     fn apply_setting(&mut self, kind: StatementKind) {
         let h = self.backend.as_mut();
         match kind {

@@ -251,6 +251,63 @@ async fn settings_follow_the_session_across_backends() {
         .await
         .unwrap();
     assert_ne!(r.get::<_, String>(0), "client-a");
+    // A SET inside a transaction that does not commit is undone, as the
+    // server undoes it; one that commits stays.
+    let mut a = a;
+    async fn work_mem(c: &tokio_postgres::Client) -> String {
+        let r = c.simple_query("SHOW work_mem").await.unwrap();
+        simple_rows(&r)[0][0].clone().unwrap()
+    }
+    let default_work_mem = work_mem(&a).await;
+    a.batch_execute("BEGIN; SET work_mem = '7MB'; ROLLBACK")
+        .await
+        .unwrap();
+    assert_eq!(
+        work_mem(&a).await,
+        default_work_mem,
+        "simple-query ROLLBACK"
+    );
+    a.batch_execute("BEGIN").await.unwrap();
+    a.batch_execute("SET work_mem = '8MB'").await.unwrap();
+    a.batch_execute("SELECT 1/0").await.unwrap_err();
+    a.batch_execute("COMMIT").await.unwrap();
+    assert_eq!(
+        work_mem(&a).await,
+        default_work_mem,
+        "COMMIT of a failed transaction"
+    );
+    {
+        let tx = a.transaction().await.unwrap();
+        tx.execute("SET work_mem = '9MB'", &[]).await.unwrap();
+        tx.rollback().await.unwrap();
+    }
+    assert_eq!(
+        work_mem(&a).await,
+        default_work_mem,
+        "extended-protocol ROLLBACK"
+    );
+    {
+        let tx = a.transaction().await.unwrap();
+        tx.execute("SET work_mem = '10MB'", &[]).await.unwrap();
+        tx.commit().await.unwrap();
+    }
+    assert_eq!(work_mem(&a).await, "10MB", "committed SET");
+    a.batch_execute("BEGIN; SET work_mem = '11MB'; SAVEPOINT s")
+        .await
+        .unwrap();
+    a.batch_execute("SELECT 1/0").await.unwrap_err();
+    a.batch_execute("ROLLBACK TO SAVEPOINT s; COMMIT")
+        .await
+        .unwrap();
+    assert_eq!(
+        work_mem(&a).await,
+        "11MB",
+        "committed after a savepoint rollback"
+    );
+    for _ in 0..5 {
+        assert_eq!(work_mem(&a).await, "11MB", "on every backend");
+    }
+
     // Startup parameters apply too.
     let c = connect(&format!("{} application_name=from-startup", env.conn_str())).await;
     for _ in 0..5 {
