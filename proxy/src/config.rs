@@ -60,10 +60,10 @@ role = "replica"
 
 [pool]
 size = 20                          # per node per (user, database)
-min_idle = 0
+min_idle = 0                       # idle connections kept open per pool, opened ahead of demand
 checkout_timeout = "5s"
 connect_timeout = "5s"
-server_idle_timeout = "10m"        # 0 = never
+server_idle_timeout = "10m"        # close connections idle this long (down to min_idle); 0 = never
 
 [[users]]
 name = "app"

@@ -3,7 +3,8 @@
 //! A client holds a connection only while a statement or transaction runs
 //! (transaction pooling). Checkout waits up to the configured timeout for a
 //! free slot; idle connections are reused newest first and are closed when
-//! idle or alive for too long.
+//! idle or alive for too long. [`Pools::maintain`], run periodically, closes
+//! connections idle past the timeout and opens new ones up to `min_idle`.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -20,6 +21,10 @@ use crate::backend::{BackendConn, BackendError, BackendTarget};
 pub struct PoolSettings {
     /// Connections per (node, user, database).
     pub size: usize,
+    /// Per-node overrides of `size`, by node index.
+    pub node_sizes: Vec<Option<usize>>,
+    /// Idle connections kept open per pool (opened ahead of demand).
+    pub min_idle: usize,
     /// How long a client waits for a free connection.
     pub checkout_timeout: Duration,
     /// Bound on opening one connection.
@@ -34,11 +39,33 @@ impl Default for PoolSettings {
     fn default() -> Self {
         PoolSettings {
             size: 20,
+            node_sizes: Vec::new(),
+            min_idle: 0,
             checkout_timeout: Duration::from_secs(5),
             connect_timeout: Duration::from_secs(5),
             idle_timeout: Duration::from_secs(600),
             max_lifetime: Duration::from_secs(3600),
         }
+    }
+}
+
+impl PoolSettings {
+    /// The pool size for node `node`.
+    pub fn size_for(&self, node: usize) -> usize {
+        self.node_sizes
+            .get(node)
+            .copied()
+            .flatten()
+            .unwrap_or(self.size)
+            .max(1)
+    }
+
+    /// Whether an idle connection has outlived the idle timeout or its
+    /// lifetime.
+    fn expired(&self, c: &BackendConn, now: Instant) -> bool {
+        (!self.idle_timeout.is_zero() && now.duration_since(c.idle_since) > self.idle_timeout)
+            || (!self.max_lifetime.is_zero()
+                && now.duration_since(c.created_at) > self.max_lifetime)
     }
 }
 
@@ -113,12 +140,13 @@ pub struct PoolStats {
 
 impl NodePool {
     fn new(key: PoolKey, target: BackendTarget, settings: PoolSettings) -> Self {
+        let size = settings.size_for(key.node);
         NodePool {
             key,
             target,
             idle: Mutex::new(Vec::new()),
-            sem: Arc::new(Semaphore::new(settings.size.max(1))),
-            size: Mutex::new(settings.size.max(1)),
+            sem: Arc::new(Semaphore::new(size)),
+            size: Mutex::new(size),
             settings: Mutex::new(settings),
             created: AtomicU64::new(0),
             open: Arc::new(AtomicUsize::new(0)),
@@ -144,11 +172,7 @@ impl NodePool {
         loop {
             let candidate = self.idle.lock().expect("pool lock").pop();
             let Some(conn) = candidate else { break };
-            let stale = (!settings.idle_timeout.is_zero()
-                && now.duration_since(conn.idle_since) > settings.idle_timeout)
-                || (!settings.max_lifetime.is_zero()
-                    && now.duration_since(conn.created_at) > settings.max_lifetime);
-            if stale {
+            if settings.expired(&conn, now) {
                 self.open.fetch_sub(1, Ordering::Relaxed);
                 tokio::spawn(conn.terminate());
                 continue;
@@ -190,7 +214,7 @@ impl NodePool {
     }
 
     fn resize(&self, settings: PoolSettings) {
-        let new = settings.size.max(1);
+        let new = settings.size_for(self.key.node);
         *self.settings.lock().expect("pool lock") = settings;
         let mut size = self.size.lock().expect("pool lock");
         let old = *size;
@@ -205,6 +229,63 @@ impl NodePool {
                     p.forget();
                 }
             });
+        }
+    }
+
+    /// Closes idle connections past the idle timeout or lifetime (keeping
+    /// `min_idle`), then opens connections until `min_idle` are idle, as far
+    /// as the pool size allows. Failures to connect are left to the next
+    /// round (the lag monitor reports the node).
+    async fn maintain(&self) {
+        let settings = self.settings();
+        let now = Instant::now();
+        let expired: Vec<BackendConn> = {
+            let mut idle = self.idle.lock().expect("pool lock");
+            let mut budget = idle.len().saturating_sub(settings.min_idle);
+            let mut keep = Vec::with_capacity(idle.len());
+            let mut expired = Vec::new();
+            // Oldest first (connections are reused from the back).
+            for c in idle.drain(..) {
+                if budget > 0 && settings.expired(&c, now) {
+                    budget -= 1;
+                    expired.push(c);
+                } else {
+                    keep.push(c);
+                }
+            }
+            *idle = keep;
+            expired
+        };
+        if !expired.is_empty() {
+            self.open.fetch_sub(expired.len(), Ordering::Relaxed);
+            for c in expired {
+                c.terminate().await;
+            }
+        }
+        let size = *self.size.lock().expect("pool lock");
+        let want = settings.min_idle.min(size);
+        while self.idle.lock().expect("pool lock").len() < want
+            && self.open.load(Ordering::Relaxed) < size
+        {
+            // Hold a permit while connecting so the pool never exceeds its size.
+            let Ok(permit) = self.sem.clone().try_acquire_owned() else {
+                return;
+            };
+            match BackendConn::connect(self.key.node, &self.target, settings.connect_timeout).await
+            {
+                Ok(conn) => {
+                    self.created.fetch_add(1, Ordering::Relaxed);
+                    self.open.fetch_add(1, Ordering::Relaxed);
+                    metrics::counter!("lagrouter_proxy_server_connections_opened_total")
+                        .increment(1);
+                    self.checkin(conn);
+                    drop(permit);
+                }
+                Err(e) => {
+                    tracing::debug!(node = self.key.node, error = %e, "min_idle: connect failed");
+                    return;
+                }
+            }
         }
     }
 
@@ -330,6 +411,21 @@ impl Pools {
             .collect();
         v.sort_by(|a, b| (a.node, &a.user, &a.database).cmp(&(b.node, &b.user, &b.database)));
         v
+    }
+
+    /// Expires idle connections and tops pools up to `min_idle`; the proxy
+    /// runs this every second.
+    pub async fn maintain(&self) {
+        let pools: Vec<Arc<NodePool>> = self
+            .pools
+            .lock()
+            .expect("pools lock")
+            .values()
+            .cloned()
+            .collect();
+        for p in pools {
+            p.maintain().await;
+        }
     }
 
     /// Closes idle connections of every pool (at shutdown).

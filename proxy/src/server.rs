@@ -160,6 +160,8 @@ impl Settings {
         let p = &self.config.pool;
         PoolSettings {
             size: p.size,
+            node_sizes: self.config.nodes.iter().map(|n| n.pool_size).collect(),
+            min_idle: p.min_idle,
             checkout_timeout: p.checkout_timeout,
             connect_timeout: p.connect_timeout,
             idle_timeout: p.server_idle_timeout,
@@ -520,6 +522,18 @@ impl Proxy {
             }
         });
 
+        // Pool maintenance: idle expiry and min_idle.
+        let weak = Arc::downgrade(&shared);
+        let maintain_task = tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                let Some(s) = weak.upgrade() else { return };
+                s.pools.maintain().await;
+            }
+        });
+
         // Client listener.
         let accept_shared = shared.clone();
         let mut accept_shutdown = shutdown_rx.clone();
@@ -552,7 +566,7 @@ impl Proxy {
             local_addr,
             admin_addr,
             shutdown_tx,
-            tasks: vec![accept_task, admin_task, gauges_task],
+            tasks: vec![accept_task, admin_task, gauges_task, maintain_task],
         })
     }
 }

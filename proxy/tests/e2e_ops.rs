@@ -389,3 +389,82 @@ async fn reload_under_load_loses_nothing() {
     println!("reload under load: 9 reloads (1 rejected), {total} acknowledged writes, all stored");
     env.stop().await;
 }
+
+/// `pool.min_idle` connections are opened ahead of demand, a node's
+/// `pool_size` caps its pools, and connections idle past
+/// `server_idle_timeout` are closed down to `min_idle`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pools_keep_min_idle_respect_node_sizes_and_expire_idle_connections() {
+    let env = start_with(lagrouter::testing::PgCluster::builder().replicas(1), |c| {
+        c.pool.size = 4;
+        c.pool.min_idle = 2;
+        c.pool.server_idle_timeout = Duration::from_millis(500);
+        c.nodes[1].pool_size = Some(3);
+    })
+    .await;
+    let pools = |env: &Env| -> Vec<serde_json::Value> {
+        env.proxy.status()["pools"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+    };
+    let c = env.connect().await;
+    c.batch_execute("CREATE TABLE mi(i int)").await.unwrap();
+    env.cluster
+        .wait_caught_up(Duration::from_secs(30))
+        .await
+        .unwrap();
+    c.query("SELECT count(*) FROM mi", &[]).await.unwrap();
+    // Both nodes' pools exist and are topped up to min_idle.
+    wait_until(
+        Duration::from_secs(30),
+        "min_idle idle connections",
+        || async {
+            let p = pools(&env);
+            p.len() == 2 && p.iter().all(|p| p["idle"].as_u64() >= Some(2))
+        },
+    )
+    .await;
+    let sizes: Vec<(u64, u64)> = pools(&env)
+        .iter()
+        .map(|p| (p["node"].as_u64().unwrap(), p["size"].as_u64().unwrap()))
+        .collect();
+    assert_eq!(sizes, vec![(0, 4), (1, 3)]);
+
+    // A burst of 6 concurrent reads on the replica: never more than 3
+    // connections to it.
+    let mut clients = Vec::new();
+    for _ in 0..6 {
+        clients.push(env.connect().await);
+    }
+    let reads = clients
+        .iter()
+        .map(|c| c.query("SELECT pg_sleep(0.1), count(*) FROM mi", &[]));
+    let watch = async {
+        let mut most = 0;
+        for _ in 0..50 {
+            for p in pools(&env) {
+                if p["node"] == 1 {
+                    most = most.max(p["open"].as_u64().unwrap());
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        most
+    };
+    let (results, most) = tokio::join!(futures_util::future::join_all(reads), watch);
+    assert!(results.iter().all(|r| r.is_ok()), "{results:?}");
+    assert!(most <= 3, "{most} connections to a node with pool_size 3");
+
+    // Idle connections are closed after server_idle_timeout, down to
+    // min_idle, without any client activity.
+    drop(clients);
+    wait_until(
+        Duration::from_secs(30),
+        "idle connections expired",
+        || async { pools(&env).iter().all(|p| p["open"].as_u64() == Some(2)) },
+    )
+    .await;
+    c.simple_query("SELECT 1").await.unwrap();
+    env.stop().await;
+}
