@@ -436,7 +436,7 @@ async fn failover_routes_writes_to_the_promoted_replica_and_reports_lost_writes(
     assert!(counters::get("lagrouter_tokens_ahead_total") >= ahead0 + 3 * reported.len() as u64);
     assert!(counters::get("lagrouter_primary_changes_total") > changes0);
 
-    println!(
+    lagrouter::testing::report(format_args!(
         "failover (asynchronous, {} acknowledged writes): recovery {:?} from the first failed write \
          to the first write acknowledged by the promoted replica (failure -> promote call {:?}; \
          promote call -> lagrouter's topology switch {:?}, of which pg_promote + repointing the \
@@ -454,7 +454,7 @@ async fn failover_routes_writes_to_the_promoted_replica_and_reports_lost_writes(
         lost.len(),
         reported.len(),
         reported.len() - lost.len(),
-    );
+    ));
 }
 
 /// A clean switchover (fast shutdown sends all WAL to the standbys): no
@@ -556,7 +556,7 @@ async fn switchover_loses_nothing_and_the_old_primary_rejoins_as_a_replica() {
         timeout(DEADLINE, r).await.expect("reader stops").unwrap();
     }
     let read_errors = read_errors.lock().unwrap().clone();
-    println!(
+    lagrouter::testing::report(format_args!(
         "switchover (clean shutdown, {} acknowledged writes): recovery {:?} from the first failed \
          write to the first write acknowledged by the promoted replica (failure -> promote call {:?}; \
          promote call -> topology switch {:?}; switch -> first acknowledged write {:?}); lost \
@@ -569,6 +569,6 @@ async fn switchover_loses_nothing_and_the_old_primary_rejoins_as_a_replica() {
         reads.load(Ordering::Relaxed),
         reads.load(Ordering::Relaxed) - reads_at_stop,
         read_errors.len(),
-    );
+    ));
     assert!(read_errors.is_empty(), "read errors: {read_errors:#?}");
 }

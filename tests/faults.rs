@@ -299,7 +299,7 @@ async fn replica_killed_under_concurrent_load_causes_no_errors() {
     let lag_at_readmission = readmitted.lock().unwrap().expect("re-admission seen");
     let errors = load.errors.lock().unwrap().clone();
     let retried = load.retried.load(Ordering::Relaxed) - retried0;
-    println!(
+    lagrouter::testing::report(format_args!(
         "replica kill under load: {} reads, {} writes, {} errors; served per node {:?}; \
          {retried} reads retried elsewhere; kill_node took {kill_took:?}, ejected {ejected_after:?} \
          after the kill started; re-admitted {readmitted_after:?} after the apply delay was lifted \
@@ -311,7 +311,7 @@ async fn replica_killed_under_concurrent_load_causes_no_errors() {
             .iter()
             .map(|c| c.load(Ordering::Relaxed))
             .collect::<Vec<_>>(),
-    );
+    ));
     assert!(errors.is_empty(), "client-visible errors: {errors:#?}");
     assert!(
         retried >= 1,
@@ -523,12 +523,12 @@ async fn primary_killed_writes_fail_fast_and_replicas_keep_serving_reads() {
             }
         }
     }
-    println!(
+    lagrouter::testing::report(format_args!(
         "primary kill: in-flight write failed {in_flight_after:?} after the kill started ({:?}); \
          slowest of 5 failed writes {slowest:?}; writes resumed {:?} after the restart ({attempts} attempts)",
         in_flight.code(),
         restarted.elapsed()
-    );
+    ));
     drop(locker);
 }
 
@@ -596,7 +596,9 @@ async fn pool_exhaustion_is_a_clear_error_after_the_pool_timeout() {
     .expect("a write on an exhausted pool hung")
     .unwrap_err();
     let waited = start.elapsed();
-    println!("pool exhaustion: write failed after {waited:?} (pool timeout {pool_timeout:?}): {e}");
+    lagrouter::testing::report(format_args!(
+        "pool exhaustion: write failed after {waited:?} (pool timeout {pool_timeout:?}): {e}"
+    ));
     assert!(matches!(e, Error::Connect { .. }), "{e:?}");
     assert_eq!(e.code(), Some("08006"));
     assert!(e.is_pool_exhausted());
@@ -654,8 +656,8 @@ async fn pool_exhaustion_is_a_clear_error_after_the_pool_timeout() {
             .unwrap()
             .unwrap();
     }
-    println!(
+    lagrouter::testing::report(format_args!(
         "connection storm: 64 sessions on 1-connection pools done in {:?}",
         start.elapsed()
-    );
+    ));
 }

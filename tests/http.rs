@@ -212,9 +212,9 @@ async fn cookie_carries_read_your_writes_across_instances() {
             by_replica += 1;
         }
     }
-    println!(
+    lagrouter::testing::report(format_args!(
         "100 reads after writes: {by_replica} by replicas; controls without token: {stale_without_token}/10 stale"
-    );
+    ));
     assert!(
         stale_without_token > 0,
         "reads without a token were never stale: the test cannot tell whether the token works"

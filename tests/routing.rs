@@ -151,7 +151,9 @@ async fn no_read_your_writes_violation_in_1000_pairs_with_50ms_apply_delay() {
     }
     let total = (WRITERS * PAIRS) as usize;
     let replica_reads = on_replica.load(Ordering::Relaxed);
-    println!("{total} write-then-read pairs: {replica_reads} reads served by replicas");
+    lagrouter::testing::report(format_args!(
+        "{total} write-then-read pairs: {replica_reads} reads served by replicas"
+    ));
     assert_eq!(violations.load(Ordering::Relaxed), 0, "stale reads");
     // The delay (50 ms) is below max_wait (100 ms): replicas serve most reads.
     assert!(

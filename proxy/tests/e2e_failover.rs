@@ -322,7 +322,7 @@ async fn promoted_replica_is_followed_and_lost_writes_are_reported() {
     })
     .await;
 
-    println!(
+    lagrouter::testing::report(format_args!(
         "proxy failover: {} writes acknowledged, {} lost and all {} reported (55000), \
          {} failed writes (slowest {:?}); new primary in the proxy's topology {:?} after \
          pg_promote was called; recovery (first failed write to first write acknowledged after promotion) {:?}",
@@ -333,6 +333,6 @@ async fn promoted_replica_is_followed_and_lost_writes_are_reported() {
         failures.iter().map(|f| f.took).max().unwrap_or_default(),
         detected,
         first_success - first_failure,
-    );
+    ));
     env.stop().await;
 }

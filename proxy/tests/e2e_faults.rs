@@ -232,7 +232,9 @@ async fn connection_storms_and_exhausted_pools_get_clear_errors() {
     .await;
     let c = env.connect().await;
     c.simple_query("SELECT 1").await.unwrap();
-    println!("connection storm: 150 clients, {served} served, {refused} refused with 53300");
+    lagrouter::testing::report(format_args!(
+        "connection storm: 150 clients, {served} served, {refused} refused with 53300"
+    ));
     env.stop().await;
 }
 

@@ -386,7 +386,9 @@ async fn reload_under_load_loses_nothing() {
         total += ids.len();
     }
     assert!(total >= 160);
-    println!("reload under load: 9 reloads (1 rejected), {total} acknowledged writes, all stored");
+    lagrouter::testing::report(format_args!(
+        "reload under load: 9 reloads (1 rejected), {total} acknowledged writes, all stored"
+    ));
     env.stop().await;
 }
 

@@ -99,9 +99,9 @@ async fn a_client_that_stops_reading_blocks_no_one() {
     .await;
     let c = env.connect().await;
     c.simple_query("SELECT 1").await.unwrap();
-    println!(
+    lagrouter::testing::report(format_args!(
         "stalled client: peak RSS grew {} KiB; cut off after client_write_timeout",
         grew / 1024
-    );
+    ));
     env.stop().await;
 }

@@ -191,6 +191,16 @@ pub fn default_backend() -> Result<BackendKind, HarnessError> {
     ))
 }
 
+/// Writes a measurement line (`measured: …`) straight to the process's
+/// standard error. Unlike `println!`, it is not captured by the test
+/// harness, so the numbers a test observes (recovery times, lost-write
+/// counts, …) show in every test run's output, CI's included.
+pub fn report(line: impl std::fmt::Display) {
+    use std::io::Write;
+    let mut err = std::io::stderr().lock();
+    let _ = writeln!(err, "measured: {line}");
+}
+
 /// Whether a Docker engine answers `GET /_ping`: at `DOCKER_HOST` when set
 /// (`unix://` or `tcp://`), else at `/var/run/docker.sock` or
 /// `~/.docker/run/docker.sock`. Each probe gives up after about a second.
