@@ -172,6 +172,7 @@ impl Drop for LagMonitor {
 }
 
 /// What one probe found.
+#[derive(Clone)]
 struct Probe {
     in_recovery: bool,
     lsn: Option<Lsn>,
@@ -190,6 +191,24 @@ const HISTORY_SQL: &str =
 
 const IDENTITY_SQL: &str = "SELECT (SELECT system_identifier FROM pg_control_system())::text, \
      (SELECT setting FROM pg_settings WHERE name = 'wal_segment_size')";
+
+/// What the snapshot needs of a node besides its probe result: identity
+/// and timeline history, as of the node's latest probe.
+#[derive(Clone, Default)]
+struct NodeMeta {
+    system_identifier: Option<u64>,
+    wal_segment_size: Option<u64>,
+    history: Option<(u32, Vec<(u32, Lsn)>)>,
+}
+
+/// A probe's outcome, handed from the node's probe task to the round.
+struct Outcome {
+    /// When the probe started (a query failure reported after this makes
+    /// a success meaningless).
+    started: Instant,
+    result: Result<Probe, String>,
+    meta: NodeMeta,
+}
 
 struct NodeProbe {
     target: MonitorTarget,
@@ -220,6 +239,35 @@ fn parse_timeline_history(text: &str) -> Vec<(u32, Lsn)> {
 }
 
 impl NodeProbe {
+    fn meta(&self) -> NodeMeta {
+        NodeMeta {
+            system_identifier: self.system_identifier,
+            wal_segment_size: self.wal_segment_size,
+            history: self.history.clone(),
+        }
+    }
+
+    /// Probes in its own task, so that a node that hangs holds up nobody:
+    /// the round goes on without it (keeping its previous state) until its
+    /// probe times out.
+    fn spawn_probe(
+        probe: &Arc<tokio::sync::Mutex<NodeProbe>>,
+        connector: &Arc<Connector>,
+        timeout: Duration,
+    ) -> JoinHandle<Outcome> {
+        let (probe, connector) = (probe.clone(), connector.clone());
+        tokio::spawn(async move {
+            let mut p = probe.lock().await;
+            let started = Instant::now();
+            let result = p.probe(&connector, timeout).await;
+            Outcome {
+                started,
+                result,
+                meta: p.meta(),
+            }
+        })
+    }
+
     async fn probe(&mut self, connector: &Connector, timeout: Duration) -> Result<Probe, String> {
         match tokio::time::timeout(timeout, self.probe_inner(connector)).await {
             Ok(Ok(p)) => Ok(p),
@@ -258,6 +306,18 @@ impl NodeProbe {
         let lsn = row
             .get::<_, Option<&str>>(1)
             .and_then(|s| s.parse::<Lsn>().ok());
+        // A primary's insert position just past a WAL page header is where
+        // no record can end: an idle replica never reports it, and would
+        // look behind (and lag ever more in time) until the next write.
+        let lsn = match lsn {
+            Some(l) if !in_recovery => Some(
+                l.round_to_record_boundary(
+                    self.wal_segment_size
+                        .unwrap_or(crate::lsn::DEFAULT_WAL_SEGMENT_SIZE),
+                ),
+            ),
+            other => other,
+        };
         let timeline = row.get::<_, Option<i32>>(2).map(|t| t as u32);
         if let Some(tli) = timeline.filter(|&t| t > 1 && !in_recovery) {
             if self.history.as_ref().is_none_or(|(t, _)| *t != tli) {
@@ -329,63 +389,130 @@ impl LsnHistory {
     }
 }
 
+/// How long a round waits for slow probes after the first round: at least
+/// this, at most the interval. A probe still running then is collected by a
+/// later round.
+const MIN_ROUND_WAIT: Duration = Duration::from_millis(50);
+
 async fn run(
     targets: Vec<MonitorTarget>,
     config: MonitorConfig,
     connector: Connector,
     shared: Arc<Shared>,
 ) {
-    let mut probes: Vec<NodeProbe> = targets
+    let connector = Arc::new(connector);
+    let probes: Vec<Arc<tokio::sync::Mutex<NodeProbe>>> = targets
         .into_iter()
-        .map(|target| NodeProbe {
-            target,
-            client: None,
-            system_identifier: None,
-            wal_segment_size: None,
-            history: None,
+        .map(|target| {
+            Arc::new(tokio::sync::Mutex::new(NodeProbe {
+                target,
+                client: None,
+                system_identifier: None,
+                wal_segment_size: None,
+                history: None,
+            }))
         })
         .collect();
+    // Aborts the probe tasks when the monitor stops.
+    struct AbortOnDrop(Vec<Option<JoinHandle<Outcome>>>);
+    impl Drop for AbortOnDrop {
+        fn drop(&mut self) {
+            for h in self.0.iter().flatten() {
+                h.abort();
+            }
+        }
+    }
+    let mut pending = AbortOnDrop(probes.iter().map(|_| None).collect());
+    let mut metas: Vec<NodeMeta> = vec![NodeMeta::default(); probes.len()];
     let mut history = LsnHistory {
         samples: VecDeque::new(),
     };
     let mut ticker = tokio::time::interval(config.interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut first = true;
     loop {
         tokio::select! {
             _ = ticker.tick() => {}
             _ = shared.wake.notified() => {}
         }
         let round_start = Instant::now();
-        let mut results = futures_util::future::join_all(
-            probes
-                .iter_mut()
-                .map(|p| p.probe(&connector, config.probe_timeout)),
-        )
-        .await;
-        let now = Instant::now();
-        let prev = shared.tx.borrow().clone();
-        // A query failed on a replica while this round was under way: the
-        // probe may have run just before the failure, so it does not count.
-        {
-            let failures = shared.failures.lock().unwrap_or_else(|p| p.into_inner());
-            for (i, f) in failures.iter().enumerate() {
-                if let Some((at, error)) = f {
-                    if *at >= round_start && prev.primary != Some(i) && results[i].is_ok() {
-                        results[i] = Err(error.clone());
-                    }
-                }
+        for (slot, probe) in pending.0.iter_mut().zip(&probes) {
+            if slot.is_none() {
+                *slot = Some(NodeProbe::spawn_probe(
+                    probe,
+                    &connector,
+                    config.probe_timeout,
+                ));
             }
         }
-        let next = build_snapshot(&prev, &probes, results, &mut history, &config, now);
+        // The first round waits for every node (each probe is bounded by
+        // the probe timeout); later ones only as long as an interval.
+        let wait = if first {
+            config.probe_timeout + Duration::from_millis(100)
+        } else {
+            config.interval.max(MIN_ROUND_WAIT)
+        };
+        let deadline = tokio::time::Instant::from_std(round_start + wait);
+        let mut outcomes: Vec<Option<Outcome>> = Vec::with_capacity(probes.len());
+        for slot in pending.0.iter_mut() {
+            let outcome = match slot.as_mut() {
+                Some(handle) => match tokio::time::timeout_at(deadline, handle).await {
+                    Ok(Ok(o)) => Some(o),
+                    Ok(Err(e)) => Some(Outcome {
+                        started: round_start,
+                        result: Err(format!("probe task failed: {e}")),
+                        meta: NodeMeta::default(),
+                    }),
+                    Err(_) => None,
+                },
+                None => None,
+            };
+            if outcome.is_some() {
+                *slot = None;
+            }
+            outcomes.push(outcome);
+        }
+        if outcomes.iter().all(Option::is_none) {
+            continue;
+        }
+        first = false;
+        let now = Instant::now();
+        let prev = shared.tx.borrow().clone();
+        let mut results: Vec<Option<Result<Probe, String>>> = Vec::with_capacity(outcomes.len());
+        {
+            let failures = shared.failures.lock().unwrap_or_else(|p| p.into_inner());
+            for (i, o) in outcomes.into_iter().enumerate() {
+                results.push(o.map(|o| {
+                    if o.result.is_ok() || o.meta.system_identifier.is_some() {
+                        metas[i] = o.meta;
+                    }
+                    // A query failed on a replica after this probe started:
+                    // the probe may have run just before the failure, so it
+                    // does not count.
+                    match (&failures[i], o.result) {
+                        (Some((at, error)), Ok(_))
+                            if *at >= o.started && prev.primary != Some(i) =>
+                        {
+                            Err(error.clone())
+                        }
+                        (_, r) => r,
+                    }
+                }));
+            }
+        }
+        let next = build_snapshot(&prev, &metas, results, &mut history, &config, now);
         publish_metrics(&next);
         shared.tx.send_replace(Arc::new(next));
     }
 }
 
+/// The next snapshot from `prev` and this round's probe results: `None` for
+/// a node whose probe is still running (it keeps its previous state, and
+/// is neither re-admitted nor used as a fresh primary position).
 fn build_snapshot(
     prev: &Topology,
-    probes: &[NodeProbe],
-    results: Vec<Result<Probe, String>>,
+    metas: &[NodeMeta],
+    results: Vec<Option<Result<Probe, String>>>,
     history: &mut LsnHistory,
     config: &MonitorConfig,
     now: Instant,
@@ -397,6 +524,7 @@ fn build_snapshot(
     // Roles and positions.
     for (i, r) in results.iter().enumerate() {
         let node = &mut next.nodes[i];
+        let Some(r) = r else { continue };
         match r {
             Ok(p) => {
                 node.role = if p.in_recovery {
@@ -425,7 +553,10 @@ fn build_snapshot(
     // primary and no other node answers as one on a later timeline;
     // otherwise follow the node that now does (a promotion), the highest
     // timeline first.
-    let answers_as_primary = |i: usize| results[i].as_ref().is_ok_and(|p| !p.in_recovery);
+    let answers_as_primary = |i: usize| match &results[i] {
+        Some(r) => r.as_ref().is_ok_and(|p| !p.in_recovery),
+        None => prev.nodes[i].role == Role::Primary && prev.nodes[i].healthy,
+    };
     let timeline = |i: usize| next.nodes[i].timeline.unwrap_or(0);
     let best = (0..results.len())
         .filter(|&i| answers_as_primary(i))
@@ -443,7 +574,7 @@ fn build_snapshot(
         // connection error. One that answers as a standby is no primary.
         let demoted = prev
             .primary
-            .is_some_and(|p| results[p].as_ref().is_ok_and(|r| r.in_recovery));
+            .is_some_and(|p| matches!(&results[p], Some(Ok(r)) if r.in_recovery));
         if demoted && best.is_none() {
             warn!(node = ?prev.primary.map(|p| &prev.nodes[p].name), "the primary is in recovery and no node answers as primary");
         }
@@ -458,15 +589,19 @@ fn build_snapshot(
         }
     }
 
-    // Primary position and identity.
-    next.primary_lsn = None;
+    // Primary position and identity (kept as they were while the primary's
+    // probe is still running).
+    let primary_pending = next.primary.is_some_and(|p| results[p].is_none());
+    if !primary_pending {
+        next.primary_lsn = None;
+    }
     if let Some(p) = next.primary {
-        if results[p].is_ok() {
+        if matches!(results[p], Some(Ok(_))) {
             next.primary_lsn = next.nodes[p].lsn;
             if let Some(lsn) = next.primary_lsn {
                 history.push(now, lsn);
             }
-            let sysid = probes[p].system_identifier;
+            let sysid = metas[p].system_identifier;
             let tli = next.nodes[p].timeline;
             if let (Some(system_identifier), Some(timeline)) = (sysid, tli) {
                 next.cluster = Some(ClusterId {
@@ -474,27 +609,31 @@ fn build_snapshot(
                     timeline,
                 });
             }
-            if let Some(seg) = probes[p].wal_segment_size {
+            if let Some(seg) = metas[p].wal_segment_size {
                 next.wal_segment_size = seg;
             }
-            next.timeline_history = match (&probes[p].history, tli) {
+            next.timeline_history = match (&metas[p].history, tli) {
                 (Some((read_for, entries)), Some(t)) if *read_for == t => entries.clone(),
                 _ => Vec::new(),
             };
         }
     }
 
-    // Lag and health.
+    // Lag and health. A node whose probe is still running gets its lag
+    // recomputed from its last known position, but its health unchanged.
     for (i, r) in results.iter().enumerate() {
-        if r.is_err() {
+        if matches!(r, Some(Err(_))) {
             continue;
         }
+        let pending = r.is_none();
         let was_healthy = prev.nodes[i].healthy;
         let node = &mut next.nodes[i];
         if Some(i) == next.primary {
             node.lag_bytes = Some(0);
             node.lag = Some(Duration::ZERO);
-            node.healthy = true;
+            if !pending {
+                node.healthy = true;
+            }
             continue;
         }
         if node.role != Role::Replica {
@@ -512,6 +651,9 @@ fn build_snapshot(
                 node.lag_bytes = None;
                 node.lag = None;
             }
+        }
+        if pending {
+            continue;
         }
         // Re-admission: after an ejection a replica must have caught up
         // (or the primary be unknown, so nothing to compare with).
@@ -608,17 +750,60 @@ mod tests {
         probes: &[NodeProbe],
         results: Vec<Result<Probe, String>>,
     ) -> Topology {
+        round_pending(prev, probes, results.into_iter().map(Some).collect())
+    }
+
+    /// Like [`round`], with `None` for a probe still running.
+    fn round_pending(
+        prev: &Topology,
+        probes: &[NodeProbe],
+        results: Vec<Option<Result<Probe, String>>>,
+    ) -> Topology {
         let mut h = LsnHistory {
             samples: VecDeque::new(),
         };
+        let metas: Vec<NodeMeta> = probes.iter().map(NodeProbe::meta).collect();
         build_snapshot(
             prev,
-            probes,
+            &metas,
             results,
             &mut h,
             &MonitorConfig::default(),
             Instant::now(),
         )
+    }
+
+    #[test]
+    fn a_node_whose_probe_is_still_running_keeps_its_state() {
+        let (probes, t1) = three_nodes();
+        // Replica 2 hangs: the others are updated, it keeps its position
+        // (its lag grows with the primary) and stays healthy until its
+        // probe fails.
+        let t2 = round_pending(
+            &t1,
+            &probes,
+            vec![Some(primary(300, 1)), Some(replica(300)), None],
+        );
+        assert_eq!(t2.primary_lsn, Some(Lsn(300)));
+        assert_eq!(t2.nodes[1].lsn, Some(Lsn(300)));
+        assert_eq!(t2.nodes[2].lsn, Some(Lsn(100)));
+        assert_eq!(t2.nodes[2].lag_bytes, Some(200));
+        assert!(t2.nodes[2].healthy);
+        let t3 = round(&t2, &probes, vec![primary(300, 1), replica(300), down()]);
+        assert!(!t3.nodes[2].healthy);
+        // Still hanging after the failure: not re-admitted on old data.
+        let t4 = round_pending(
+            &t3,
+            &probes,
+            vec![Some(primary(300, 1)), Some(replica(300)), None],
+        );
+        assert!(!t4.nodes[2].healthy);
+        // The primary hangs: it stays the primary with its last position.
+        let t5 = round_pending(&t4, &probes, vec![None, Some(replica(300)), None]);
+        assert_eq!(t5.primary, Some(0));
+        assert_eq!(t5.primary_lsn, Some(Lsn(300)));
+        assert!(t5.nodes[0].healthy);
+        assert_eq!(t5.cluster, t4.cluster);
     }
 
     fn three_nodes() -> (Vec<NodeProbe>, Topology) {

@@ -661,3 +661,79 @@ async fn pool_exhaustion_is_a_clear_error_after_the_pool_timeout() {
         start.elapsed()
     ));
 }
+
+/// A replica that hangs without closing its connections (every process of
+/// its server stopped, like a partitioned host) holds up nobody: while its
+/// probe is outstanding the monitor keeps publishing the other nodes'
+/// positions; after the probe timeout it is ejected and reads avoid it;
+/// once it answers again it is re-admitted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hung_replica_stalls_nobody_and_is_ejected_after_the_probe_timeout() {
+    let pg = start_pg(2).await;
+    let r1 = pg.replicas()[0];
+    let r1i = node_index(&pg, r1);
+    let probe_timeout = Duration::from_secs(5);
+    let cluster = cluster(&pg, |b| {
+        b.policy(Consistency::Eventual)
+            .monitor_config(MonitorConfig {
+                interval: Duration::from_millis(20),
+                probe_timeout,
+                ..MonitorConfig::default()
+            })
+    })
+    .await;
+    pg.freeze_node(r1).await.unwrap();
+    let frozen_at = Instant::now();
+
+    // Writes move the primary; snapshots keep showing them while the hung
+    // replica's probe is still outstanding (it is not ejected yet).
+    let mut s = cluster.session();
+    let mut published = Vec::new();
+    for i in 0..3 {
+        s.execute(
+            "INSERT INTO items VALUES ($1, 'while hung')",
+            &[&(1000 + i)],
+        )
+        .await
+        .unwrap();
+        let want = pg.current_lsn().await.unwrap();
+        let t = cluster
+            .monitor()
+            .wait_for(probe_timeout, |t| t.primary_lsn.is_some_and(|l| l >= want))
+            .await
+            .expect("the primary's position is published");
+        assert!(
+            t.nodes[r1i].healthy && t.nodes[r1i].last_error.is_none(),
+            "published only after the hung replica's probe gave up: {:?}",
+            t.nodes[r1i]
+        );
+        published.push(frozen_at.elapsed());
+    }
+
+    // After the probe timeout it is ejected, and reads avoid it.
+    let t = wait_topology(&cluster, |t| !t.nodes[r1i].healthy).await;
+    let ejected = frozen_at.elapsed();
+    assert!(
+        t.nodes[r1i]
+            .last_error
+            .as_deref()
+            .is_some_and(|e| e.contains("timed out")),
+        "{:?}",
+        t.nodes[r1i]
+    );
+    for _ in 0..50 {
+        timeout(DEADLINE, s.query("SELECT 1", &[]))
+            .await
+            .expect("a read hung")
+            .unwrap();
+        assert_ne!(s.last_served().unwrap().node, r1i);
+    }
+
+    // Answering again, it is re-admitted.
+    pg.thaw_node(r1).await.unwrap();
+    wait_topology(&cluster, |t| t.nodes[r1i].healthy).await;
+    lagrouter::testing::report(format_args!(
+        "hung replica: primary positions published {published:?} after the freeze while its \
+         probe hung; ejected {ejected:?} after the freeze (probe timeout {probe_timeout:?})"
+    ));
+}

@@ -528,4 +528,13 @@ async fn token_at_a_segment_boundary_is_reached_by_an_idle_replica() {
         .unwrap();
     assert!(row.is_some());
     assert_eq!(s.last_served().unwrap().role, Role::Replica);
+    // The monitor rounds the primary's position the same way: the idle
+    // replica shows no lag (it would otherwise grow until the next write).
+    let ri = node_index(&pg, r);
+    let t = wait_topology(&cluster, |t| {
+        t.primary_lsn == Some(token.lsn) && t.nodes[ri].lsn == Some(replayed)
+    })
+    .await;
+    assert_eq!(t.nodes[ri].lag_bytes, Some(0), "{:?}", t.nodes[ri]);
+    assert_eq!(t.nodes[ri].lag, Some(Duration::ZERO), "{:?}", t.nodes[ri]);
 }

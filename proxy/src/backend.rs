@@ -63,6 +63,10 @@ pub enum BackendError {
     /// The connection was closed by the server.
     #[error("the server closed the connection")]
     Closed,
+    /// The server stopped answering (a hung host): a wait on it timed out,
+    /// or the lag monitor ejected its node.
+    #[error("the server stopped answering: {0}")]
+    Unresponsive(String),
 }
 
 impl BackendError {
@@ -80,7 +84,10 @@ impl BackendError {
     pub fn is_connection_failure(&self) -> bool {
         matches!(
             self,
-            BackendError::Io(_) | BackendError::Timeout | BackendError::Closed
+            BackendError::Io(_)
+                | BackendError::Timeout
+                | BackendError::Closed
+                | BackendError::Unresponsive(_)
         ) || matches!(self, BackendError::Server(f) if f.code.starts_with("57P0") || f.code.starts_with("08"))
     }
 }

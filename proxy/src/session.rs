@@ -322,6 +322,8 @@ enum Event {
     Client(Result<(), ClientError>),
     Shutdown,
     Idle,
+    /// A new topology snapshot (`false`: the monitor is gone).
+    Topology(bool),
 }
 
 /// Outcome of handling input: keep going or end the session.
@@ -521,6 +523,7 @@ impl Session {
 
     async fn main_loop(&mut self) -> Flow {
         let mut shutdown = self.shared.shutdown_signal();
+        let mut topology = self.shared.monitor.subscribe();
         loop {
             // 1. Client input, when it can be taken now.
             while self.accepts_client_input() {
@@ -562,6 +565,12 @@ impl Session {
             let idle_timeout = self.idle_timeout();
             let idle = !idle_timeout.is_zero();
             let closing = self.closing;
+            // A replica read that can still be retried is abandoned when the
+            // monitor ejects its node (a hung host answers nothing, not even
+            // an error).
+            let watch_node = self.backend.as_ref().is_some_and(|h| {
+                h.on_replica && h.unit.is_some() && !matches!(h.mode, Mode::Direct)
+            });
             let backend = &mut self.backend;
             let client = &mut self.client;
             let event = tokio::select! {
@@ -574,6 +583,7 @@ impl Session {
                 r = client.fill(), if accept => Event::Client(r),
                 _ = shutdown.changed(), if !closing => Event::Shutdown,
                 _ = tokio::time::sleep(idle_timeout), if idle => Event::Idle,
+                r = topology.changed(), if watch_node => Event::Topology(r.is_ok()),
             };
             match event {
                 Event::Backend(Ok(frame)) => {
@@ -596,6 +606,22 @@ impl Session {
                 }
                 Event::Backend(Err(e)) => self.backend_failed(e).await?,
                 Event::Client(r) => r?,
+                Event::Topology(open) => {
+                    let node = self.backend.as_ref().map(|h| h.node);
+                    let ejected = node.is_some_and(|n| {
+                        !topology
+                            .borrow_and_update()
+                            .nodes
+                            .get(n)
+                            .is_some_and(|s| s.healthy)
+                    });
+                    if ejected || !open {
+                        self.backend_failed(BackendError::Unresponsive(
+                            "its node was ejected by the lag monitor".into(),
+                        ))
+                        .await?;
+                    }
+                }
                 Event::Shutdown => self.closing = true,
                 Event::Idle if self.backend.is_some() => {
                     metrics::counter!(m::CLIENT_TIMEOUTS_TOTAL, m::LABEL_REASON => "idle_in_transaction")
@@ -1356,7 +1382,15 @@ impl Session {
             };
             let mut conn = conn;
             if let (Target::Primary, Some(need)) = (target, verify) {
-                match poll_position(&mut conn).await {
+                let limit = self.settings().config.pool.checkout_timeout;
+                let polled = tokio::time::timeout(limit, poll_position(&mut conn))
+                    .await
+                    .unwrap_or_else(|_| {
+                        Err(BackendError::Unresponsive(format!(
+                            "no answer to a position probe within {limit:?}"
+                        )))
+                    });
+                match polled {
                     Ok(Some(at)) if at < need => {
                         conn.release();
                         metrics::counter!(m::TOKENS_AHEAD_TOTAL).increment(1);
@@ -2203,7 +2237,16 @@ impl Session {
                         break;
                     }
                     tokio::time::sleep(WAIT_POLL.min(deadline - now)).await;
-                    match poll_position(&mut h.conn).await {
+                    // Bounded: a replica that hangs must not hold the read.
+                    let left = deadline.saturating_duration_since(Instant::now()) + WAIT_POLL;
+                    let polled = tokio::time::timeout(left, poll_position(&mut h.conn))
+                        .await
+                        .unwrap_or_else(|_| {
+                            Err(BackendError::Unresponsive(format!(
+                                "no answer to a position probe within {left:?}"
+                            )))
+                        });
+                    match polled {
                         Ok(Some(lsn)) if lsn >= need => {
                             metrics::histogram!(m::TOKEN_WAIT_SECONDS)
                                 .record(started.elapsed().as_secs_f64());

@@ -287,3 +287,51 @@ async fn idle_in_transaction_clients_are_closed_and_rolled_back() {
     );
     env.stop().await;
 }
+
+/// A replica that hangs without closing connections: a read in flight on
+/// it (nothing sent to the client yet) is retried on the primary once the
+/// monitor ejects the node, and reads go on; thawed, it is re-admitted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_in_flight_on_a_hung_replica_are_retried_elsewhere() {
+    let env = start(1).await;
+    let replica = env.cluster.replicas()[0];
+    let c = env.connect().await;
+    async fn in_recovery(c: &tokio_postgres::Client) -> Result<bool, tokio_postgres::Error> {
+        c.query_one("SELECT pg_is_in_recovery()", &[])
+            .await
+            .map(|r| r.get::<_, bool>(0))
+    }
+    // A pooled connection to the replica exists.
+    assert!(in_recovery(&c).await.unwrap(), "served by the replica");
+
+    env.cluster.freeze_node(replica).await.unwrap();
+    let frozen_at = std::time::Instant::now();
+    let served_by_replica = tokio::time::timeout(Duration::from_secs(30), in_recovery(&c))
+        .await
+        .expect("a read on a hung replica must not hang")
+        .expect("and must not fail: it is retried");
+    let took = frozen_at.elapsed();
+    assert!(!served_by_replica, "retried on the primary");
+    let proxy = &env.proxy;
+    assert!(!proxy.topology().nodes[replica].healthy);
+    // Later reads avoid it.
+    for _ in 0..10 {
+        assert!(!in_recovery(&c).await.unwrap());
+    }
+    env.cluster.thaw_node(replica).await.unwrap();
+    wait_until(Duration::from_secs(30), "replica re-admitted", || async {
+        proxy.topology().nodes[replica].healthy
+    })
+    .await;
+    wait_until(
+        Duration::from_secs(30),
+        "reads back on the replica",
+        || async { in_recovery(&c).await.unwrap() },
+    )
+    .await;
+    lagrouter::testing::report(format_args!(
+        "hung replica through the proxy: the read in flight was answered by the primary {took:?} \
+         after the freeze (probe timeout 2 s)"
+    ));
+    env.stop().await;
+}

@@ -170,11 +170,19 @@ fn remove_stale_roots(base: &Path) {
         if owner as u32 == std::process::id() || process_alive(owner) {
             continue;
         }
-        let busy = fs::read_dir(&dir)
+        let alive: Vec<libc::pid_t> = fs::read_dir(&dir)
             .into_iter()
             .flatten()
             .flatten()
-            .any(|e| read_pid(&e.path().join("postmaster.pid")).is_some_and(process_alive));
+            .filter_map(|e| read_pid(&e.path().join("postmaster.pid")))
+            .filter(|&pid| process_alive(pid))
+            .collect();
+        // A server its dead owner had frozen (`freeze_node`) holds its
+        // parent-death SIGQUIT pending: let it run so that it shuts down.
+        for &pid in &alive {
+            signal_server(pid as u32, libc::SIGCONT);
+        }
+        let busy = !alive.is_empty();
         if !busy {
             tracing::debug!("removing stale {}", dir.display());
             let _ = fs::remove_dir_all(&dir);
@@ -217,6 +225,41 @@ fn signal(pid: u32, sig: libc::c_int) {
     }
 }
 
+/// The postmaster `pid` and its children (backends, WAL receiver, startup
+/// process, …). PostgreSQL puts each child in its own session, so they are
+/// not in the postmaster's process group; they are found by parent pid.
+fn server_processes(pid: u32) -> Vec<u32> {
+    let mut pids = vec![pid];
+    let Ok(entries) = fs::read_dir("/proc") else {
+        return pids;
+    };
+    for e in entries.flatten() {
+        let Some(child) = e.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else {
+            continue;
+        };
+        let Ok(stat) = fs::read_to_string(e.path().join("stat")) else {
+            continue;
+        };
+        // `pid (comm) state ppid …`; comm may contain spaces and parens.
+        let ppid = stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().nth(1))
+            .and_then(|p| p.parse::<u32>().ok());
+        if ppid == Some(pid) {
+            pids.push(child);
+        }
+    }
+    pids
+}
+
+/// Stops (`SIGSTOP`) or resumes (`SIGCONT`) a whole server: the postmaster
+/// first when stopping, so that it forks nothing new meanwhile.
+fn signal_server(pid: u32, sig: libc::c_int) {
+    for p in server_processes(pid) {
+        signal(p, sig);
+    }
+}
+
 fn signal_group(pgid: u32, sig: libc::c_int) {
     // SAFETY: plain syscall on the process group the postmaster leads.
     unsafe {
@@ -245,6 +288,7 @@ fn terminate_blocking(child: &mut Child) {
     if matches!(child.try_wait(), Ok(Some(_))) {
         return;
     }
+    signal_server(child.id(), libc::SIGCONT);
     signal(child.id(), libc::SIGQUIT);
     if !wait_blocking(child, KILL_TIMEOUT) {
         signal_group(child.id(), libc::SIGKILL);
@@ -421,6 +465,8 @@ impl LocalNode {
                 message: "the server is not running".into(),
             });
         };
+        // A frozen server must run to shut down.
+        signal_server(pid, libc::SIGCONT);
         signal(pid, sig);
         if self.wait_exit(timeout).await {
             return Ok(());
@@ -895,6 +941,19 @@ impl ClusterBackend for LocalBackend {
         })
     }
 
+    fn freeze_node(&self, node: NodeIndex, frozen: bool) -> BoxFut<'_, ()> {
+        Box::pin(async move {
+            let Some(pid) = self.node(node).running_pid() else {
+                return Err(HarnessError::InvalidState {
+                    node,
+                    message: "the server is not running".into(),
+                });
+            };
+            signal_server(pid, if frozen { libc::SIGSTOP } else { libc::SIGCONT });
+            Ok(())
+        })
+    }
+
     fn rewind_node(&self, node: NodeIndex, upstream: NodeIndex) -> BoxFut<'_, ()> {
         Box::pin(async move {
             let n = self.node(node);
@@ -944,6 +1003,7 @@ impl Drop for LocalBackend {
         // wait for each (LocalNode::drop escalates to SIGKILL if needed).
         for n in &self.nodes {
             if let Some(pid) = n.running_pid() {
+                signal_server(pid, libc::SIGCONT);
                 signal(pid, libc::SIGQUIT);
             }
         }

@@ -405,6 +405,17 @@ pub(crate) trait ClusterBackend: Send + Sync {
     fn kill_node(&self, node: NodeIndex) -> BoxFut<'_, ()>;
     /// Starts a stopped node and waits until it accepts connections.
     fn start_node(&self, node: NodeIndex) -> BoxFut<'_, ()>;
+    /// Stops (`frozen`) or resumes every process of the node's server, as
+    /// a host that hangs without closing its connections.
+    fn freeze_node(&self, node: NodeIndex, frozen: bool) -> BoxFut<'_, ()> {
+        let _ = (node, frozen);
+        Box::pin(async move {
+            Err(HarnessError::BackendUnavailable(format!(
+                "freezing a node is not supported by the {} backend",
+                self.kind()
+            )))
+        })
+    }
     /// Turns a stopped former primary into a standby of `upstream` with
     /// `pg_rewind` (the node stays stopped).
     fn rewind_node(&self, node: NodeIndex, upstream: NodeIndex) -> BoxFut<'_, ()> {
@@ -925,6 +936,23 @@ impl PgCluster {
     pub async fn kill_node(&self, node: NodeIndex) -> Result<(), HarnessError> {
         self.check(node)?;
         self.backend.kill_node(node).await
+    }
+
+    /// Freezes `node` like a host that hangs without closing connections
+    /// (a network partition, a paused VM): every process of its server is
+    /// stopped with `SIGSTOP`. Connections stay open and nothing answers;
+    /// new connections are accepted by the kernel but never served.
+    /// [`PgCluster::thaw_node`] resumes it; stopping the cluster also does.
+    /// Local backend only.
+    pub async fn freeze_node(&self, node: NodeIndex) -> Result<(), HarnessError> {
+        self.check(node)?;
+        self.backend.freeze_node(node, true).await
+    }
+
+    /// Resumes a node frozen by [`PgCluster::freeze_node`].
+    pub async fn thaw_node(&self, node: NodeIndex) -> Result<(), HarnessError> {
+        self.check(node)?;
+        self.backend.freeze_node(node, false).await
     }
 
     /// Restarts a stopped or killed node on the same port and waits until it
