@@ -38,6 +38,7 @@ then = "primary"                   # after max_wait: primary | error
 max_lag = "1s"                     # bounded-staleness only
 primary_window = "2s"              # primary-after-write only
 monitor_interval = "100ms"         # replica lag polling period
+probe_timeout = "2s"               # a node that does not answer a probe this long is ejected
 retry_on_replica_error = true      # retry reads on the primary after SQLSTATE 25006
 
 # Optional: lets clients use TLS (sslmode=require).
@@ -276,6 +277,11 @@ pub struct RoutingConfig {
     /// How often replica positions and lag are polled. Default `"100ms"`.
     #[serde(with = "duration_str")]
     pub monitor_interval: Duration,
+    /// How long one probe of a node (connection included) may take before
+    /// the node is ejected as unreachable; it bounds how long a hung node
+    /// keeps receiving reads. Default `"2s"`. Needs a restart to change.
+    #[serde(with = "duration_str")]
+    pub probe_timeout: Duration,
     /// Retry a read on the primary when a replica rejects it as a write
     /// (SQLSTATE 25006) or fails before returning rows. Default `true`.
     pub retry_on_replica_error: bool,
@@ -290,6 +296,7 @@ impl Default for RoutingConfig {
             max_lag: Duration::from_secs(1),
             primary_window: Duration::from_secs(2),
             monitor_interval: Duration::from_millis(100),
+            probe_timeout: Duration::from_secs(2),
             retry_on_replica_error: true,
         }
     }
@@ -586,6 +593,7 @@ impl Config {
         check_duration("routing.max_lag", r.max_lag, false)?;
         check_duration("routing.primary_window", r.primary_window, false)?;
         check_duration("routing.monitor_interval", r.monitor_interval, true)?;
+        check_duration("routing.probe_timeout", r.probe_timeout, true)?;
         if r.monitor_interval > Duration::from_secs(3600) {
             return Err(invalid(
                 "routing.monitor_interval",

@@ -423,7 +423,7 @@ impl Proxy {
                     .port(n.port)
                     .dbname("postgres")
                     .application_name("lagrouter-proxy-monitor")
-                    .connect_timeout(Duration::from_secs(2));
+                    .connect_timeout(config.routing.probe_timeout);
                 if let Some(u) = monitor_user {
                     pg.user(u.effective_server_user());
                     if let Some(p) = u.effective_server_password() {
@@ -441,6 +441,7 @@ impl Proxy {
             targets,
             MonitorConfig {
                 interval: config.routing.monitor_interval,
+                probe_timeout: config.routing.probe_timeout,
                 ..MonitorConfig::default()
             },
             Connector::NoTls,
@@ -623,7 +624,7 @@ impl ProxyHandle {
     }
 
     /// Applies a new configuration: routing policy and timings (except the
-    /// monitor interval), users, pool sizes and timeouts, TLS files and
+    /// monitor interval and probe timeout), users, pool sizes and timeouts, TLS files and
     /// client limits. Nodes and listen addresses are kept as started.
     pub fn reload(&self, config: Config) -> Result<(), ProxyError> {
         let old = self.shared.settings();

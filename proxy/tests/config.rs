@@ -42,6 +42,9 @@ fn example_parses_with_all_values() {
     assert_eq!(c.routing.max_lag, Duration::from_secs(1));
     assert_eq!(c.routing.primary_window, Duration::from_secs(2));
     assert_eq!(c.routing.monitor_interval, Duration::from_millis(100));
+    assert_eq!(c.routing.probe_timeout, Duration::from_secs(2));
+    assert_eq!(c.proxy.client_write_timeout, Duration::from_secs(30));
+    assert_eq!(c.proxy.idle_transaction_timeout, Duration::ZERO);
     assert!(c.routing.retry_on_replica_error);
     assert!(c.tls.is_none());
     assert_eq!(c.nodes.len(), 2);
@@ -286,6 +289,8 @@ fn bad_durations_are_rejected() {
     }
     let msg = err_msg(&format!("[routing]\nmonitor_interval = \"0s\"\n{MINIMAL}"));
     assert!(msg.contains("routing.monitor_interval"), "{msg}");
+    let msg = err_msg(&format!("[routing]\nprobe_timeout = \"0s\"\n{MINIMAL}"));
+    assert!(msg.contains("routing.probe_timeout"), "{msg}");
     let msg = err_msg(&format!("[pool]\ncheckout_timeout = \"0ms\"\n{MINIMAL}"));
     assert!(msg.contains("pool.checkout_timeout"), "{msg}");
     let msg = err_msg(&format!("[proxy]\nshutdown_timeout = \"400d\"\n{MINIMAL}"));
