@@ -364,10 +364,11 @@ struct Session {
     desired: BTreeMap<String, String>,
     /// The settings from the startup packet (what `RESET` returns to).
     startup_desired: BTreeMap<String, String>,
-    /// `desired` and the held connection's applied settings as of the last
-    /// transaction boundary: what a rollback returns them to, as the server
-    /// undoes a `SET` made inside a transaction that does not commit.
-    committed_settings: (BTreeMap<String, String>, BTreeMap<String, String>),
+    /// `desired` and the held connection's applied settings as they were
+    /// before the first setting change since the last transaction
+    /// boundary: what a rollback returns them to, as the server undoes a
+    /// `SET` made inside a transaction that does not commit.
+    settings_before_txn: Option<(BTreeMap<String, String>, BTreeMap<String, String>)>,
     prepared: HashMap<String, Arc<StmtInfo>>,
     unnamed: Option<Arc<StmtInfo>>,
     local_portals: HashMap<String, LocalStmt>,
@@ -399,7 +400,7 @@ pub async fn run(shared: Arc<Shared>, client: ClientConn, info: StartupInfo) {
         last_write: None,
         desired: BTreeMap::new(),
         startup_desired: BTreeMap::new(),
-        committed_settings: Default::default(),
+        settings_before_txn: None,
         prepared: HashMap::new(),
         unnamed: None,
         local_portals: HashMap::new(),
@@ -1354,7 +1355,7 @@ impl Session {
                 Target::Replica(i) | Target::ReplicaIfCaughtUp(i) => i,
             };
             let on_replica = !matches!(target, Target::Primary);
-            let conn = match self.checkout(node).await {
+            let mut conn = match self.checkout(node).await {
                 Ok(c) => c,
                 Err(e) if on_replica => {
                     warn!(node, error = %e, "replica unavailable, rerouting the read");
@@ -1380,17 +1381,9 @@ impl Session {
                     return Ok(());
                 }
             };
-            let mut conn = conn;
             if let (Target::Primary, Some(need)) = (target, verify) {
                 let limit = self.settings().config.pool.checkout_timeout;
-                let polled = tokio::time::timeout(limit, poll_position(&mut conn))
-                    .await
-                    .unwrap_or_else(|_| {
-                        Err(BackendError::Unresponsive(format!(
-                            "no answer to a position probe within {limit:?}"
-                        )))
-                    });
-                match polled {
+                match poll_position(&mut conn, limit).await {
                     Ok(Some(at)) if at < need => {
                         conn.release();
                         metrics::counter!(m::TOKENS_AHEAD_TOTAL).increment(1);
@@ -1461,9 +1454,6 @@ impl Session {
                     h.queue.push_back(Expect::Prelude);
                     h.conn.applied = self.desired.clone();
                 }
-            }
-            if self.txn_status == b'I' {
-                self.committed_settings = (self.desired.clone(), h.conn.applied.clone());
             }
             if let (Target::ReplicaIfCaughtUp(_), Some(t)) = (target, self.token) {
                 let parsed = encode_probe(&mut h.conn);
@@ -1987,12 +1977,14 @@ impl Session {
         self.txn_status = status;
         match status {
             b'I' => {
-                if std::mem::take(&mut h.txn_failed) {
+                let before = self.settings_before_txn.take();
+                if let (true, Some((desired, applied))) =
+                    (std::mem::take(&mut h.txn_failed), before)
+                {
                     // Rolled back: the server undid this transaction's SETs.
-                    self.desired = self.committed_settings.0.clone();
-                    h.conn.applied = self.committed_settings.1.clone();
+                    self.desired = desired;
+                    h.conn.applied = applied;
                 }
-                self.committed_settings = (self.desired.clone(), h.conn.applied.clone());
             }
             // Recovered (ROLLBACK TO SAVEPOINT): the transaction goes on.
             b'T' => h.txn_failed = false,
@@ -2117,17 +2109,32 @@ impl Session {
         }
     }
 
-    /// Records a successful `SET`/`RESET`/`DISCARD` so it is replayed on
-    /// whichever backend serves the next statement.
     /// A transaction committed: its settings are now the session's.
     fn settings_at_boundary(&mut self) {
+        self.settings_before_txn = None;
         if let Some(h) = &mut self.backend {
             h.txn_failed = false;
-            self.committed_settings = (self.desired.clone(), h.conn.applied.clone());
         }
     }
 
+    /// Records a successful `SET`/`RESET`/`DISCARD` so it is replayed on
+    /// whichever backend serves the next statement.
     fn apply_setting(&mut self, kind: StatementKind) {
+        if self.settings_before_txn.is_none()
+            && matches!(
+                kind,
+                StatementKind::Set { local: false, .. }
+                    | StatementKind::Reset { .. }
+                    | StatementKind::Discard
+            )
+        {
+            let applied = self
+                .backend
+                .as_ref()
+                .map(|h| h.conn.applied.clone())
+                .unwrap_or_default();
+            self.settings_before_txn = Some((self.desired.clone(), applied));
+        }
         let h = self.backend.as_mut();
         match kind {
             StatementKind::Set {
@@ -2239,14 +2246,7 @@ impl Session {
                     tokio::time::sleep(WAIT_POLL.min(deadline - now)).await;
                     // Bounded: a replica that hangs must not hold the read.
                     let left = deadline.saturating_duration_since(Instant::now()) + WAIT_POLL;
-                    let polled = tokio::time::timeout(left, poll_position(&mut h.conn))
-                        .await
-                        .unwrap_or_else(|_| {
-                            Err(BackendError::Unresponsive(format!(
-                                "no answer to a position probe within {left:?}"
-                            )))
-                        });
-                    match polled {
+                    match poll_position(&mut h.conn, left).await {
                         Ok(Some(lsn)) if lsn >= need => {
                             metrics::histogram!(m::TOKEN_WAIT_SECONDS)
                                 .record(started.elapsed().as_secs_f64());
@@ -2375,9 +2375,18 @@ fn encode_probe(conn: &mut BackendConn) -> bool {
     parsed
 }
 
-/// Runs a simple position probe to completion (while waiting for a replica).
-async fn poll_position(conn: &mut BackendConn) -> Result<Option<Lsn>, BackendError> {
-    let rows = conn.simple_query(POSITION_SQL).await?;
+/// Runs a simple position probe to completion (while waiting for a
+/// replica, or to check the primary), for at most `limit`: a node that
+/// hangs must not hold the session.
+async fn poll_position(
+    conn: &mut BackendConn,
+    limit: Duration,
+) -> Result<Option<Lsn>, BackendError> {
+    let rows = tokio::time::timeout(limit, conn.simple_query(POSITION_SQL))
+        .await
+        .map_err(|_| {
+            BackendError::Unresponsive(format!("no answer to a position probe within {limit:?}"))
+        })??;
     Ok(rows.first().and_then(|r| {
         r.get(1)
             .and_then(|v| v.as_deref())
