@@ -172,7 +172,6 @@ impl Drop for LagMonitor {
 }
 
 /// What one probe found.
-#[derive(Clone)]
 struct Probe {
     in_recovery: bool,
     lsn: Option<Lsn>,
@@ -198,6 +197,9 @@ const IDENTITY_SQL: &str = "SELECT (SELECT system_identifier FROM pg_control_sys
 struct NodeMeta {
     system_identifier: Option<u64>,
     wal_segment_size: Option<u64>,
+    /// The timeline history read from this node while it was a primary:
+    /// `(its timeline, entries)`; the entries are empty when the file could
+    /// not be read. Read once per timeline and connection.
     history: Option<(u32, Vec<(u32, Lsn)>)>,
 }
 
@@ -213,12 +215,7 @@ struct Outcome {
 struct NodeProbe {
     target: MonitorTarget,
     client: Option<tokio_postgres::Client>,
-    system_identifier: Option<u64>,
-    wal_segment_size: Option<u64>,
-    /// The timeline history read from this node while it was a primary:
-    /// `(its timeline, entries)`; the entries are empty when the file could
-    /// not be read. Read once per timeline and connection.
-    history: Option<(u32, Vec<(u32, Lsn)>)>,
+    meta: NodeMeta,
 }
 
 /// Parses a timeline history file: one `parent_tli<TAB>switch_lsn<TAB>reason`
@@ -239,14 +236,6 @@ fn parse_timeline_history(text: &str) -> Vec<(u32, Lsn)> {
 }
 
 impl NodeProbe {
-    fn meta(&self) -> NodeMeta {
-        NodeMeta {
-            system_identifier: self.system_identifier,
-            wal_segment_size: self.wal_segment_size,
-            history: self.history.clone(),
-        }
-    }
-
     /// Probes in its own task, so that a node that hangs holds up nobody:
     /// the round goes on without it (keeping its previous state) until its
     /// probe times out.
@@ -263,7 +252,7 @@ impl NodeProbe {
             Outcome {
                 started,
                 result,
-                meta: p.meta(),
+                meta: p.meta.clone(),
             }
         })
     }
@@ -292,9 +281,11 @@ impl NodeProbe {
                 .query_one(IDENTITY_SQL, &[])
                 .await
                 .map_err(|e| describe(&e))?;
-            self.system_identifier = row.get::<_, Option<String>>(0).and_then(|s| s.parse().ok());
-            self.wal_segment_size = row.get::<_, Option<String>>(1).and_then(|s| s.parse().ok());
-            self.history = None;
+            self.meta.system_identifier =
+                row.get::<_, Option<String>>(0).and_then(|s| s.parse().ok());
+            self.meta.wal_segment_size =
+                row.get::<_, Option<String>>(1).and_then(|s| s.parse().ok());
+            self.meta.history = None;
             self.client = Some(client);
         }
         let client = self.client.as_ref().expect("connected above");
@@ -312,7 +303,8 @@ impl NodeProbe {
         let lsn = match lsn {
             Some(l) if !in_recovery => Some(
                 l.round_to_record_boundary(
-                    self.wal_segment_size
+                    self.meta
+                        .wal_segment_size
                         .unwrap_or(crate::lsn::DEFAULT_WAL_SEGMENT_SIZE),
                 ),
             ),
@@ -320,7 +312,7 @@ impl NodeProbe {
         };
         let timeline = row.get::<_, Option<i32>>(2).map(|t| t as u32);
         if let Some(tli) = timeline.filter(|&t| t > 1 && !in_recovery) {
-            if self.history.as_ref().is_none_or(|(t, _)| *t != tli) {
+            if self.meta.history.as_ref().is_none_or(|(t, _)| *t != tli) {
                 let entries = match client.query_one(HISTORY_SQL, &[&(tli as i32)]).await {
                     Ok(row) => {
                         let entries = parse_timeline_history(row.get::<_, &str>(0));
@@ -339,7 +331,7 @@ impl NodeProbe {
                         Vec::new()
                     }
                 };
-                self.history = Some((tli, entries));
+                self.meta.history = Some((tli, entries));
             }
         }
         Ok(Probe {
@@ -407,9 +399,7 @@ async fn run(
             Arc::new(tokio::sync::Mutex::new(NodeProbe {
                 target,
                 client: None,
-                system_identifier: None,
-                wal_segment_size: None,
-                history: None,
+                meta: NodeMeta::default(),
             }))
         })
         .collect();
@@ -717,9 +707,10 @@ mod tests {
                     config: tokio_postgres::Config::new(),
                 },
                 client: None,
-                system_identifier: Some(42),
-                wal_segment_size: None,
-                history: None,
+                meta: NodeMeta {
+                    system_identifier: Some(42),
+                    ..NodeMeta::default()
+                },
             })
             .collect()
     }
@@ -762,7 +753,7 @@ mod tests {
         let mut h = LsnHistory {
             samples: VecDeque::new(),
         };
-        let metas: Vec<NodeMeta> = probes.iter().map(NodeProbe::meta).collect();
+        let metas: Vec<NodeMeta> = probes.iter().map(|p| p.meta.clone()).collect();
         build_snapshot(
             prev,
             &metas,
@@ -833,7 +824,7 @@ mod tests {
         assert!(!t2.nodes[0].healthy);
         assert!(t2.nodes[1].healthy && t2.nodes[2].healthy);
         // Node 1 is promoted (timeline 2).
-        probes[1].history = Some((2, vec![(1, Lsn(100))]));
+        probes[1].meta.history = Some((2, vec![(1, Lsn(100))]));
         let t3 = round(&t2, &probes, vec![down(), primary(200, 2), replica(150)]);
         assert_eq!(t3.primary, Some(1));
         assert_eq!(t3.nodes[1].role, Role::Primary);

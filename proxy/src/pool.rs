@@ -183,16 +183,22 @@ impl NodePool {
                 pool: self.clone(),
             });
         }
-        let conn =
-            BackendConn::connect(self.key.node, &self.target, settings.connect_timeout).await?;
-        self.created.fetch_add(1, Ordering::Relaxed);
-        self.open.fetch_add(1, Ordering::Relaxed);
-        metrics::counter!("lagrouter_proxy_server_connections_opened_total").increment(1);
+        let conn = self.open_conn(&settings).await?;
         Ok(PooledConn {
             conn: Some(conn),
             _permit: permit,
             pool: self.clone(),
         })
+    }
+
+    /// Opens and counts a new connection (the caller holds a permit).
+    async fn open_conn(&self, settings: &PoolSettings) -> Result<BackendConn, BackendError> {
+        let conn =
+            BackendConn::connect(self.key.node, &self.target, settings.connect_timeout).await?;
+        self.created.fetch_add(1, Ordering::Relaxed);
+        self.open.fetch_add(1, Ordering::Relaxed);
+        metrics::counter!("lagrouter_proxy_server_connections_opened_total").increment(1);
+        Ok(conn)
     }
 
     fn checkin(&self, mut conn: BackendConn) {
@@ -271,13 +277,8 @@ impl NodePool {
             let Ok(permit) = self.sem.clone().try_acquire_owned() else {
                 return;
             };
-            match BackendConn::connect(self.key.node, &self.target, settings.connect_timeout).await
-            {
+            match self.open_conn(&settings).await {
                 Ok(conn) => {
-                    self.created.fetch_add(1, Ordering::Relaxed);
-                    self.open.fetch_add(1, Ordering::Relaxed);
-                    metrics::counter!("lagrouter_proxy_server_connections_opened_total")
-                        .increment(1);
                     self.checkin(conn);
                     drop(permit);
                 }
