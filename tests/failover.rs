@@ -176,26 +176,6 @@ async fn unprivileged_cluster(pg: &PgCluster) -> Cluster {
     cluster
 }
 
-/// Stops `node`'s WAL receiver (empty `primary_conninfo`) and waits until
-/// it is gone: the standby receives nothing more from the primary.
-async fn cut_wal_receipt(pg: &PgCluster, node: usize) {
-    let c = pg.connect(node).await.unwrap();
-    c.batch_execute("ALTER SYSTEM SET primary_conninfo = ''")
-        .await
-        .unwrap();
-    c.batch_execute("SELECT pg_reload_conf()").await.unwrap();
-    eventually("the WAL receiver to stop", || {
-        let c = &c;
-        async move {
-            c.query_one("SELECT count(*) = 0 FROM pg_stat_wal_receiver", &[])
-                .await
-                .unwrap()
-                .get::<_, bool>(0)
-        }
-    })
-    .await;
-}
-
 /// What reading an acknowledged write back with its token gave.
 #[derive(Debug, Default)]
 struct Verdicts {
@@ -275,8 +255,8 @@ async fn failover_routes_writes_to_the_promoted_replica_and_reports_lost_writes(
     // The standbys stop receiving WAL (r2 first, so it stays behind r1 and
     // can follow r1's new timeline); the writes acknowledged from now on
     // exist only on the old primary.
-    cut_wal_receipt(&pg, r2).await;
-    cut_wal_receipt(&pg, r1).await;
+    pg.stop_wal_receiver(r2).await.unwrap();
+    pg.stop_wal_receiver(r1).await.unwrap();
     let at_cut = writer.acked();
     writer.wait_acks(at_cut + 20).await;
 

@@ -122,16 +122,6 @@ async fn primary_killed_writes_fail_fast_and_reads_continue() {
     env.stop().await;
 }
 
-/// A counter's value from `/metrics` (summed over label sets matching
-/// `labels`).
-async fn metric(env: &Env, name: &str, labels: &str) -> f64 {
-    let (_, body) = http_get(env.proxy.admin_addr(), "/metrics").await;
-    body.lines()
-        .filter(|l| l.starts_with(name) && l.contains(labels))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connection_storms_and_exhausted_pools_get_clear_errors() {
     let env = start_with(lagrouter::testing::PgCluster::builder().replicas(1), |c| {
@@ -277,8 +267,7 @@ async fn idle_in_transaction_clients_are_closed_and_rolled_back() {
     c.batch_execute("INSERT INTO itx VALUES (2)").await.unwrap();
     idle.simple_query("SELECT 1").await.unwrap();
     assert!(
-        metric(
-            &env,
+        env.metric(
             "lagrouter_proxy_client_timeouts_total",
             "idle_in_transaction"
         )

@@ -21,16 +21,6 @@ fn peak_rss() -> u64 {
         .unwrap_or(0)
 }
 
-/// A counter's value from `/metrics` (summed over label sets matching
-/// `labels`).
-async fn metric(env: &Env, name: &str, labels: &str) -> f64 {
-    let (_, body) = http_get(env.proxy.admin_addr(), "/metrics").await;
-    body.lines()
-        .filter(|l| l.starts_with(name) && l.contains(labels))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_that_stops_reading_blocks_no_one() {
     let env = start_with(lagrouter::testing::PgCluster::builder().replicas(1), |c| {
@@ -70,12 +60,8 @@ async fn a_client_that_stops_reading_blocks_no_one() {
     // The stalled client is cut off after client_write_timeout, its server
     // connection discarded, and the proxy never buffered its result.
     wait_until(Duration::from_secs(30), "the write timeout", || async {
-        metric(
-            &env,
-            "lagrouter_proxy_client_timeouts_total",
-            "reason=\"write\"",
-        )
-        .await
+        env.metric("lagrouter_proxy_client_timeouts_total", "reason=\"write\"")
+            .await
             >= 1.0
     })
     .await;

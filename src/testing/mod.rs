@@ -925,6 +925,37 @@ impl PgCluster {
         .await
     }
 
+    /// Stops standby `node` from receiving WAL (an empty
+    /// `primary_conninfo`) and waits until its WAL receiver is gone: what
+    /// the primary writes from now on exists only there, as with an
+    /// asynchronous standby cut off just before a failover.
+    /// [`PgCluster::promote`] points it at the new primary again.
+    pub async fn stop_wal_receiver(&self, node: NodeIndex) -> Result<(), HarnessError> {
+        self.check(node)?;
+        self.set_config(node, "primary_conninfo", "", "").await?;
+        let client = self.control(node).await?;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let gone: bool = client
+                .query_one("SELECT count(*) = 0 FROM pg_stat_wal_receiver", &[])
+                .await
+                .map_err(|e| self.pg_err(node, "reading pg_stat_wal_receiver", e))?
+                .get(0);
+            if gone {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                return Err(self.timeout(
+                    node,
+                    "the WAL receiver to stop",
+                    Duration::from_secs(30),
+                    String::new(),
+                ));
+            }
+            tokio::time::sleep(POLL_INTERVAL).await;
+        }
+    }
+
     /// Fast shutdown of `node` (`SIGINT`); waits for the server to exit.
     pub async fn stop_node(&self, node: NodeIndex) -> Result<(), HarnessError> {
         self.check(node)?;

@@ -74,6 +74,16 @@ impl Env {
         connect(&self.conn_str()).await
     }
 
+    /// A metric's value from `/metrics`, summed over the label sets whose
+    /// line contains `labels`.
+    pub async fn metric(&self, name: &str, labels: &str) -> f64 {
+        let (_, body) = http_get(self.proxy.admin_addr(), "/metrics").await;
+        body.lines()
+            .filter(|l| l.starts_with(name) && l.contains(labels))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    }
+
     pub fn proxy_config(&self) -> Config {
         self.proxy.config()
     }
