@@ -203,6 +203,11 @@ pub fn decode_startup(packet: &[u8]) -> Result<StartupPacket, ProtocolError> {
             ));
         }
     }
+    // Names and values must be UTF-8 (a decoder would replace bad bytes,
+    // and two different user names could then look alike).
+    if packet.len() > 8 && std::str::from_utf8(&packet[8..]).is_err() {
+        return Err(ProtocolError::InvalidUtf8("StartupMessage"));
+    }
     let (s, _) = isolated("StartupMessage", packet, |b| Startup::decode(b, &ctx))?;
     Ok(StartupPacket::Startup(s))
 }

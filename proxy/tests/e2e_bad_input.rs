@@ -101,6 +101,22 @@ async fn malformed_messages_are_rejected() {
     let msgs = r.read_until(b'E').await;
     assert_eq!(sqlstate(&msgs).as_deref(), Some("08P01"), "{msgs:?}");
 
+    // Invalid UTF-8 in the startup packet's user name and in a parameter.
+    for params in [
+        &b"user\0r\xffaw\0database\0postgres\0\0"[..],
+        &b"user\0raw\0application_name\0\xc3\x28\0\0"[..],
+    ] {
+        let mut r = Raw::connect(addr).await;
+        let mut b = BytesMut::new();
+        b.put_i32(8 + params.len() as i32);
+        b.put_i32(196608);
+        b.put_slice(params);
+        r.send(&b).await;
+        let msgs = r.read_until(b'E').await;
+        assert_eq!(sqlstate(&msgs).as_deref(), Some("08P01"), "{msgs:?}");
+        assert!(r.closed().await);
+    }
+
     // Startup without a user.
     let mut r = Raw::connect(addr).await;
     r.startup(&[("database", "postgres")]).await;
