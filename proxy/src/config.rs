@@ -25,7 +25,8 @@ pub const EXAMPLE_TOML: &str = r#"# lagrouter-proxy configuration
 [proxy]
 listen = "127.0.0.1:6432"          # PostgreSQL protocol listener
 admin_listen = "127.0.0.1:9930"    # HTTP: /metrics /health /status
-max_client_connections = 10000
+max_client_connections = 10000     # client sockets, logged in or not
+client_login_timeout = "60s"       # startup and authentication must finish within this
 shutdown_timeout = "30s"           # graceful shutdown grace period
 client_idle_timeout = "0s"         # 0 = never close idle clients
 idle_transaction_timeout = "0s"    # 0 = never close clients idle inside a transaction
@@ -189,9 +190,14 @@ pub struct ProxyConfig {
     /// Address of the HTTP admin endpoint (`/metrics`, `/health`,
     /// `/status`). Default `"127.0.0.1:9930"`.
     pub admin_listen: SocketAddr,
-    /// Most simultaneous client connections; further clients are refused
-    /// with SQLSTATE 53300. Default `10000`.
+    /// Most simultaneous client connections, counting those still logging
+    /// in; further clients are refused with SQLSTATE 53300. Default
+    /// `10000`.
     pub max_client_connections: usize,
+    /// How long a client may take to finish startup and authentication
+    /// before it is disconnected (08006). Default `"60s"`.
+    #[serde(with = "duration_str")]
+    pub client_login_timeout: Duration,
     /// How long a graceful shutdown (SIGTERM/SIGINT) waits for clients to
     /// finish before closing them. Default `"30s"`.
     #[serde(with = "duration_str")]
@@ -220,6 +226,7 @@ impl Default for ProxyConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 6432)),
             admin_listen: SocketAddr::from(([127, 0, 0, 1], 9930)),
             max_client_connections: 10_000,
+            client_login_timeout: Duration::from_secs(60),
             shutdown_timeout: Duration::from_secs(30),
             client_idle_timeout: Duration::ZERO,
             idle_transaction_timeout: Duration::ZERO,
@@ -571,6 +578,11 @@ impl Config {
             ));
         }
         check_duration("proxy.shutdown_timeout", self.proxy.shutdown_timeout, false)?;
+        check_duration(
+            "proxy.client_login_timeout",
+            self.proxy.client_login_timeout,
+            true,
+        )?;
         check_duration(
             "proxy.client_idle_timeout",
             self.proxy.client_idle_timeout,

@@ -23,9 +23,6 @@ use crate::config::AuthMethod;
 use crate::protocol::{self, Frame, PgError, ProtocolError, StartupPacket};
 use crate::server::{Shared, UserEntry};
 
-/// How long a client may take to finish startup and authentication.
-pub const STARTUP_TIMEOUT: Duration = Duration::from_secs(60);
-
 /// A client's byte stream: plain TCP or TLS.
 pub enum ClientStream {
     /// Plain TCP.
@@ -197,7 +194,8 @@ pub struct StartupInfo {
 pub async fn handle(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr) {
     let _ = tcp.set_nodelay(true);
     let mut conn = ClientConn::new(ClientStream::Plain(tcp), peer);
-    let startup = tokio::time::timeout(STARTUP_TIMEOUT, startup(&shared, &mut conn)).await;
+    let login_timeout = shared.settings().config.proxy.client_login_timeout;
+    let startup = tokio::time::timeout(login_timeout, startup(&shared, &mut conn)).await;
     let info = match startup {
         Ok(Ok(Some(info))) => info,
         Ok(Ok(None)) => return, // cancel request or clean close

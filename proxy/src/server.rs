@@ -196,11 +196,23 @@ pub struct Shared {
     shutdown: watch::Receiver<bool>,
     guc_names: OnceCell<Arc<HashSet<String>>>,
     clients: AtomicUsize,
+    /// Client sockets open, logged in or not (what
+    /// `max_client_connections` limits).
+    connections: AtomicUsize,
     clients_total: AtomicU64,
     clients_gone: Notify,
     sessions: Mutex<HashMap<u64, tokio::task::AbortHandle>>,
     next_session: AtomicU64,
     started: Instant,
+}
+
+/// Decrements the connection count when a client socket is closed.
+struct ConnectionGuard(Arc<Shared>);
+
+impl Drop for ConnectionGuard {
+    fn drop(&mut self) {
+        self.0.connections.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 /// Decrements the client count when a session ends.
@@ -328,8 +340,11 @@ impl Shared {
     fn spawn_session(self: &Arc<Self>, tcp: tokio::net::TcpStream, peer: SocketAddr) {
         let id = self.next_session.fetch_add(1, Ordering::Relaxed);
         let shared = self.clone();
+        self.connections.fetch_add(1, Ordering::SeqCst);
+        let guard = ConnectionGuard(self.clone());
         let mut sessions = self.sessions.lock().expect("sessions lock");
         let task = tokio::spawn(async move {
+            let _guard = guard;
             crate::frontend::handle(shared.clone(), tcp, peer).await;
             shared.sessions.lock().expect("sessions lock").remove(&id);
         });
@@ -344,6 +359,7 @@ impl Shared {
             topology: &'a lagrouter::Topology,
             pools: Vec<crate::pool::PoolStats>,
             clients: usize,
+            connections: usize,
             clients_total: u64,
             policy: &'static str,
             uptime_seconds: f64,
@@ -353,6 +369,7 @@ impl Shared {
             topology: &topo,
             pools: self.pools.stats(),
             clients: self.clients.load(Ordering::SeqCst),
+            connections: self.connections.load(Ordering::SeqCst),
             clients_total: self.clients_total.load(Ordering::Relaxed),
             policy: self.settings().policy.label(),
             uptime_seconds: self.started.elapsed().as_secs_f64(),
@@ -486,6 +503,7 @@ impl Proxy {
             shutdown: shutdown_rx.clone(),
             guc_names: OnceCell::new(),
             clients: AtomicUsize::new(0),
+            connections: AtomicUsize::new(0),
             clients_total: AtomicU64::new(0),
             clients_gone: Notify::new(),
             sessions: Mutex::new(HashMap::new()),
@@ -546,7 +564,7 @@ impl Proxy {
                         Ok((tcp, peer)) => {
                             metrics::counter!(admin::CLIENT_CONNECTIONS_TOTAL).increment(1);
                             let max = accept_shared.settings().config.proxy.max_client_connections;
-                            if accept_shared.clients.load(Ordering::SeqCst) >= max {
+                            if accept_shared.connections.load(Ordering::SeqCst) >= max {
                                 let s = accept_shared.clone();
                                 tokio::spawn(refuse(s, tcp, peer));
                                 continue;

@@ -45,6 +45,7 @@ fn example_parses_with_all_values() {
     assert_eq!(c.routing.probe_timeout, Duration::from_secs(2));
     assert_eq!(c.proxy.client_write_timeout, Duration::from_secs(30));
     assert_eq!(c.proxy.idle_transaction_timeout, Duration::ZERO);
+    assert_eq!(c.proxy.client_login_timeout, Duration::from_secs(60));
     assert!(c.routing.retry_on_replica_error);
     assert!(c.tls.is_none());
     assert_eq!(c.nodes.len(), 2);

@@ -127,18 +127,45 @@ async fn connection_storms_and_exhausted_pools_get_clear_errors() {
     let env = start_with(lagrouter::testing::PgCluster::builder().replicas(1), |c| {
         add_trust_user(c);
         c.proxy.max_client_connections = 40;
+        c.proxy.client_login_timeout = Duration::from_secs(1);
         c.pool.size = 2;
         c.pool.checkout_timeout = Duration::from_millis(500);
     })
     .await;
     let raw = raw_conn_str(env.addr());
+    let proxy = &env.proxy;
+
+    // Sockets that never log in count against the limit, and are closed
+    // after client_login_timeout.
+    let mut silent = Vec::new();
+    for _ in 0..40 {
+        silent.push(Raw::connect(env.addr()).await);
+    }
+    wait_until(Duration::from_secs(10), "40 connections", || async {
+        proxy.status()["connections"] == 40
+    })
+    .await;
+    let e = tokio_postgres::connect(&raw, tokio_postgres::NoTls)
+        .await
+        .err()
+        .expect("over the connection limit");
+    assert_eq!(e.code().map(|c| c.code()), Some("53300"), "{e}");
+    for s in &mut silent {
+        let msgs = s.read_until(b'E').await;
+        assert_eq!(sqlstate(&msgs).as_deref(), Some("08006"), "{msgs:?}");
+        assert!(s.closed().await);
+    }
+    drop(silent);
+    wait_until(Duration::from_secs(10), "silent sockets gone", || async {
+        proxy.status()["connections"] == 0
+    })
+    .await;
 
     // At the client limit, one more is refused with 53300.
     let mut held = Vec::new();
     for _ in 0..40 {
         held.push(connect(&raw).await);
     }
-    let proxy = &env.proxy;
     wait_until(Duration::from_secs(10), "40 clients", || async {
         proxy.clients() == 40
     })
