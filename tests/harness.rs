@@ -607,3 +607,40 @@ fn drop_in_panicking_thread_stops_servers() {
     assert!(handle.join().is_err(), "the thread panicked");
     assert_all_gone(&eps);
 }
+
+/// A frozen node answers nothing (it hangs like a partitioned host), a
+/// thawed one answers again, and dropping the cluster stops a frozen node
+/// too.
+#[tokio::test]
+async fn frozen_node_hangs_until_thawed_and_drop_still_stops_it() {
+    let pg = start(1).await;
+    if pg.backend() != BackendKind::Local {
+        eprintln!("freeze_node is local-only; skipping");
+        return;
+    }
+    let replica = pg.replicas()[0];
+    let c = pg.connect(replica).await.unwrap();
+    pg.freeze_node(replica).await.unwrap();
+    // Neither an open connection nor a new one gets an answer.
+    assert!(
+        tokio::time::timeout(Duration::from_millis(500), c.simple_query("SELECT 1"))
+            .await
+            .is_err(),
+        "a frozen server answered"
+    );
+    assert!(
+        tokio::time::timeout(Duration::from_millis(500), pg.connect(replica))
+            .await
+            .is_err(),
+        "a frozen server accepted a session"
+    );
+    pg.thaw_node(replica).await.unwrap();
+    c.simple_query("SELECT 1").await.unwrap();
+    pg.connect(replica).await.unwrap();
+
+    pg.freeze_node(replica).await.unwrap();
+    let eps = endpoints(&pg);
+    drop(c);
+    drop(pg);
+    assert_all_gone(&eps);
+}

@@ -239,12 +239,13 @@ pub fn decode_frontend(frame: &Frame) -> Result<PgWireFrontendMessage, ProtocolE
     Ok(msg)
 }
 
+/// What [`check_layout`] reports for a name or SQL string that is not UTF-8.
+const INVALID_UTF8: &str = "invalid UTF-8";
+
 /// Walks the fields of an extended-protocol message or `Query` and checks
 /// that every count and length stays inside the message and that names and
 /// SQL are UTF-8, so that the decoder is only ever given structurally
 /// sound input.
-const INVALID_UTF8: &str = "invalid UTF-8";
-
 fn check_layout(tag: u8, body: &[u8]) -> Result<(), &'static str> {
     struct Cursor<'a>(&'a [u8]);
     impl Cursor<'_> {

@@ -225,11 +225,11 @@ fn signal(pid: u32, sig: libc::c_int) {
     }
 }
 
-/// The postmaster `pid` and its children (backends, WAL receiver, startup
+/// The children of the postmaster `pid` (backends, WAL receiver, startup
 /// process, …). PostgreSQL puts each child in its own session, so they are
 /// not in the postmaster's process group; they are found by parent pid.
-fn server_processes(pid: u32) -> Vec<u32> {
-    let mut pids = vec![pid];
+fn server_children(pid: u32) -> Vec<u32> {
+    let mut pids = Vec::new();
     let Ok(entries) = fs::read_dir("/proc") else {
         return pids;
     };
@@ -253,9 +253,10 @@ fn server_processes(pid: u32) -> Vec<u32> {
 }
 
 /// Stops (`SIGSTOP`) or resumes (`SIGCONT`) a whole server: the postmaster
-/// first when stopping, so that it forks nothing new meanwhile.
+/// first, so that once stopped it forks nothing the scan could miss.
 fn signal_server(pid: u32, sig: libc::c_int) {
-    for p in server_processes(pid) {
+    signal(pid, sig);
+    for p in server_children(pid) {
         signal(p, sig);
     }
 }
