@@ -642,8 +642,9 @@ impl ProxyHandle {
     }
 
     /// Applies a new configuration: routing policy and timings (except the
-    /// monitor interval and probe timeout), users, pool sizes and timeouts, TLS files and
-    /// client limits. Nodes and listen addresses are kept as started.
+    /// monitor interval and probe timeout), users, pool sizes and timeouts,
+    /// TLS files and client limits. Nodes and listen addresses are kept as
+    /// started.
     pub fn reload(&self, config: Config) -> Result<(), ProxyError> {
         let old = self.shared.settings();
         let mut config = config;
