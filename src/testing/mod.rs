@@ -856,26 +856,15 @@ impl PgCluster {
         let client = self.control(node).await?;
         self.exec(node, &client, "SELECT pg_wal_replay_pause()")
             .await?;
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            let row = client
-                .query_one("SELECT pg_get_wal_replay_pause_state()", &[])
-                .await
-                .map_err(|e| self.pg_err(node, "pg_get_wal_replay_pause_state()", e))?;
-            let state: String = row.get(0);
-            if state == "paused" {
-                return Ok(());
-            }
-            if Instant::now() >= deadline {
-                return Err(self.timeout(
-                    node,
-                    "replay to pause",
-                    Duration::from_secs(30),
-                    format!("pause state: {state}"),
-                ));
-            }
-            tokio::time::sleep(POLL_INTERVAL).await;
-        }
+        self.wait_value(
+            node,
+            &client,
+            "SELECT pg_get_wal_replay_pause_state()",
+            "paused",
+            "replay to pause",
+            Duration::from_secs(30),
+        )
+        .await
     }
 
     /// Resumes WAL replay (`pg_wal_replay_resume()`) and waits until the
@@ -884,26 +873,15 @@ impl PgCluster {
         let client = self.control(node).await?;
         self.exec(node, &client, "SELECT pg_wal_replay_resume()")
             .await?;
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            let row = client
-                .query_one("SELECT pg_get_wal_replay_pause_state()", &[])
-                .await
-                .map_err(|e| self.pg_err(node, "pg_get_wal_replay_pause_state()", e))?;
-            let state: String = row.get(0);
-            if state == "not paused" {
-                return Ok(());
-            }
-            if Instant::now() >= deadline {
-                return Err(self.timeout(
-                    node,
-                    "replay to resume",
-                    Duration::from_secs(30),
-                    format!("pause state: {state}"),
-                ));
-            }
-            tokio::time::sleep(POLL_INTERVAL).await;
-        }
+        self.wait_value(
+            node,
+            &client,
+            "SELECT pg_get_wal_replay_pause_state()",
+            "not paused",
+            "replay to resume",
+            Duration::from_secs(30),
+        )
+        .await
     }
 
     /// Sets `recovery_min_apply_delay` (millisecond precision) with
@@ -934,26 +912,15 @@ impl PgCluster {
         self.check(node)?;
         self.set_config(node, "primary_conninfo", "", "").await?;
         let client = self.control(node).await?;
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            let gone: bool = client
-                .query_one("SELECT count(*) = 0 FROM pg_stat_wal_receiver", &[])
-                .await
-                .map_err(|e| self.pg_err(node, "reading pg_stat_wal_receiver", e))?
-                .get(0);
-            if gone {
-                return Ok(());
-            }
-            if Instant::now() >= deadline {
-                return Err(self.timeout(
-                    node,
-                    "the WAL receiver to stop",
-                    Duration::from_secs(30),
-                    String::new(),
-                ));
-            }
-            tokio::time::sleep(POLL_INTERVAL).await;
-        }
+        self.wait_value(
+            node,
+            &client,
+            "SELECT count(*)::text FROM pg_stat_wal_receiver",
+            "0",
+            "the WAL receiver to stop",
+            Duration::from_secs(30),
+        )
+        .await
     }
 
     /// Fast shutdown of `node` (`SIGINT`); waits for the server to exit.
@@ -1042,25 +1009,15 @@ impl PgCluster {
                 ),
             });
         }
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            let row = client
-                .query_one("SELECT pg_is_in_recovery()", &[])
-                .await
-                .map_err(|e| self.pg_err(node, "pg_is_in_recovery()", e))?;
-            if !row.get::<_, bool>(0) {
-                break;
-            }
-            if Instant::now() >= deadline {
-                return Err(self.timeout(
-                    node,
-                    "the promoted node to leave recovery",
-                    Duration::from_secs(60),
-                    String::new(),
-                ));
-            }
-            tokio::time::sleep(POLL_INTERVAL).await;
-        }
+        self.wait_value(
+            node,
+            &client,
+            "SELECT pg_is_in_recovery()::text",
+            "false",
+            "the promoted node to leave recovery",
+            Duration::from_secs(60),
+        )
+        .await?;
         let followers: Vec<NodeIndex> = {
             let mut t = self.topo();
             let old = t.primary();
@@ -1342,22 +1299,47 @@ impl PgCluster {
         )
         .await?;
         self.exec(node, &client, "SELECT pg_reload_conf()").await?;
-        let deadline = Instant::now() + Duration::from_secs(30);
+        self.wait_value(
+            node,
+            &client,
+            &format!(
+                "SELECT setting FROM pg_settings WHERE name = {}",
+                quote_literal(name)
+            ),
+            expect,
+            &format!("{name} to become {expect:?} after reload"),
+            Duration::from_secs(30),
+        )
+        .await
+    }
+
+    /// Polls `sql` (one text value) on `node` until it returns `want`, for
+    /// up to `timeout`; the error names `what` and the last value seen.
+    async fn wait_value(
+        &self,
+        node: NodeIndex,
+        client: &tokio_postgres::Client,
+        sql: &str,
+        want: &str,
+        what: &str,
+        timeout: Duration,
+    ) -> Result<(), HarnessError> {
+        let deadline = Instant::now() + timeout;
         loop {
             let row = client
-                .query_one("SELECT setting FROM pg_settings WHERE name = $1", &[&name])
+                .query_one(sql, &[])
                 .await
-                .map_err(|e| self.pg_err(node, "reading pg_settings", e))?;
+                .map_err(|e| self.pg_err(node, sql, e))?;
             let current: String = row.get(0);
-            if current == expect {
+            if current == want {
                 return Ok(());
             }
             if Instant::now() >= deadline {
                 return Err(self.timeout(
                     node,
-                    &format!("{name} to become {expect:?} after reload"),
-                    Duration::from_secs(30),
-                    format!("{name} = {current:?}"),
+                    what,
+                    timeout,
+                    format!("{sql} returned {current:?}"),
                 ));
             }
             tokio::time::sleep(POLL_INTERVAL).await;
