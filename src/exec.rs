@@ -614,7 +614,7 @@ impl Cluster {
 /// on a former primary and lost in a failover (see
 /// [`Topology::token_lost`]). A replica of the new timeline may well have
 /// replayed past the token's position, so this is checked before routing.
-pub(crate) fn check_not_lost(topo: &Topology, token: &ConsistencyToken) -> Result<()> {
+pub fn check_not_lost(topo: &Topology, token: &ConsistencyToken) -> Result<()> {
     match topo.token_lost(token) {
         Some(survived) => {
             metrics::counter!("lagrouter_tokens_ahead_total").increment(1);

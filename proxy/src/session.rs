@@ -1276,20 +1276,13 @@ impl Session {
         if !self.settings().policy.uses_token() {
             return Ok(());
         }
-        match self.shared.monitor.snapshot().token_lost(&token) {
-            Some(survived) => {
-                metrics::counter!(m::TOKENS_AHEAD_TOTAL).increment(1);
-                warn!(
-                    pid = self.pid,
-                    token = %token.lsn,
-                    token_timeline = token.cluster.timeline,
-                    %survived,
-                    "consistency token names writes lost in a failover"
-                );
-                Err(token_ahead(token.lsn, survived))
+        lagrouter::exec::check_not_lost(&self.shared.monitor.snapshot(), &token).map_err(|e| {
+            metrics::counter!(m::TOKENS_AHEAD_TOTAL).increment(1);
+            match e {
+                lagrouter::Error::TokenAhead { token, primary } => token_ahead(token, primary),
+                other => PgError::error(other.code().unwrap_or("55000"), other.to_string()),
             }
-            None => Ok(()),
-        }
+        })
     }
 
     /// Reports an error for a whole unit that did not reach a server.
@@ -2540,13 +2533,10 @@ fn deallocate_target(sql: &str) -> Option<Option<String>> {
 }
 
 /// SQLSTATE 55000 for a token ahead of what the primary has.
+/// The library's [`lagrouter::Error::TokenAhead`], as a client error.
 fn token_ahead(token: Lsn, primary: Lsn) -> PgError {
-    PgError::error(
-        "55000",
-        format!(
-            "consistency token {token} is ahead of the primary ({primary}): the writes it stands for may have been lost in a failover"
-        ),
-    )
+    let e = lagrouter::Error::TokenAhead { token, primary };
+    PgError::error(e.code().unwrap_or("55000"), e.to_string())
     .with_hint("The token was forged, or writes acknowledged before a failover were lost. Check the data; a write on the current primary, or a new connection, starts from a fresh token.")
 }
 
