@@ -44,7 +44,7 @@
 //! * `read/plain`: `SELECT 1` on a plain pool: checkout, `prepare_cached`
 //!   (a cache hit after the first call), `query_one`;
 //! * `read/plain_pipelined_probe`: the same plus lagrouter's position query
-//!   (`lagrouter::exec::POSITION_SQL`) pipelined by hand: the cost of the
+//!   (`lagrouter::probe::POSITION_SQL`) pipelined by hand: the cost of the
 //!   probe alone, without lagrouter;
 //! * `read/session`: [`Session::query_one`] with the default read-your-writes
 //!   policy: route, checkout, run, and pipeline the replica's replay position
@@ -71,7 +71,7 @@ use std::time::{Duration, Instant};
 
 use criterion::Criterion;
 use deadpool_postgres::Pool;
-use lagrouter::exec::POSITION_SQL;
+use lagrouter::probe::POSITION_SQL;
 use lagrouter::testing::PgCluster;
 use lagrouter::{Cluster, Connector, Request, Role, RouterService, Session};
 use rand::SeedableRng;

@@ -134,20 +134,21 @@ impl Error {
     /// True for a hot-standby recovery conflict: the query was cancelled to
     /// let replay proceed, and can run elsewhere.
     pub fn is_recovery_conflict(&self) -> bool {
-        match self.as_db_error() {
-            Some(db) => {
-                let code = db.code();
-                (code == &SqlState::T_R_SERIALIZATION_FAILURE
-                    || code == &SqlState::T_R_DEADLOCK_DETECTED
-                    || code == &SqlState::ADMIN_SHUTDOWN
-                    || code == &SqlState::DATABASE_DROPPED
-                    || code == &SqlState::QUERY_CANCELED)
-                    && db.message().contains("conflict with recovery")
-                    || db
-                        .detail()
-                        .is_some_and(|d| d.contains("conflict with recovery"))
-            }
-            None => false,
+        self.failure() == Failure::RecoveryConflict
+    }
+
+    /// What this error means for routing, by the read engine's one
+    /// classification ([`Failure::classify`]).
+    pub fn failure(&self) -> Failure {
+        match self {
+            Error::Connect { .. } if self.is_pool_exhausted() => Failure::PoolExhausted,
+            Error::Connect { .. } => Failure::Connection,
+            Error::Db { source, .. } => match source.as_db_error() {
+                Some(db) => Failure::classify(db.code().code(), db.message(), db.detail()),
+                // Closed, I/O, or a protocol error: the connection is gone.
+                None => Failure::Connection,
+            },
+            _ => Failure::Statement,
         }
     }
 
@@ -161,18 +162,55 @@ impl Error {
     /// True when the node could not be reached or the connection broke, so
     /// the statement may be retried elsewhere (reads only).
     pub fn is_connection_error(&self) -> bool {
-        match self {
-            Error::Connect { .. } => true,
-            Error::Db { source, .. } => {
-                source.is_closed()
-                    || source.code().is_some_and(|c| {
-                        let c = c.code();
-                        c.starts_with("08") || c == "57P01" || c == "57P02" || c == "57P03"
-                    })
-                    || (source.as_db_error().is_none() && source.code().is_none())
+        matches!(self.failure(), Failure::Connection | Failure::PoolExhausted)
+    }
+}
+
+/// Why a node failed a step, as far as routing cares. Made from a SQLSTATE by
+/// [`Failure::classify`], so the library and the proxy agree on every code.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Failure {
+    /// 25006 on a replica: the statement writes.
+    ReadOnly,
+    /// Cancelled (or disconnected) by a hot-standby recovery conflict: the
+    /// statement can run elsewhere.
+    RecoveryConflict,
+    /// The node could not be reached, the connection broke, or the server is
+    /// shutting down (class 08, 57P01–57P03, no answer).
+    Connection,
+    /// No pooled connection became free in time: the node is busy, not down.
+    PoolExhausted,
+    /// The monitor ejected the node while the step was in flight (it stopped
+    /// answering probes).
+    Ejected,
+    /// Any other error: the statement's own (syntax, constraint, …).
+    Statement,
+}
+
+impl Failure {
+    /// Classifies a server error from its SQLSTATE, message and detail.
+    pub fn classify(code: &str, message: &str, detail: Option<&str>) -> Failure {
+        let conflict = message.contains("conflict with recovery")
+            || detail.is_some_and(|d| d.contains("conflict with recovery"));
+        match code {
+            "25006" => Failure::ReadOnly,
+            // Cancelled statements (40001, or 40P01 for a buffer-pin
+            // deadlock) and sessions terminated for a conflict (57P01,
+            // 57P04 when the database was dropped).
+            "40001" | "40P01" | "57P01" | "57P04" | "57014" if conflict => {
+                Failure::RecoveryConflict
             }
-            _ => false,
+            c if c.starts_with("08") || matches!(c, "57P01" | "57P02" | "57P03") => {
+                Failure::Connection
+            }
+            _ => Failure::Statement,
         }
+    }
+
+    /// Whether the node is ejected (reported to the monitor) after this
+    /// failure, whatever the statement: only when it looks down.
+    pub fn ejects_node(self) -> bool {
+        self == Failure::Connection
     }
 }
 

@@ -12,62 +12,13 @@ use tracing::{Instrument, debug, debug_span};
 
 use crate::cluster::Cluster;
 use crate::error::{Error, POOL_EXHAUSTED, Result, describe};
-use crate::lsn::Lsn;
-use crate::policy::{Consistency, Fallback};
-use crate::router::{ReadContext, Route};
-use crate::token::{ClusterId, ConsistencyToken};
+use crate::policy::Consistency;
+use crate::probe::{POSITION_SQL, Position};
+use crate::read_plan::{Outcome as PlanOutcome, ReadPlan, ReadRequest, Step};
+use crate::token::ConsistencyToken;
 use crate::topology::{Role, Topology};
 
-/// One statement round trip: where it ran, and the WAL position it saw.
-///
-/// On a replica the position is `pg_last_wal_replay_lsn()`; on the primary
-/// `pg_current_wal_insert_lsn()`, read after the statement in the same
-/// pipeline. Either way the statement's effects (or the data it read) are at
-/// or before it.
-///
-/// The third column is the node's own timeline: the primary's insert
-/// timeline, or the timeline a replica's WAL receiver streams (NULL when it
-/// is not streaming or the user may not see `pg_stat_wal_receiver`). Tokens
-/// are labelled with it rather than with the monitor's last view, which can
-/// lag behind a promotion. `pg_is_in_recovery()` is read once, so the three
-/// columns agree even while the node is being promoted.
-pub const POSITION_SQL: &str = "SELECT r, \
-     (CASE WHEN r THEN pg_last_wal_replay_lsn() ELSE pg_current_wal_insert_lsn() END)::text, \
-     CASE WHEN r THEN (SELECT received_tli FROM pg_stat_wal_receiver) \
-          ELSE ('x' || substr(pg_walfile_name(pg_current_wal_insert_lsn()), 1, 8))::bit(32)::int END \
-     FROM (SELECT pg_is_in_recovery() AS r) AS s";
-
-/// Why a read was not served by the replica routing first chose.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum FallbackReason {
-    /// No replica reached the token within `max_wait`.
-    WaitTimeout,
-    /// No replica was eligible (none healthy, or all too stale).
-    NoReplica,
-    /// The replica found no row and retry-on-miss is on.
-    EmptyResult,
-    /// The statement writes (SQLSTATE 25006 on the replica).
-    ReadOnly,
-    /// The replica cancelled the query for a recovery conflict.
-    RecoveryConflict,
-    /// The replica could not be reached or failed.
-    ReplicaError,
-}
-
-impl FallbackReason {
-    /// Label for metrics.
-    pub fn label(self) -> &'static str {
-        match self {
-            FallbackReason::WaitTimeout => "wait_timeout",
-            FallbackReason::NoReplica => "no_replica",
-            FallbackReason::EmptyResult => "empty_result",
-            FallbackReason::ReadOnly => "read_only",
-            FallbackReason::RecoveryConflict => "recovery_conflict",
-            FallbackReason::ReplicaError => "replica_error",
-        }
-    }
-}
+pub use crate::read_plan::FallbackReason;
 
 /// Which node served a statement, and how it got there.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
@@ -132,36 +83,6 @@ struct RunResult {
     after: Option<Position>,
 }
 
-/// A node's position, as read by [`POSITION_SQL`].
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) struct Position {
-    /// `pg_is_in_recovery()`.
-    pub in_recovery: bool,
-    /// Replay position (replica) or insert position (primary).
-    pub lsn: Option<Lsn>,
-    /// The node's timeline, when it could be read.
-    pub timeline: Option<u32>,
-}
-
-pub(crate) fn parse_position(row: &Row) -> Position {
-    let in_recovery: bool = row.get(0);
-    let lsn = row
-        .get::<_, Option<&str>>(1)
-        .and_then(|s| s.parse::<Lsn>().ok());
-    let timeline = if row.len() > 2 {
-        row.get::<_, Option<i32>>(2)
-            .and_then(|t| u32::try_from(t).ok())
-            .filter(|&t| t > 0)
-    } else {
-        None
-    };
-    Position {
-        in_recovery,
-        lsn,
-        timeline,
-    }
-}
-
 async fn run_stmt(
     client: &Object,
     prepared: &tokio_postgres::Statement,
@@ -207,36 +128,6 @@ impl Cluster {
         })
     }
 
-    /// Reports a failed statement on `node` to the monitor, which ejects it
-    /// until a probe succeeds, unless the failure says nothing about the
-    /// node's health (a busy pool).
-    fn report(&self, node: usize, e: &Error) {
-        if e.is_connection_error() && !e.is_pool_exhausted() {
-            self.inner.monitor.report_failure(node, &e.to_string());
-        }
-    }
-
-    fn cluster_id(topo: &Topology) -> ClusterId {
-        topo.cluster.unwrap_or(ClusterId {
-            system_identifier: 0,
-            timeline: 1,
-        })
-    }
-
-    /// Turns an observed position into a token, labelled with the node's
-    /// own timeline when known (else the primary's, as last probed).
-    pub(crate) fn token_at(topo: &Topology, pos: Position) -> Option<ConsistencyToken> {
-        let lsn = pos.lsn?;
-        let lsn = if pos.in_recovery {
-            lsn
-        } else {
-            lsn.round_to_record_boundary(topo.wal_segment_size)
-        };
-        let id = Self::cluster_id(topo);
-        let timeline = pos.timeline.unwrap_or(id.timeline);
-        Some(ConsistencyToken::new(lsn, id.system_identifier, timeline))
-    }
-
     /// Runs `stmt` on `node`, pipelining position checks before and/or after
     /// it: one round trip in all.
     async fn run_on(
@@ -275,10 +166,10 @@ impl Cluster {
         let (rows, rows_affected) = main.map_err(|e| Error::db(name, e))?;
         let before = pre
             .map_err(|e| Error::db(name, e))?
-            .map(|r| parse_position(&r));
+            .map(|r| Position::from_row(&r));
         let after = post
             .map_err(|e| Error::db(name, e))?
-            .map(|r| parse_position(&r));
+            .map(|r| Position::from_row(&r));
         Ok(RunResult {
             rows,
             rows_affected,
@@ -288,7 +179,7 @@ impl Cluster {
     }
 
     /// Reads the node's position alone (while waiting for a token).
-    async fn position_of(&self, node: usize) -> Result<Position> {
+    pub(crate) async fn position_of(&self, node: usize) -> Result<Position> {
         let name = &self.inner.nodes[node].name;
         let client = self.checkout(node).await?;
         let position = client
@@ -299,7 +190,7 @@ impl Cluster {
             .query_one(&position, &[])
             .await
             .map_err(|e| Error::db(name, e))?;
-        Ok(parse_position(&row))
+        Ok(Position::from_row(&row))
     }
 
     fn primary_index(topo: &Topology) -> Result<usize> {
@@ -333,13 +224,13 @@ impl Cluster {
             let r = match r {
                 Ok(r) => r,
                 Err(e) => {
-                    self.report(primary, &e);
+                    self.failed(primary, &e);
                     return Err(e);
                 }
             };
             metrics::counter!("lagrouter_writes_total", "node" => self.inner.nodes[primary].name.clone())
                 .increment(1);
-            let token = r.after.and_then(|p| Self::token_at(&topo, p));
+            let token = r.after.and_then(|p| p.token(&topo));
             debug!(token = ?token.map(|t| t.lsn), "write committed");
             Ok(Outcome {
                 rows: r.rows,
@@ -379,256 +270,121 @@ impl Cluster {
         out
     }
 
+    /// Drives the read engine ([`ReadPlan`]): carries out each step on the
+    /// pools and feeds back what happened.
     async fn read_inner(&self, stmt: Stmt<'_>, opts: ReadOpts) -> Result<Outcome> {
+        let req = ReadRequest {
+            last_write: opts.last_write,
+            retry_on_empty: opts.expect_row && self.inner.retry_on_empty,
+            first_poll: self.inner.wait_poll,
+            ..ReadRequest::new(opts.policy, opts.token)
+        };
+        let router = &self.inner.router;
         let mut topo = self.inner.monitor.snapshot();
-        let token = match opts.token {
-            Some(t) if opts.policy.uses_token() => {
-                if let Some(id) = &topo.cluster {
-                    t.check_cluster(id)?;
-                }
-                check_not_lost(&topo, &t)?;
-                Some(t)
-            }
-            _ => None,
-        };
-        let token_lsn = token.map(|t| t.lsn);
-        let max_wait = match opts.policy {
-            Consistency::ReadYourWrites { max_wait, .. } => max_wait,
-            _ => Duration::ZERO,
-        };
-        let then = match opts.policy {
-            Consistency::ReadYourWrites { then, .. } => then,
-            _ => Fallback::Primary,
-        };
-        let start = Instant::now();
-        let mut exclude: Vec<usize> = Vec::new();
-        let mut waited = Duration::ZERO;
-        let mut fallback: Option<FallbackReason> = None;
-        let mut poll = self.inner.wait_poll;
-        // A replica whose position was checked to be at/after the token.
-        let mut verified: Option<usize> = None;
-        // The first check on a replica goes in the same round trip as the read.
-        let mut optimistic_done = false;
-        let mut counted_wait = false;
-
+        let mut plan = ReadPlan::new(req, Instant::now());
+        let mut step = plan.start(&topo, router, Instant::now());
+        // The result of the last run, and the last node error.
+        let mut last: Option<RunResult> = None;
+        let mut error: Option<Error> = None;
         loop {
-            let cx = ReadContext {
-                token: token_lsn,
-                last_write: opts.last_write,
-                exclude: &exclude,
-            };
-            let route = match verified {
-                Some(v) if !exclude.contains(&v) => Route::Replica(v),
-                _ => self.inner.router.route(&topo, &opts.policy, &cx),
-            };
-            let (node, check) = match route {
-                Route::Replica(i) => (i, false),
-                Route::ReplicaIfCaughtUp(i) => {
-                    if !counted_wait {
-                        counted_wait = true;
-                        metrics::counter!("lagrouter_token_waits_total").increment(1);
-                    }
-                    if optimistic_done && max_wait.is_zero() {
-                        // No waiting in this policy: the check in the read's
-                        // round trip failed, so the primary it is.
-                        waited = start.elapsed();
-                        fallback = Some(FallbackReason::WaitTimeout);
-                        return self
-                            .read_on_primary(stmt, &topo, token, opts, waited, fallback)
-                            .await;
-                    }
-                    if optimistic_done {
-                        // Poll the position only, until it passes or time is up.
-                        match self.position_of(i).await {
-                            Ok(Position { lsn: Some(l), .. })
-                                if token_lsn.is_none_or(|t| l >= t) =>
-                            {
-                                verified = Some(i);
-                                waited = start.elapsed();
-                                continue;
-                            }
-                            Ok(_) => {}
-                            Err(e) => {
-                                self.eject(i, &e);
-                                exclude.push(i);
-                                verified = None;
-                                continue;
-                            }
-                        }
-                        if start.elapsed() >= max_wait {
-                            waited = start.elapsed();
-                            metrics::histogram!("lagrouter_token_wait_seconds")
-                                .record(waited.as_secs_f64());
-                            match then {
-                                Fallback::Primary => {
-                                    fallback = Some(FallbackReason::WaitTimeout);
-                                    return self
-                                        .read_on_primary(stmt, &topo, token, opts, waited, fallback)
-                                        .await;
-                                }
-                                Fallback::Error => {
-                                    return Err(Error::WaitTimeout {
-                                        token: token_lsn.unwrap_or_default(),
-                                        waited,
-                                    });
-                                }
-                            }
-                        }
-                        tokio::time::sleep(poll.min(max_wait.saturating_sub(start.elapsed())))
-                            .await;
-                        poll = (poll * 2).min(self.inner.wait_poll * 8);
-                        topo = self.inner.monitor.snapshot();
-                        continue;
-                    }
-                    optimistic_done = true;
-                    (i, true)
-                }
-                Route::Primary => {
-                    if fallback.is_none()
-                        && !matches!(opts.policy, Consistency::Primary)
-                        && !matches!(opts.policy, Consistency::PrimaryAfterWrite(w) if opts.last_write.is_some_and(|lw| lw.elapsed() < w))
+            let outcome = match step {
+                Step::Run(run) => {
+                    let capture = opts.capture || run.verify.is_some();
+                    match self
+                        .run_on(run.node, stmt, run.check.is_some(), capture)
+                        .await
                     {
-                        fallback = Some(FallbackReason::NoReplica);
-                    }
-                    return self
-                        .read_on_primary(stmt, &topo, token, opts, start.elapsed(), fallback)
-                        .await;
-                }
-            };
-
-            match self.run_on(node, stmt, check, opts.capture).await {
-                Ok(r) => {
-                    if check {
-                        let reached = matches!(r.before, Some(Position { lsn: Some(l), .. }) if token_lsn.is_none_or(|t| l >= t));
-                        if !reached {
-                            // Not there yet: wait (the result is discarded).
-                            topo = self.inner.monitor.snapshot();
-                            continue;
+                        Ok(r) => {
+                            let position = if run.check.is_some() {
+                                r.before
+                            } else {
+                                r.after
+                            };
+                            let empty = r.rows.is_empty();
+                            last = Some(r);
+                            PlanOutcome::Ran { position, empty }
+                        }
+                        Err(e) => {
+                            debug!(node = run.node, error = %e, "read failed");
+                            let f = self.failed(run.node, &e);
+                            error = Some(e);
+                            PlanOutcome::Failed(f)
                         }
                     }
-                    if counted_wait {
-                        waited = start.elapsed();
-                    }
-                    if opts.expect_row && r.rows.is_empty() && self.inner.retry_on_empty {
-                        fallback = Some(FallbackReason::EmptyResult);
-                        return self
-                            .read_on_primary(stmt, &topo, token, opts, waited, fallback)
-                            .await;
-                    }
-                    let role = match r.after.or(r.before) {
-                        Some(p) if !p.in_recovery => Role::Primary,
-                        _ => Role::Replica,
-                    };
-                    return Ok(Outcome {
-                        token: r.after.and_then(|p| Self::token_at(&topo, p)),
-                        rows: r.rows,
-                        rows_affected: r.rows_affected,
-                        served: self.served(node, role, waited, fallback),
-                    });
                 }
-                Err(e) if e.is_read_only_violation() => {
-                    debug!(node, "statement writes; running it on the primary");
+                Step::Poll { node, after } => {
+                    tokio::time::sleep(after).await;
+                    match self.position_of(node).await {
+                        Ok(p) => PlanOutcome::Polled(p),
+                        Err(e) => PlanOutcome::Failed(self.failed(node, &e)),
+                    }
+                }
+                Step::RunAsWrite { fallback, waited } => {
+                    debug!("statement writes; running it on the primary");
                     let mut out = self.run_write(stmt).await?;
-                    out.served.fallback = Some(FallbackReason::ReadOnly);
+                    out.served.fallback = Some(fallback);
                     out.served.waited = waited;
                     return Ok(out);
                 }
-                Err(e) if e.is_recovery_conflict() => {
-                    debug!(node, error = %e, "recovery conflict; retrying elsewhere");
-                    fallback = Some(FallbackReason::RecoveryConflict);
-                    exclude.push(node);
-                    verified = None;
+                Step::Done(served) => {
+                    if served.token_wait {
+                        metrics::counter!("lagrouter_token_waits_total").increment(1);
+                        metrics::histogram!("lagrouter_token_wait_seconds")
+                            .record(served.waited.as_secs_f64());
+                    }
+                    let r = last
+                        .take()
+                        .ok_or_else(|| Error::Unavailable("no result".into()))?;
+                    let role = match r.after.or(r.before) {
+                        Some(p) if !p.in_recovery => Role::Primary,
+                        Some(_) => Role::Replica,
+                        None if served.primary => Role::Primary,
+                        None => Role::Replica,
+                    };
+                    return Ok(Outcome {
+                        token: r
+                            .after
+                            .filter(|_| opts.capture)
+                            .and_then(|p| p.token(&topo)),
+                        rows: r.rows,
+                        rows_affected: r.rows_affected,
+                        served: self.served(served.node, role, served.waited, served.fallback),
+                    });
                 }
-                Err(e) if e.is_connection_error() => {
-                    self.eject(node, &e);
-                    fallback = Some(FallbackReason::ReplicaError);
-                    exclude.push(node);
-                    verified = None;
-                    topo = self.inner.monitor.snapshot();
+                Step::Fail(Some(e)) => {
+                    let e = Error::from(e);
+                    match &e {
+                        Error::TokenAhead { token, primary } => {
+                            metrics::counter!("lagrouter_tokens_ahead_total").increment(1);
+                            tracing::warn!(token = %token, primary = %primary, "consistency token is ahead of the primary");
+                        }
+                        Error::WaitTimeout { waited, .. } => {
+                            metrics::counter!("lagrouter_token_waits_total").increment(1);
+                            metrics::histogram!("lagrouter_token_wait_seconds")
+                                .record(waited.as_secs_f64());
+                        }
+                        _ => {}
+                    }
+                    return Err(e);
                 }
-                Err(e) => return Err(e),
-            }
+                Step::Fail(None) => {
+                    return Err(error
+                        .take()
+                        .unwrap_or_else(|| Error::Unavailable("the read failed".into())));
+                }
+            };
+            topo = self.inner.monitor.snapshot();
+            step = plan.feed(&topo, router, outcome, Instant::now());
         }
     }
 
-    /// Ejects replica `node` after `e` (never the primary, see
-    /// [`Cluster::report`]).
-    pub(crate) fn eject(&self, node: usize, e: &Error) {
-        if self.inner.monitor.snapshot().primary != Some(node) {
-            self.report(node, e);
+    /// Classifies a node's failure and ejects the node when the engine says
+    /// it looks down.
+    pub(crate) fn failed(&self, node: usize, e: &Error) -> crate::read_plan::Failure {
+        let f = e.failure();
+        if f.ejects_node() {
+            self.inner.monitor.report_failure(node, &e.to_string());
         }
-    }
-
-    /// Runs a read on the primary. With a token, the primary's position is
-    /// read in the same round trip: a token ahead of it is reported.
-    async fn read_on_primary(
-        &self,
-        stmt: Stmt<'_>,
-        topo: &Topology,
-        token: Option<ConsistencyToken>,
-        opts: ReadOpts,
-        waited: Duration,
-        fallback: Option<FallbackReason>,
-    ) -> Result<Outcome> {
-        let primary = Self::primary_index(topo)?;
-        let capture = opts.capture || token.is_some();
-        let r = match self.run_on(primary, stmt, false, capture).await {
-            Ok(r) => r,
-            Err(e) => {
-                self.report(primary, &e);
-                return Err(e);
-            }
-        };
-        if let (
-            Some(t),
-            Some(Position {
-                in_recovery: false,
-                lsn: Some(pos),
-                ..
-            }),
-        ) = (token, r.after)
-        {
-            if pos < t.lsn {
-                metrics::counter!("lagrouter_tokens_ahead_total").increment(1);
-                return Err(Error::TokenAhead {
-                    token: t.lsn,
-                    primary: pos,
-                });
-            }
-        }
-        Ok(Outcome {
-            token: if opts.capture {
-                r.after.and_then(|p| Self::token_at(topo, p))
-            } else {
-                None
-            },
-            rows: r.rows,
-            rows_affected: r.rows_affected,
-            served: self.served(primary, Role::Primary, waited, fallback),
-        })
-    }
-}
-
-/// Fails with [`Error::TokenAhead`] (and counts it) when `token` stands for
-/// writes that the current primary's history does not contain: acknowledged
-/// on a former primary and lost in a failover (see
-/// [`Topology::token_lost`]). A replica of the new timeline may well have
-/// replayed past the token's position, so this is checked before routing.
-pub fn check_not_lost(topo: &Topology, token: &ConsistencyToken) -> Result<()> {
-    match topo.token_lost(token) {
-        Some(survived) => {
-            metrics::counter!("lagrouter_tokens_ahead_total").increment(1);
-            tracing::warn!(
-                token = %token.lsn,
-                token_timeline = token.cluster.timeline,
-                survived = %survived,
-                "consistency token names writes lost in a failover"
-            );
-            Err(Error::TokenAhead {
-                token: token.lsn,
-                primary: survived,
-            })
-        }
-        None => Ok(()),
+        f
     }
 }

@@ -56,6 +56,8 @@ pub mod layer;
 pub mod lsn;
 pub mod monitor;
 pub mod policy;
+pub mod probe;
+pub mod read_plan;
 pub mod router;
 pub mod service;
 pub mod session;

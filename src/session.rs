@@ -9,9 +9,10 @@ use tokio_postgres::types::ToSql;
 
 use crate::cluster::Cluster;
 use crate::error::{Error, Result};
-use crate::exec::{POSITION_SQL, ReadOpts, ServedBy, Stmt, check_not_lost, parse_position};
+use crate::exec::{ReadOpts, ServedBy, Stmt};
 use crate::policy::Consistency;
-use crate::router::{ReadContext, Route};
+use crate::probe::{POSITION_SQL, Position};
+use crate::read_plan::{Outcome, ReadPlan, ReadRequest, Step};
 use crate::token::ConsistencyToken;
 use crate::topology::Role;
 
@@ -181,83 +182,92 @@ impl Session {
 
     /// Starts a read-only transaction (`REPEATABLE READ READ ONLY`) on a
     /// node chosen by the session's policy: a replica that has reached the
-    /// session token, else the primary.
+    /// session token, else the primary. The read engine ([`ReadPlan`])
+    /// decides; the position is checked on the chosen connection before
+    /// `BEGIN`, and replay only moves forward, so the transaction's snapshot
+    /// is at least as fresh.
     pub async fn read_transaction(&mut self) -> Result<Transaction<'_>> {
-        let start = Instant::now();
-        let max_wait = match self.policy {
-            Consistency::ReadYourWrites { max_wait, .. } => max_wait,
-            _ => std::time::Duration::ZERO,
+        let req = ReadRequest {
+            last_write: self.last_write,
+            first_poll: self.cluster.inner.wait_poll,
+            ..ReadRequest::new(self.policy, self.token)
         };
-        let token = match self.token {
-            Some(t) if self.policy.uses_token() => {
-                let topo = self.cluster.topology();
-                if let Some(id) = &topo.cluster {
-                    t.check_cluster(id)?;
-                }
-                check_not_lost(&topo, &t)?;
-                Some(t.lsn)
-            }
-            _ => None,
-        };
-        let mut exclude = Vec::new();
+        let router = &self.cluster.inner.router;
+        let mut topo = self.cluster.topology();
+        let mut plan = ReadPlan::new(req, Instant::now());
+        let mut step = plan.start(&topo, router, Instant::now());
+        let mut held: Option<(usize, Object)> = None;
+        let mut error: Option<Error> = None;
         loop {
-            let topo = self.cluster.topology();
-            let cx = ReadContext {
-                token,
-                last_write: self.last_write,
-                exclude: &exclude,
-            };
-            let node = match self.cluster.inner.router.route(&topo, &self.policy, &cx) {
-                Route::Replica(i) | Route::ReplicaIfCaughtUp(i) => i,
-                Route::Primary => topo
-                    .primary
-                    .ok_or_else(|| Error::Unavailable("no primary is known".into()))?,
-            };
-            let on_replica = Some(node) != topo.primary;
-            let client = match self.checkout(node).await {
-                Ok(c) => c,
-                Err(e) if on_replica => {
-                    self.cluster.eject(node, &e);
-                    exclude.push(node);
-                    tracing::debug!(error = %e, "replica unavailable for read transaction");
-                    continue;
+            let outcome = match step {
+                Step::Run(run) => {
+                    let client = match self.checkout(run.node).await {
+                        Ok(c) => c,
+                        Err(e) => {
+                            let f = self.cluster.failed(run.node, &e);
+                            topo = self.cluster.topology();
+                            step = plan.feed(&topo, router, Outcome::Failed(f), Instant::now());
+                            continue;
+                        }
+                    };
+                    let name = self.cluster.node_name(run.node).to_string();
+                    let outcome = if run.check.is_some() || run.verify.is_some() {
+                        match client.query_one(POSITION_SQL, &[]).await {
+                            Ok(row) => Outcome::Ran {
+                                position: Some(Position::from_row(&row)),
+                                empty: false,
+                            },
+                            Err(e) => {
+                                let e = Error::db(&name, e);
+                                let f = self.cluster.failed(run.node, &e);
+                                error = Some(e);
+                                Outcome::Failed(f)
+                            }
+                        }
+                    } else {
+                        Outcome::Ran {
+                            position: None,
+                            empty: false,
+                        }
+                    };
+                    held = Some((run.node, client));
+                    outcome
                 }
-                Err(e) => return Err(e),
-            };
-            let name = self.cluster.node_name(node).to_string();
-            // Check the position first; replay is monotonic, so a snapshot
-            // taken after a passing check is fresh enough.
-            let pos = match client.query_one(POSITION_SQL, &[]).await {
-                Ok(row) => parse_position(&row),
-                Err(e) => {
-                    let e = Error::db(&name, e);
-                    if on_replica && e.is_connection_error() {
-                        self.cluster.eject(node, &e);
-                        exclude.push(node);
-                        continue;
+                Step::Poll { node, after } => {
+                    tokio::time::sleep(after).await;
+                    match self.cluster.position_of(node).await {
+                        Ok(p) => Outcome::Polled(p),
+                        Err(e) => Outcome::Failed(self.cluster.failed(node, &e)),
                     }
-                    return Err(e);
+                }
+                Step::Done(served) => {
+                    let (node, client) = held
+                        .take()
+                        .filter(|(n, _)| *n == served.node)
+                        .ok_or_else(|| {
+                            Error::Unavailable("no connection was checked out".into())
+                        })?;
+                    client
+                        .batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+                        .await
+                        .map_err(|e| Error::db(self.cluster.node_name(node), e))?;
+                    return Ok(Transaction {
+                        session: self,
+                        client: Some(client),
+                        node,
+                        read_only: true,
+                    });
+                }
+                Step::Fail(Some(e)) => return Err(e.into()),
+                // Only a statement writes; a position probe never does.
+                Step::RunAsWrite { .. } | Step::Fail(None) => {
+                    return Err(error.take().unwrap_or_else(|| {
+                        Error::Unavailable("no node could start the read transaction".into())
+                    }));
                 }
             };
-            let fresh = !pos.in_recovery || token.is_none_or(|t| pos.lsn.is_some_and(|l| l >= t));
-            if !fresh {
-                if start.elapsed() < max_wait {
-                    tokio::time::sleep(std::time::Duration::from_millis(2)).await;
-                } else {
-                    exclude.push(node);
-                }
-                continue;
-            }
-            client
-                .batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
-                .await
-                .map_err(|e| Error::db(&name, e))?;
-            return Ok(Transaction {
-                session: self,
-                client: Some(client),
-                node,
-                read_only: true,
-            });
+            topo = self.cluster.topology();
+            step = plan.feed(&topo, router, outcome, Instant::now());
         }
     }
 
@@ -366,9 +376,9 @@ impl Transaction<'_> {
         let pos = client.query_one(&position, &[]);
         let (commit, pos) = tokio::join!(commit, pos);
         commit.map_err(|e| Error::db(&name, e))?;
-        let pos = parse_position(&pos.map_err(|e| Error::db(&name, e))?);
+        let pos = Position::from_row(&pos.map_err(|e| Error::db(&name, e))?);
         let in_recovery = pos.in_recovery;
-        self.session.observe(Cluster::token_at(&topo, pos));
+        self.session.observe(pos.token(&topo));
         if !self.read_only {
             self.session.last_write = Some(Instant::now());
         }

@@ -1,0 +1,550 @@
+//! The read engine: every decision a routed read takes, without I/O.
+//!
+//! A [`ReadPlan`] is a state machine. Its driver (the library's
+//! [`Session`](crate::Session) and [`RouterService`](crate::RouterService),
+//! [`Session::read_transaction`](crate::Session::read_transaction), the
+//! proxy's client session) asks it for a [`Step`], carries the step out on a
+//! node and feeds back what happened as an [`Outcome`]; the plan answers with
+//! the next step, until [`Step::Done`] or [`Step::Fail`]. Routing, the
+//! in-round-trip freshness check, waiting and polling, the fallback to the
+//! primary, the lost-write check, retry-on-miss and the retries after 25006,
+//! recovery conflicts and lost connections are decided here and nowhere
+//! else; which failures eject a node is decided by [`Failure::ejects_node`].
+//!
+//! ```text
+//!  start ──► Run{replica, check} ──Ran(position ≥ token)──► Done
+//!              │ position < token
+//!              ▼
+//!            Poll{replica, after} ◄─┐ (2 ms doubling to 8×, until max_wait)
+//!              │ reached   │ behind ┘
+//!              ▼           ▼ max_wait over
+//!          Run{replica}   Run{primary, verify: token} ─► Done, or Fail(TokenAhead)
+//!                         or Fail(WaitTimeout) when `then = error`
+//! ```
+//!
+//! Time is passed in (`now`), so the tests below are tables of topologies,
+//! outcomes and instants.
+
+use std::time::{Duration, Instant};
+
+use crate::error::Error;
+pub use crate::error::Failure;
+use crate::lsn::Lsn;
+use crate::policy::{Consistency, Fallback};
+use crate::probe::Position;
+use crate::router::{ReadContext, Route, Router};
+use crate::token::{ConsistencyToken, TokenError};
+use crate::topology::Topology;
+
+/// Why a read was not served by the replica routing first chose.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FallbackReason {
+    /// No replica reached the token within `max_wait`.
+    WaitTimeout,
+    /// No replica was eligible (none healthy, or all too stale).
+    NoReplica,
+    /// The replica found no row and retry-on-miss is on.
+    EmptyResult,
+    /// The statement writes (SQLSTATE 25006 on the replica).
+    ReadOnly,
+    /// The replica cancelled the query for a recovery conflict.
+    RecoveryConflict,
+    /// The replica could not be reached or failed.
+    ReplicaError,
+}
+
+impl FallbackReason {
+    /// Label for metrics.
+    pub fn label(self) -> &'static str {
+        match self {
+            FallbackReason::WaitTimeout => "wait_timeout",
+            FallbackReason::NoReplica => "no_replica",
+            FallbackReason::EmptyResult => "empty_result",
+            FallbackReason::ReadOnly => "read_only",
+            FallbackReason::RecoveryConflict => "recovery_conflict",
+            FallbackReason::ReplicaError => "replica_error",
+        }
+    }
+}
+
+/// What a read asks of the engine.
+#[derive(Clone, Copy, Debug)]
+pub struct ReadRequest {
+    /// The consistency policy of this read.
+    pub policy: Consistency,
+    /// The session's token, if any (ignored by policies that do not use one).
+    pub token: Option<ConsistencyToken>,
+    /// When the session last wrote ([`Consistency::PrimaryAfterWrite`]).
+    pub last_write: Option<Instant>,
+    /// Retry on the primary when a replica returns no row (retry-on-miss).
+    pub retry_on_empty: bool,
+    /// Retry on the primary when a replica rejects the statement as a write
+    /// (25006) or cancels it for a recovery conflict. When off, those errors
+    /// go to the caller.
+    pub retry_replica_errors: bool,
+    /// First interval between position polls while waiting (doubles up to
+    /// eight times this).
+    pub first_poll: Duration,
+}
+
+impl ReadRequest {
+    /// A request with the library's defaults: replica errors retried, no
+    /// retry-on-miss, a 2 ms first poll.
+    pub fn new(policy: Consistency, token: Option<ConsistencyToken>) -> Self {
+        ReadRequest {
+            policy,
+            token,
+            last_write: None,
+            retry_on_empty: false,
+            retry_replica_errors: true,
+            first_poll: Duration::from_millis(2),
+        }
+    }
+}
+
+/// The next thing a driver does for a read.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Step {
+    /// Send the read to a node.
+    Run(Run),
+    /// Wait `after`, then read `node`'s position alone and feed
+    /// [`Outcome::Polled`].
+    Poll {
+        /// The replica waited for.
+        node: usize,
+        /// How long to sleep before the poll.
+        after: Duration,
+    },
+    /// The statement writes (25006 on a replica): run it on the primary as a
+    /// write, capturing its commit position. The read ends there.
+    RunAsWrite {
+        /// Why the read left the replica (always [`FallbackReason::ReadOnly`]).
+        fallback: FallbackReason,
+        /// Time spent waiting for a replica before that.
+        waited: Duration,
+    },
+    /// The read is served: keep the result of the last [`Step::Run`].
+    Done(Served),
+    /// Give up with this error. `None`: return the error the node gave.
+    Fail(Option<PlanError>),
+}
+
+/// Why the engine gives a read up (besides the node's own errors).
+/// Converts into [`Error`], which gives the SQLSTATE.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum PlanError {
+    /// The token belongs to another cluster (22023).
+    Token(TokenError),
+    /// The token is ahead of the primary, or names writes lost in a
+    /// failover (55000).
+    TokenAhead {
+        /// The token's position.
+        token: Lsn,
+        /// The primary's position, or the switch point of the token's
+        /// timeline.
+        primary: Lsn,
+    },
+    /// No replica reached the token within `max_wait` and the policy says
+    /// not to fall back (57014).
+    WaitTimeout {
+        /// The position waited for.
+        token: Lsn,
+        /// How long the read waited.
+        waited: Duration,
+    },
+    /// No primary is known (08006).
+    NoPrimary,
+}
+
+impl From<PlanError> for Error {
+    fn from(e: PlanError) -> Error {
+        match e {
+            PlanError::Token(e) => Error::Token(e),
+            PlanError::TokenAhead { token, primary } => Error::TokenAhead { token, primary },
+            PlanError::WaitTimeout { token, waited } => Error::WaitTimeout { token, waited },
+            PlanError::NoPrimary => Error::Unavailable("no primary is known".into()),
+        }
+    }
+}
+
+/// Where and how to run the read.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Run {
+    /// The node.
+    pub node: usize,
+    /// True when the node is the primary.
+    pub primary: bool,
+    /// A replica not yet known to have the token: pipeline a position probe
+    /// *before* the statement, in the same round trip, and feed its answer
+    /// in [`Outcome::Ran`]. Replay only moves forward, so when the probe
+    /// shows this position the statement's snapshot has it too.
+    pub check: Option<Lsn>,
+    /// The primary must have reached this position, else the token is ahead
+    /// of it (lost writes, or forged): probe its position in the statement's
+    /// round trip (before or after it) and feed the answer.
+    pub verify: Option<Lsn>,
+    /// The result may still be discarded (replica reads: a probe that fails,
+    /// an error that moves the read elsewhere). Drivers that stream replies
+    /// hold them back until the first row or the end.
+    pub retryable: bool,
+}
+
+/// How a read was served, for [`ServedBy`](crate::ServedBy), metrics and logs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Served {
+    /// The node whose result stands.
+    pub node: usize,
+    /// True when it is the primary.
+    pub primary: bool,
+    /// Set when the read was meant for a replica and went elsewhere.
+    pub fallback: Option<FallbackReason>,
+    /// Time from the start of the read to the run whose result stands,
+    /// when the read had to wait for a replica (else zero).
+    pub waited: Duration,
+    /// True when the read waited for a replica to reach its token (polled
+    /// at least once): count it as a token wait of `waited`.
+    pub token_wait: bool,
+}
+
+/// What happened to the last step.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// The statement ran. `position` is the probe the step asked for
+    /// (`check` or `verify`), `None` when none was asked or it gave no row.
+    /// `empty`: it returned no row.
+    Ran {
+        /// The probe's answer.
+        position: Option<Position>,
+        /// The statement returned no row.
+        empty: bool,
+    },
+    /// A position poll answered.
+    Polled(Position),
+    /// The statement, the probe or the connection failed.
+    Failed(Failure),
+}
+
+/// What the plan sent last, to interpret the next [`Outcome`].
+#[derive(Clone, Copy, Debug)]
+enum Pending {
+    Nothing,
+    Run(Run),
+    Poll(usize),
+}
+
+/// One read's routing state (see the [module docs](self)).
+#[derive(Debug)]
+pub struct ReadPlan {
+    req: ReadRequest,
+    /// The token, when the policy uses one.
+    token: Option<ConsistencyToken>,
+    max_wait: Duration,
+    then: Fallback,
+    start: Instant,
+    /// Nodes that failed this read.
+    exclude: Vec<usize>,
+    /// A replica whose position was seen at or past the token.
+    verified: Option<usize>,
+    /// The in-round-trip check has been tried once (later ones poll).
+    checked: bool,
+    /// The read polled a replica's position at least once.
+    polled: bool,
+    poll: Duration,
+    fallback: Option<FallbackReason>,
+    pending: Pending,
+}
+
+impl ReadPlan {
+    /// A plan for `req`, started at `now`.
+    pub fn new(req: ReadRequest, now: Instant) -> Self {
+        let (max_wait, then) = match req.policy {
+            Consistency::ReadYourWrites { max_wait, then } => (max_wait, then),
+            _ => (Duration::ZERO, Fallback::Primary),
+        };
+        ReadPlan {
+            token: req.token.filter(|_| req.policy.uses_token()),
+            req,
+            max_wait,
+            then,
+            start: now,
+            exclude: Vec::new(),
+            verified: None,
+            checked: false,
+            polled: false,
+            poll: req.first_poll,
+            fallback: None,
+            pending: Pending::Nothing,
+        }
+    }
+
+    /// The token the read must see, when its policy uses one.
+    pub fn token(&self) -> Option<ConsistencyToken> {
+        self.token
+    }
+
+    /// The first step. Fails at once for a token of another cluster
+    /// (22023) or one standing for writes lost in a failover (55000).
+    pub fn start(&mut self, topo: &Topology, router: &Router, now: Instant) -> Step {
+        if let Some(t) = self.token {
+            if let Some(id) = &topo.cluster {
+                if let Err(e) = t.check_cluster(id) {
+                    return Step::Fail(Some(PlanError::Token(e)));
+                }
+            }
+            if let Some(survived) = topo.token_lost(&t) {
+                return Step::Fail(Some(PlanError::TokenAhead {
+                    token: t.lsn,
+                    primary: survived,
+                }));
+            }
+        }
+        self.route(topo, router, now)
+    }
+
+    /// Feeds the outcome of the last step and returns the next one.
+    pub fn feed(
+        &mut self,
+        topo: &Topology,
+        router: &Router,
+        outcome: Outcome,
+        now: Instant,
+    ) -> Step {
+        let pending = std::mem::replace(&mut self.pending, Pending::Nothing);
+        match (pending, outcome) {
+            (Pending::Run(run), Outcome::Ran { position, empty }) => {
+                self.ran(topo, router, run, position, empty, now)
+            }
+            (Pending::Poll(node), Outcome::Polled(pos)) => {
+                if self.reached(Some(pos)) {
+                    self.verified = Some(node);
+                }
+                self.route(topo, router, now)
+            }
+            (Pending::Run(run), Outcome::Failed(f)) => self.failed(topo, router, run, f, now),
+            (Pending::Poll(node), Outcome::Failed(f)) => {
+                // A poll carries no statement: any failure moves the wait on.
+                self.leave(node);
+                if f != Failure::Statement {
+                    self.fallback = Some(FallbackReason::ReplicaError);
+                }
+                self.route(topo, router, now)
+            }
+            // An outcome that answers nothing the plan asked: start over.
+            _ => self.route(topo, router, now),
+        }
+    }
+
+    fn reached(&self, pos: Option<Position>) -> bool {
+        match (self.token, pos) {
+            (None, _) => true,
+            (Some(t), Some(Position { lsn: Some(l), .. })) => l >= t.lsn,
+            _ => false,
+        }
+    }
+
+    fn leave(&mut self, node: usize) {
+        self.exclude.push(node);
+        if self.verified == Some(node) {
+            self.verified = None;
+        }
+    }
+
+    fn waited(&self, now: Instant) -> Duration {
+        if self.checked {
+            now.saturating_duration_since(self.start)
+        } else {
+            Duration::ZERO
+        }
+    }
+
+    fn ran(
+        &mut self,
+        topo: &Topology,
+        router: &Router,
+        run: Run,
+        position: Option<Position>,
+        empty: bool,
+        now: Instant,
+    ) -> Step {
+        if let Some(need) = run.check {
+            if position.is_none_or(|p| p.lsn.is_none_or(|l| l < need)) {
+                // Not there yet: the result is discarded; wait.
+                return self.route(topo, router, now);
+            }
+        }
+        if let Some(need) = run.verify {
+            if let Some(Position {
+                in_recovery: false,
+                lsn: Some(at),
+                ..
+            }) = position
+            {
+                if at < need {
+                    return Step::Fail(Some(PlanError::TokenAhead {
+                        token: need,
+                        primary: at,
+                    }));
+                }
+            }
+        }
+        if !run.primary && empty && self.req.retry_on_empty {
+            self.fallback = Some(FallbackReason::EmptyResult);
+            return self.on_primary(topo, now);
+        }
+        Step::Done(Served {
+            node: run.node,
+            primary: run.primary,
+            fallback: self.fallback,
+            waited: self.waited(now),
+            token_wait: self.polled,
+        })
+    }
+
+    fn failed(
+        &mut self,
+        topo: &Topology,
+        router: &Router,
+        run: Run,
+        f: Failure,
+        now: Instant,
+    ) -> Step {
+        if run.primary {
+            return Step::Fail(None);
+        }
+        match f {
+            Failure::ReadOnly if self.req.retry_replica_errors => Step::RunAsWrite {
+                fallback: FallbackReason::ReadOnly,
+                waited: self.waited(now),
+            },
+            Failure::RecoveryConflict if self.req.retry_replica_errors => {
+                self.fallback = Some(FallbackReason::RecoveryConflict);
+                self.leave(run.node);
+                self.route(topo, router, now)
+            }
+            Failure::Connection | Failure::PoolExhausted | Failure::Ejected => {
+                self.fallback = Some(FallbackReason::ReplicaError);
+                self.leave(run.node);
+                self.route(topo, router, now)
+            }
+            _ => Step::Fail(None),
+        }
+    }
+
+    /// Routes from the current snapshot.
+    fn route(&mut self, topo: &Topology, router: &Router, now: Instant) -> Step {
+        if let Some(v) = self.verified {
+            if topo.nodes.get(v).is_some_and(|n| n.is_serving_replica()) {
+                return self.run(Run {
+                    node: v,
+                    primary: false,
+                    check: None,
+                    verify: None,
+                    retryable: true,
+                });
+            }
+            self.verified = None;
+        }
+        let cx = ReadContext {
+            token: self.token.map(|t| t.lsn),
+            last_write: self.req.last_write,
+            exclude: &self.exclude,
+        };
+        match router.route(topo, &self.req.policy, &cx) {
+            Route::Replica(i) => self.run(Run {
+                node: i,
+                primary: false,
+                check: None,
+                verify: None,
+                retryable: true,
+            }),
+            Route::ReplicaIfCaughtUp(i) => match self.token {
+                // Without a token there is nothing to check.
+                None => self.run(Run {
+                    node: i,
+                    primary: false,
+                    check: None,
+                    verify: None,
+                    retryable: true,
+                }),
+                Some(t) if !self.checked => {
+                    self.checked = true;
+                    self.run(Run {
+                        node: i,
+                        primary: false,
+                        check: Some(t.lsn),
+                        verify: None,
+                        retryable: true,
+                    })
+                }
+                Some(t) => self.wait(topo, i, t.lsn, now),
+            },
+            Route::Primary => {
+                let window = matches!(self.req.policy, Consistency::PrimaryAfterWrite(w)
+                    if self.req.last_write.is_some_and(|lw| now.saturating_duration_since(lw) < w));
+                if self.fallback.is_none()
+                    && !window
+                    && !matches!(self.req.policy, Consistency::Primary)
+                {
+                    self.fallback = Some(if self.checked {
+                        FallbackReason::WaitTimeout
+                    } else {
+                        FallbackReason::NoReplica
+                    });
+                }
+                self.on_primary(topo, now)
+            }
+        }
+    }
+
+    /// The in-round-trip check failed: poll replica `node` until it reaches
+    /// `need` or `max_wait` is over.
+    fn wait(&mut self, topo: &Topology, node: usize, need: Lsn, now: Instant) -> Step {
+        let elapsed = now.saturating_duration_since(self.start);
+        if elapsed >= self.max_wait {
+            return match self.then {
+                Fallback::Error if !self.max_wait.is_zero() => {
+                    Step::Fail(Some(PlanError::WaitTimeout {
+                        token: need,
+                        waited: elapsed,
+                    }))
+                }
+                _ => {
+                    self.fallback = Some(FallbackReason::WaitTimeout);
+                    self.on_primary(topo, now)
+                }
+            };
+        }
+        let after = if self.polled {
+            let next = self.poll.min(self.max_wait - elapsed);
+            self.poll = (self.poll * 2).min(self.req.first_poll * 8);
+            next
+        } else {
+            Duration::ZERO
+        };
+        self.polled = true;
+        self.pending = Pending::Poll(node);
+        Step::Poll { node, after }
+    }
+
+    fn on_primary(&mut self, topo: &Topology, _now: Instant) -> Step {
+        match topo.primary {
+            Some(p) => self.run(Run {
+                node: p,
+                primary: true,
+                check: None,
+                verify: self.token.map(|t| t.lsn),
+                retryable: false,
+            }),
+            None => Step::Fail(Some(PlanError::NoPrimary)),
+        }
+    }
+
+    fn run(&mut self, run: Run) -> Step {
+        self.pending = Pending::Run(run);
+        Step::Run(run)
+    }
+}
+
+#[cfg(test)]
+mod tests;
