@@ -7,13 +7,22 @@ use deadpool_postgres::Object;
 use tokio_postgres::Row;
 use tokio_postgres::types::ToSql;
 
-use crate::cluster::Cluster;
+use super::cluster::Cluster;
+use super::exec::{
+    FallbackReason, POSITION_SQL, ReadOpts, ServedBy, Stmt, check_not_lost, parse_position,
+};
 use crate::error::{Error, Result};
-use crate::exec::{POSITION_SQL, ReadOpts, ServedBy, Stmt, check_not_lost, parse_position};
-use crate::policy::Consistency;
-use crate::router::{ReadContext, Route};
-use crate::token::ConsistencyToken;
-use crate::topology::Role;
+use crate::model::policy::Consistency;
+use crate::model::token::{ConsistencyToken, TokenHolder};
+use crate::model::topology::Role;
+use crate::routing::{ReadContext, Route};
+
+impl Cluster {
+    /// A new session with the cluster's default policy and no token.
+    pub fn session(&self) -> Session {
+        Session::new(self.clone())
+    }
+}
 
 /// A logical session: reads see the session's own writes and never go back
 /// in time, whichever nodes serve them.
@@ -30,7 +39,7 @@ use crate::topology::Role;
 #[derive(Debug, Clone)]
 pub struct Session {
     cluster: Cluster,
-    token: Option<ConsistencyToken>,
+    token: TokenHolder,
     last_write: Option<Instant>,
     policy: Consistency,
     last_served: Option<ServedBy>,
@@ -41,7 +50,7 @@ impl Session {
         let policy = cluster.policy();
         Session {
             cluster,
-            token: None,
+            token: TokenHolder::default(),
             last_write: None,
             policy,
             last_served: None,
@@ -67,15 +76,12 @@ impl Session {
 
     /// The session's token: at or after its last write and last read.
     pub fn token(&self) -> Option<ConsistencyToken> {
-        self.token
+        self.token.get()
     }
 
     /// Merges a token into the session's (keeps the newer one).
     pub fn observe(&mut self, token: Option<ConsistencyToken>) {
-        self.token = match (self.token, token) {
-            (Some(a), Some(b)) => Some(a.max(b)),
-            (a, b) => a.or(b),
-        };
+        self.token.observe(token);
     }
 
     /// Where the last statement ran.
@@ -96,13 +102,13 @@ impl Session {
     ) -> Result<Vec<Row>> {
         let opts = ReadOpts {
             policy: self.policy,
-            token: self.token,
+            token: self.token.get(),
             last_write: self.last_write,
             capture: true,
             expect_row,
         };
         let out = self.cluster.run_read(Stmt { sql, params }, opts).await?;
-        if out.served.fallback == Some(crate::exec::FallbackReason::ReadOnly) {
+        if out.served.fallback == Some(FallbackReason::ReadOnly) {
             self.last_write = Some(Instant::now());
         }
         self.observe(out.token);
@@ -188,7 +194,7 @@ impl Session {
             Consistency::ReadYourWrites { max_wait, .. } => max_wait,
             _ => std::time::Duration::ZERO,
         };
-        let token = match self.token {
+        let token = match self.token.get() {
             Some(t) if self.policy.uses_token() => {
                 let topo = self.cluster.topology();
                 if let Some(id) = &topo.cluster {

@@ -10,13 +10,17 @@ use tokio_postgres::Row;
 use tokio_postgres::types::ToSql;
 use tracing::{Instrument, debug, debug_span};
 
-use crate::cluster::Cluster;
+use super::cluster::Cluster;
 use crate::error::{Error, POOL_EXHAUSTED, Result, describe};
-use crate::lsn::Lsn;
-use crate::policy::{Consistency, Fallback};
-use crate::router::{ReadContext, Route};
-use crate::token::{ClusterId, ConsistencyToken};
-use crate::topology::{Role, Topology};
+use crate::metrics::{
+    FALLBACKS_TOTAL, READS_TOTAL, TOKEN_WAIT_SECONDS, TOKEN_WAITS_TOTAL, TOKENS_AHEAD_TOTAL,
+    WRITES_TOTAL,
+};
+use crate::model::lsn::Lsn;
+use crate::model::policy::{Consistency, Fallback};
+use crate::model::token::{ClusterId, ConsistencyToken};
+use crate::model::topology::{Role, Topology};
+use crate::routing::{ReadContext, Route};
 
 /// One statement round trip: where it ran, and the WAL position it saw.
 ///
@@ -337,7 +341,7 @@ impl Cluster {
                     return Err(e);
                 }
             };
-            metrics::counter!("lagrouter_writes_total", "node" => self.inner.nodes[primary].name.clone())
+            metrics::counter!(WRITES_TOTAL, "node" => self.inner.nodes[primary].name.clone())
                 .increment(1);
             let token = r.after.and_then(|p| Self::token_at(&topo, p));
             debug!(token = ?token.map(|t| t.lsn), "write committed");
@@ -367,10 +371,10 @@ impl Cluster {
             span.record("waited_us", o.served.waited.as_micros() as u64);
             if let Some(f) = o.served.fallback {
                 span.record("fallback", f.label());
-                metrics::counter!("lagrouter_fallbacks_total", "reason" => f.label()).increment(1);
+                metrics::counter!(FALLBACKS_TOTAL, "reason" => f.label()).increment(1);
             }
             metrics::counter!(
-                "lagrouter_reads_total",
+                READS_TOTAL,
                 "node" => o.served.name.clone(),
                 "policy" => opts.policy.label()
             )
@@ -426,7 +430,7 @@ impl Cluster {
                 Route::ReplicaIfCaughtUp(i) => {
                     if !counted_wait {
                         counted_wait = true;
-                        metrics::counter!("lagrouter_token_waits_total").increment(1);
+                        metrics::counter!(TOKEN_WAITS_TOTAL).increment(1);
                     }
                     if optimistic_done && max_wait.is_zero() {
                         // No waiting in this policy: the check in the read's
@@ -457,8 +461,7 @@ impl Cluster {
                         }
                         if start.elapsed() >= max_wait {
                             waited = start.elapsed();
-                            metrics::histogram!("lagrouter_token_wait_seconds")
-                                .record(waited.as_secs_f64());
+                            metrics::histogram!(TOKEN_WAIT_SECONDS).record(waited.as_secs_f64());
                             match then {
                                 Fallback::Primary => {
                                     fallback = Some(FallbackReason::WaitTimeout);
@@ -589,7 +592,7 @@ impl Cluster {
         ) = (token, r.after)
         {
             if pos < t.lsn {
-                metrics::counter!("lagrouter_tokens_ahead_total").increment(1);
+                metrics::counter!(TOKENS_AHEAD_TOTAL).increment(1);
                 return Err(Error::TokenAhead {
                     token: t.lsn,
                     primary: pos,
@@ -617,7 +620,7 @@ impl Cluster {
 pub fn check_not_lost(topo: &Topology, token: &ConsistencyToken) -> Result<()> {
     match topo.token_lost(token) {
         Some(survived) => {
-            metrics::counter!("lagrouter_tokens_ahead_total").increment(1);
+            metrics::counter!(TOKENS_AHEAD_TOTAL).increment(1);
             tracing::warn!(
                 token = %token.lsn,
                 token_timeline = token.cluster.timeline,
