@@ -40,15 +40,15 @@
 //! ```
 //!
 //! The same routing is available as a [`tower::Service`](::tower::Service)
-//! ([`RouterService`]) with [`tower`](crate::tower) layers for policies and
-//! token tracking, and the test harness
-//! that starts real primary/replica clusters is in `lagrouter::testing` (feature
-//! `testing`).
+//! ([`RouterService`]) with [`tower`] layers for policies and token
+//! tracking, and the test harness that starts real primary/replica clusters
+//! is in `lagrouter::testing` (feature `testing`).
 
 #![warn(missing_docs)]
 
-// Layers, each using only the ones above it: model ← error ← connect ←
-// monitor, routing ← client ← tower, http. `metrics` is used by all.
+// Dependency order, each module using only modules listed above it:
+// model ← error ← connect ← monitor; model ← routing; all of these ← client
+// ← tower, http. `metrics` (names and descriptions only) is a leaf.
 pub mod model;
 
 pub mod error;

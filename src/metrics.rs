@@ -1,4 +1,4 @@
-//! Every metric the library emits, through the [`metrics`](::metrics)
+//! Every metric the library emits, through the [`metrics`]
 //! facade: install any recorder (e.g. `metrics-exporter-prometheus`) to
 //! collect them. Labels are given with each name.
 //!

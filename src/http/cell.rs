@@ -5,7 +5,7 @@ use crate::model::token::SharedToken;
 
 /// The per-request token, shared between the layer and the handler.
 ///
-/// [`ConsistencyTokenService`] inserts one into every request's extensions,
+/// [`ConsistencyTokenService`](super::ConsistencyTokenService) inserts one into every request's extensions,
 /// seeded with the client's (validated) token. Handlers take it with axum's
 /// `Extension<TokenCell>` (or `request.extensions().get::<TokenCell>()`),
 /// open their [`Session`] from it and write the session's token back; after

@@ -19,7 +19,7 @@ pub(super) struct WriteBack {
     pub(super) layer: ConsistencyTokenLayer,
 }
 
-/// Response future of [`ConsistencyTokenService`].
+/// Response future of [`ConsistencyTokenService`](super::ConsistencyTokenService).
 #[pin_project]
 #[derive(Debug)]
 pub struct ConsistencyTokenFuture<F> {

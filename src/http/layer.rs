@@ -127,7 +127,7 @@ impl fmt::Debug for Config {
 }
 
 /// Carries consistency tokens between a client's HTTP requests (see the
-/// [module documentation](self)).
+/// [module documentation](crate::http)).
 ///
 /// Built with chained setters; cloning is cheap.
 ///

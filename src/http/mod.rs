@@ -3,7 +3,7 @@
 //!
 //! A web service behind a load balancer runs many instances: a user's write
 //! and their next page load hit different instances, pools and connections.
-//! [`ConsistencyTokenLayer`] carries the user's [`ConsistencyToken`] from one
+//! [`ConsistencyTokenLayer`] carries the user's [`ConsistencyToken`](crate::ConsistencyToken) from one
 //! request to the next in a cookie (for browsers) and/or a response header
 //! (for API clients):
 //!
@@ -11,7 +11,7 @@
 //!    cookie `lagrouter_token` (names configurable), ignoring anything that
 //!    is not a valid token of this cluster;
 //! 2. it hands it to the handler in a [`TokenCell`] request extension; the
-//!    handler opens its [`Session`] from the cell ([`TokenCell::session`])
+//!    handler opens its [`Session`](crate::Session) from the cell ([`TokenCell::session`])
 //!    and writes the session's token back ([`TokenCell::absorb`]);
 //! 3. after the handler returns it writes the token back to the client
 //!    (header and/or `Set-Cookie`) when it changed.

@@ -10,7 +10,7 @@ use pin_project::pin_project;
 use crate::model::token::SharedToken;
 use crate::tower::service::Response;
 
-/// Response future of [`TokenTracking`].
+/// Response future of [`TokenTracking`](super::TokenTracking).
 #[pin_project]
 #[derive(Debug)]
 pub struct TokenTrackingFuture<F> {

@@ -9,7 +9,7 @@ use super::TokenTrackingFuture;
 use crate::model::token::{SharedToken, TokenHolder};
 use crate::tower::service::{Request, Response};
 
-/// The service made by [`TokenTrackingLayer`].
+/// The service made by [`TokenTrackingLayer`](super::TokenTrackingLayer).
 #[derive(Clone, Debug)]
 pub struct TokenTracking<S> {
     pub(super) inner: S,
