@@ -4,8 +4,8 @@ use std::time::Duration;
 
 use tokio_postgres::error::SqlState;
 
-use crate::lsn::Lsn;
-use crate::token::TokenError;
+use crate::model::lsn::Lsn;
+use crate::model::token::TokenError;
 
 /// Everything that can go wrong while routing or running a statement.
 #[derive(Debug, thiserror::Error)]

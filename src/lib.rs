@@ -39,46 +39,69 @@
 //! # Ok(()) }
 //! ```
 //!
-//! The same routing is available as a [`tower::Service`] ([`RouterService`])
-//! with [`layer`]s for policies and token tracking, and the test harness
-//! that starts real primary/replica clusters is in `lagrouter::testing` (feature
-//! `testing`).
+//! The same routing is available as a [`tower::Service`](::tower::Service)
+//! ([`RouterService`]) with [`tower`] layers for policies and token
+//! tracking, and the test harness that starts real primary/replica clusters
+//! is in `lagrouter::testing` (feature `testing`).
 
 #![warn(missing_docs)]
 
-pub mod cluster;
-pub mod connect;
+// Dependency order, each module using only modules listed above it:
+// model ← error ← probe, connect ← monitor; error ← routing (the read
+// engine); all of these ← client
+// ← tower, http. `metrics` (names and descriptions only) is a leaf.
+pub mod model;
+
 pub mod error;
-pub mod exec;
+pub mod metrics;
+pub mod probe;
+
+pub mod connect;
+pub mod monitor;
+pub mod routing;
+
+pub mod client;
+
 #[cfg(feature = "http")]
 pub mod http;
-pub mod layer;
-pub mod lsn;
-pub mod monitor;
-pub mod policy;
-pub mod probe;
-pub mod read_plan;
-pub mod router;
-pub mod service;
-pub mod session;
+pub mod tower;
+
 #[cfg(feature = "testing")]
 pub mod testing;
-pub mod token;
-pub mod topology;
 
-pub use cluster::{Cluster, ClusterBuilder, IntoNodeConfig, Node};
+pub use client::{
+    Cluster, ClusterBuilder, FallbackReason, IntoNodeConfig, Node, ServedBy, Session, Transaction,
+};
 pub use connect::Connector;
 pub use error::{Error, Result};
-pub use exec::{FallbackReason, ServedBy};
-pub use layer::{ConsistencyLayer, SharedToken, TokenTrackingLayer};
-pub use lsn::Lsn;
+pub use model::{
+    ClusterId, Consistency, ConsistencyToken, Fallback, Lsn, NodeState, Role, SharedToken,
+    TokenError, TokenHolder, Topology,
+};
 pub use monitor::{LagMonitor, MonitorConfig, MonitorTarget};
-pub use policy::{Consistency, Fallback};
-pub use router::{LoadBalance, ReadContext, Route, Router};
-pub use service::{Intent, Request, Response, RouterService};
-pub use session::{Session, Transaction};
-pub use token::{ClusterId, ConsistencyToken, TokenError};
-pub use topology::{NodeState, Role, Topology};
+pub use routing::{LoadBalance, ReadContext, Route, Router};
+pub use tower::{ConsistencyLayer, Intent, Request, Response, RouterService, TokenTrackingLayer};
+
+/// Old path of the read path's helpers, used by the proxy.
+// transitional: removed once the proxy uses the read engine
+#[doc(hidden)]
+pub mod exec {
+    pub use crate::client::{FallbackReason, ServedBy};
+    pub use crate::probe::POSITION_SQL;
+}
+
+/// Old path of the router, used by the proxy.
+// transitional: removed once the proxy uses the read engine
+#[doc(hidden)]
+pub mod router {
+    pub use crate::routing::{InFlight, LoadBalance, ReadContext, Route, Router};
+}
+
+/// Old path of the WAL position type and constants, used by the test
+/// harness.
+// transitional: removed once the test harness uses `model::lsn`
+#[doc(hidden)]
+pub use model::lsn;
 
 /// The README's examples, compiled as doc tests.
 #[cfg(all(doctest, feature = "testing"))]

@@ -2,9 +2,9 @@
 //! reply, and turning a reply into a [`ConsistencyToken`]. The library and
 //! the proxy both use this module, and nothing else reads positions.
 
-use crate::lsn::Lsn;
-use crate::token::{ClusterId, ConsistencyToken};
-use crate::topology::Topology;
+use crate::model::lsn::Lsn;
+use crate::model::token::{ClusterId, ConsistencyToken};
+use crate::model::topology::Topology;
 
 /// Reads a node's position: `(in_recovery, lsn, timeline)`.
 ///
@@ -98,7 +98,7 @@ impl Position {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::topology::{NodeState, Role};
+    use crate::model::topology::{NodeState, Role};
 
     fn topo(timeline: u32) -> Topology {
         let mut t = Topology::initial(vec![NodeState::new("p", Role::Primary)]);

@@ -4,9 +4,9 @@
 use std::time::{Duration, Instant};
 
 use super::*;
-use crate::router::LoadBalance;
-use crate::token::ClusterId;
-use crate::topology::{NodeState, Role};
+use crate::model::token::ClusterId;
+use crate::model::topology::{NodeState, Role};
+use crate::routing::LoadBalance;
 
 const MS: Duration = Duration::from_millis(1);
 

@@ -5,8 +5,8 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
-use crate::lsn::{DEFAULT_WAL_SEGMENT_SIZE, Lsn};
-use crate::token::{ClusterId, ConsistencyToken};
+use crate::model::lsn::{DEFAULT_WAL_SEGMENT_SIZE, Lsn};
+use crate::model::token::{ClusterId, ConsistencyToken};
 
 /// What a node is, as last observed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]

@@ -29,12 +29,12 @@ use std::time::{Duration, Instant};
 
 use crate::error::Error;
 pub use crate::error::Failure;
-use crate::lsn::Lsn;
-use crate::policy::{Consistency, Fallback};
+use crate::model::lsn::Lsn;
+use crate::model::policy::{Consistency, Fallback};
+use crate::model::token::{ConsistencyToken, TokenError};
+use crate::model::topology::Topology;
 use crate::probe::Position;
-use crate::router::{ReadContext, Route, Router};
-use crate::token::{ConsistencyToken, TokenError};
-use crate::topology::Topology;
+use crate::routing::{ReadContext, Route, Router};
 
 /// Why a read was not served by the replica routing first chose.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]

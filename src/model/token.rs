@@ -3,12 +3,13 @@
 
 use std::fmt;
 use std::str::FromStr;
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
-use crate::lsn::Lsn;
+use crate::model::lsn::Lsn;
 
 /// Identity of a PostgreSQL cluster (a primary and its physical replicas).
 ///
@@ -201,6 +202,78 @@ impl<'de> Deserialize<'de> for ConsistencyToken {
     }
 }
 
+/// The "keep the newer token" rule in one place: a session's token, which
+/// only moves forward (by [`ConsistencyToken::max`]) until cleared.
+///
+/// A plain value (`Copy`); share it between tasks as a [`SharedToken`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TokenHolder(Option<ConsistencyToken>);
+
+impl TokenHolder {
+    /// Starts from `token`.
+    pub const fn new(token: Option<ConsistencyToken>) -> Self {
+        TokenHolder(token)
+    }
+
+    /// The current token.
+    pub const fn get(&self) -> Option<ConsistencyToken> {
+        self.0
+    }
+
+    /// Merges `token` in, keeping the newer one; `None` changes nothing.
+    pub fn observe(&mut self, token: Option<ConsistencyToken>) {
+        self.0 = match (self.0, token) {
+            (Some(a), Some(b)) => Some(a.max(b)),
+            (a, b) => a.or(b),
+        };
+    }
+
+    /// Forgets the token (the only way back).
+    pub fn clear(&mut self) {
+        self.0 = None;
+    }
+}
+
+/// A [`TokenHolder`] shared between tasks: cloning is cheap and clones share
+/// the token.
+///
+/// Used by every request through a
+/// [`TokenTrackingLayer`](crate::TokenTrackingLayer) (reads carry it, and
+/// each response advances it) and, as `http::TokenCell`, between the HTTP
+/// layer and a handler (feature `http`).
+#[derive(Clone, Debug, Default)]
+pub struct SharedToken(Arc<Mutex<TokenHolder>>);
+
+impl SharedToken {
+    /// Starts from `token`.
+    pub fn new(token: Option<ConsistencyToken>) -> Self {
+        SharedToken(Arc::new(Mutex::new(TokenHolder::new(token))))
+    }
+
+    fn lock(&self) -> MutexGuard<'_, TokenHolder> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The current token.
+    pub fn get(&self) -> Option<ConsistencyToken> {
+        self.lock().get()
+    }
+
+    /// Merges `token` in, keeping the newer one; `None` changes nothing.
+    pub fn observe(&self, token: Option<ConsistencyToken>) {
+        self.lock().observe(token);
+    }
+
+    /// Forgets the token (the only way back). For the HTTP layer this tells
+    /// the client to drop its token (an expired cookie, an empty header):
+    /// use it when the token turned out to be useless, e.g. after
+    /// [`Error::TokenAhead`](crate::Error::TokenAhead): a token ahead of the
+    /// primary was forged or stands for writes lost in a failover.
+    pub fn clear(&self) {
+        self.lock().clear();
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -305,5 +378,40 @@ mod tests {
         assert_eq!(a.max(b), b);
         assert_eq!(a.max(c), c);
         assert_eq!(c.max(a), c);
+    }
+
+    #[test]
+    fn holder_keeps_the_newer_token() {
+        let t = |lsn, tli| ConsistencyToken::new(Lsn(lsn), 7, tli);
+        let mut h = TokenHolder::default();
+        assert_eq!(h.get(), None);
+        h.observe(None);
+        assert_eq!(h.get(), None);
+        h.observe(Some(t(10, 1)));
+        assert_eq!(h.get(), Some(t(10, 1)));
+        h.observe(Some(t(5, 1)));
+        h.observe(None);
+        assert_eq!(h.get(), Some(t(10, 1)));
+        // A later timeline wins over a higher position.
+        h.observe(Some(t(3, 2)));
+        assert_eq!(h.get(), Some(t(3, 2)));
+        let copy = h;
+        h.clear();
+        assert_eq!(h.get(), None);
+        assert_eq!(copy.get(), Some(t(3, 2)));
+        assert_eq!(TokenHolder::new(Some(t(1, 1))).get(), Some(t(1, 1)));
+    }
+
+    #[test]
+    fn shared_token_clones_share_the_holder() {
+        let t = |lsn| ConsistencyToken::new(Lsn(lsn), 7, 1);
+        let shared = SharedToken::new(Some(t(10)));
+        let clone = shared.clone();
+        clone.observe(Some(t(5)));
+        assert_eq!(shared.get(), Some(t(10)));
+        clone.observe(Some(t(20)));
+        assert_eq!(shared.get(), Some(t(20)));
+        shared.clear();
+        assert_eq!(clone.get(), None);
     }
 }

@@ -9,11 +9,11 @@ use pin_project::pin_project;
 use tokio_postgres::Row;
 use tokio_postgres::types::ToSql;
 
-use crate::cluster::Cluster;
+use crate::client::exec::{ReadOpts, Stmt};
+use crate::client::{Cluster, ServedBy};
 use crate::error::Error;
-use crate::exec::{ReadOpts, ServedBy, Stmt};
-use crate::policy::Consistency;
-use crate::token::ConsistencyToken;
+use crate::model::policy::Consistency;
+use crate::model::token::{ConsistencyToken, TokenHolder};
 
 /// What a request means to do.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -214,14 +214,12 @@ impl tower::Service<Request> for RouterService {
                         cluster.run_read(stmt, opts).await?
                     }
                 };
-                let token = match (req.token, out.token) {
-                    (Some(a), Some(b)) => Some(a.max(b)),
-                    (a, b) => a.or(b),
-                };
+                let mut token = TokenHolder::new(req.token);
+                token.observe(out.token);
                 Ok(Response {
                     rows: out.rows,
                     rows_affected: out.rows_affected,
-                    token,
+                    token: token.get(),
                     served_by: out.served,
                 })
             }),

@@ -7,14 +7,21 @@ use deadpool_postgres::Object;
 use tokio_postgres::Row;
 use tokio_postgres::types::ToSql;
 
-use crate::cluster::Cluster;
+use super::cluster::Cluster;
+use super::exec::{FallbackReason, ReadOpts, ServedBy, Stmt};
 use crate::error::{Error, Result};
-use crate::exec::{ReadOpts, ServedBy, Stmt};
-use crate::policy::Consistency;
+use crate::model::policy::Consistency;
+use crate::model::token::{ConsistencyToken, TokenHolder};
+use crate::model::topology::Role;
 use crate::probe::{POSITION_SQL, Position};
-use crate::read_plan::{Outcome, ReadPlan, ReadRequest, Step};
-use crate::token::ConsistencyToken;
-use crate::topology::Role;
+use crate::routing::read_plan::{Outcome, ReadPlan, ReadRequest, Step};
+
+impl Cluster {
+    /// A new session with the cluster's default policy and no token.
+    pub fn session(&self) -> Session {
+        Session::new(self.clone())
+    }
+}
 
 /// A logical session: reads see the session's own writes and never go back
 /// in time, whichever nodes serve them.
@@ -31,7 +38,7 @@ use crate::topology::Role;
 #[derive(Debug, Clone)]
 pub struct Session {
     cluster: Cluster,
-    token: Option<ConsistencyToken>,
+    token: TokenHolder,
     last_write: Option<Instant>,
     policy: Consistency,
     last_served: Option<ServedBy>,
@@ -42,7 +49,7 @@ impl Session {
         let policy = cluster.policy();
         Session {
             cluster,
-            token: None,
+            token: TokenHolder::default(),
             last_write: None,
             policy,
             last_served: None,
@@ -68,15 +75,12 @@ impl Session {
 
     /// The session's token: at or after its last write and last read.
     pub fn token(&self) -> Option<ConsistencyToken> {
-        self.token
+        self.token.get()
     }
 
     /// Merges a token into the session's (keeps the newer one).
     pub fn observe(&mut self, token: Option<ConsistencyToken>) {
-        self.token = match (self.token, token) {
-            (Some(a), Some(b)) => Some(a.max(b)),
-            (a, b) => a.or(b),
-        };
+        self.token.observe(token);
     }
 
     /// Where the last statement ran.
@@ -97,13 +101,13 @@ impl Session {
     ) -> Result<Vec<Row>> {
         let opts = ReadOpts {
             policy: self.policy,
-            token: self.token,
+            token: self.token.get(),
             last_write: self.last_write,
             capture: true,
             expect_row,
         };
         let out = self.cluster.run_read(Stmt { sql, params }, opts).await?;
-        if out.served.fallback == Some(crate::exec::FallbackReason::ReadOnly) {
+        if out.served.fallback == Some(FallbackReason::ReadOnly) {
             self.last_write = Some(Instant::now());
         }
         self.observe(out.token);
@@ -190,7 +194,7 @@ impl Session {
         let req = ReadRequest {
             last_write: self.last_write,
             first_poll: self.cluster.inner.wait_poll,
-            ..ReadRequest::new(self.policy, self.token)
+            ..ReadRequest::new(self.policy, self.token.get())
         };
         let router = &self.cluster.inner.router;
         let mut topo = self.cluster.topology();

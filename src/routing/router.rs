@@ -4,9 +4,9 @@
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Instant;
 
-use crate::lsn::Lsn;
-use crate::policy::Consistency;
-use crate::topology::Topology;
+use crate::model::lsn::Lsn;
+use crate::model::policy::Consistency;
+use crate::model::topology::Topology;
 
 /// How reads are spread over eligible replicas.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
@@ -169,7 +169,7 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
-    use crate::topology::{NodeState, Role};
+    use crate::model::topology::{NodeState, Role};
 
     fn topo(replicas: &[(u64, u64, bool)]) -> Topology {
         let mut nodes = vec![NodeState::new("p", Role::Primary)];

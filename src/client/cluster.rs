@@ -8,11 +8,10 @@ use deadpool_postgres::Pool;
 
 use crate::connect::Connector;
 use crate::error::{Error, Result};
+use crate::model::policy::Consistency;
+use crate::model::topology::{Role, Topology};
 use crate::monitor::{LagMonitor, MonitorConfig, MonitorTarget};
-use crate::policy::Consistency;
-use crate::router::{LoadBalance, Router};
-use crate::session::Session;
-use crate::topology::{Role, Topology};
+use crate::routing::{LoadBalance, Router};
 
 /// One PostgreSQL server and its connection pool.
 pub struct Node {
@@ -40,7 +39,7 @@ pub(crate) struct Inner {
 /// A primary and its replicas, with lag-aware routing.
 ///
 /// Cloning is cheap (an `Arc`). Build one with [`Cluster::builder`], then
-/// open [`Session`]s or wrap it in a [`RouterService`](crate::RouterService).
+/// open [`Session`](crate::Session)s ([`Cluster::session`]) or wrap it in a [`RouterService`](crate::RouterService).
 ///
 /// ```no_run
 /// # async fn demo() -> Result<(), lagrouter::Error> {
@@ -77,11 +76,6 @@ impl Cluster {
     /// Starts building a cluster.
     pub fn builder() -> ClusterBuilder {
         ClusterBuilder::default()
-    }
-
-    /// A new session with the cluster's default policy and no token.
-    pub fn session(&self) -> Session {
-        Session::new(self.clone())
     }
 
     /// The nodes, in configuration order (index 0 is the configured primary).

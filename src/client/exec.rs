@@ -10,15 +10,19 @@ use tokio_postgres::Row;
 use tokio_postgres::types::ToSql;
 use tracing::{Instrument, debug, debug_span};
 
-use crate::cluster::Cluster;
+use super::cluster::Cluster;
 use crate::error::{Error, POOL_EXHAUSTED, Result, describe};
-use crate::policy::Consistency;
+use crate::metrics::{
+    FALLBACKS_TOTAL, READS_TOTAL, TOKEN_WAIT_SECONDS, TOKEN_WAITS_TOTAL, TOKENS_AHEAD_TOTAL,
+    WRITES_TOTAL,
+};
+use crate::model::policy::Consistency;
+use crate::model::token::ConsistencyToken;
+use crate::model::topology::{Role, Topology};
 use crate::probe::{POSITION_SQL, Position};
-use crate::read_plan::{Outcome as PlanOutcome, ReadPlan, ReadRequest, Step};
-use crate::token::ConsistencyToken;
-use crate::topology::{Role, Topology};
+use crate::routing::read_plan::{Outcome as PlanOutcome, ReadPlan, ReadRequest, Step};
 
-pub use crate::read_plan::FallbackReason;
+pub use crate::routing::read_plan::FallbackReason;
 
 /// Which node served a statement, and how it got there.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
@@ -228,7 +232,7 @@ impl Cluster {
                     return Err(e);
                 }
             };
-            metrics::counter!("lagrouter_writes_total", "node" => self.inner.nodes[primary].name.clone())
+            metrics::counter!(WRITES_TOTAL, "node" => self.inner.nodes[primary].name.clone())
                 .increment(1);
             let token = r.after.and_then(|p| p.token(&topo));
             debug!(token = ?token.map(|t| t.lsn), "write committed");
@@ -258,10 +262,10 @@ impl Cluster {
             span.record("waited_us", o.served.waited.as_micros() as u64);
             if let Some(f) = o.served.fallback {
                 span.record("fallback", f.label());
-                metrics::counter!("lagrouter_fallbacks_total", "reason" => f.label()).increment(1);
+                metrics::counter!(FALLBACKS_TOTAL, "reason" => f.label()).increment(1);
             }
             metrics::counter!(
-                "lagrouter_reads_total",
+                READS_TOTAL,
                 "node" => o.served.name.clone(),
                 "policy" => opts.policy.label()
             )
@@ -328,9 +332,8 @@ impl Cluster {
                 }
                 Step::Done(served) => {
                     if served.token_wait {
-                        metrics::counter!("lagrouter_token_waits_total").increment(1);
-                        metrics::histogram!("lagrouter_token_wait_seconds")
-                            .record(served.waited.as_secs_f64());
+                        metrics::counter!(TOKEN_WAITS_TOTAL).increment(1);
+                        metrics::histogram!(TOKEN_WAIT_SECONDS).record(served.waited.as_secs_f64());
                     }
                     let r = last
                         .take()
@@ -355,13 +358,12 @@ impl Cluster {
                     let e = Error::from(e);
                     match &e {
                         Error::TokenAhead { token, primary } => {
-                            metrics::counter!("lagrouter_tokens_ahead_total").increment(1);
+                            metrics::counter!(TOKENS_AHEAD_TOTAL).increment(1);
                             tracing::warn!(token = %token, primary = %primary, "consistency token is ahead of the primary");
                         }
                         Error::WaitTimeout { waited, .. } => {
-                            metrics::counter!("lagrouter_token_waits_total").increment(1);
-                            metrics::histogram!("lagrouter_token_wait_seconds")
-                                .record(waited.as_secs_f64());
+                            metrics::counter!(TOKEN_WAITS_TOTAL).increment(1);
+                            metrics::histogram!(TOKEN_WAIT_SECONDS).record(waited.as_secs_f64());
                         }
                         _ => {}
                     }
@@ -380,7 +382,7 @@ impl Cluster {
 
     /// Classifies a node's failure and ejects the node when the engine says
     /// it looks down.
-    pub(crate) fn failed(&self, node: usize, e: &Error) -> crate::read_plan::Failure {
+    pub(crate) fn failed(&self, node: usize, e: &Error) -> crate::routing::read_plan::Failure {
         let f = e.failure();
         if f.ejects_node() {
             self.inner.monitor.report_failure(node, &e.to_string());
