@@ -1,16 +1,23 @@
 //! Library surface of the lagrouter proxy.
+//!
+//! Modules, lowest layer first (each uses only those before it):
+//! [`metrics`], [`wire`], [`classify`], [`config`], [`router`];
+//! [`backend`]; [`frontend`]'s `auth` and `tls`; [`server`]'s `settings`
+//! and `shared`; [`frontend`]'s `conn` and `startup`; [`session`]; and
+//! [`server`]'s `listen`, which starts the proxy. [`demo`] starts a local
+//! cluster for it.
 
-pub mod admin;
 pub mod classify;
 pub mod config;
-pub mod tls;
+pub mod metrics;
+pub mod router;
+pub mod wire;
 
-pub mod auth;
 pub mod backend;
 pub mod demo;
 pub mod frontend;
-pub mod pool;
-pub mod protocol;
-pub mod router;
 pub mod server;
 pub mod session;
+
+/// The wire protocol module under its former name.
+pub use wire as protocol;

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
-use crate::backend::{BackendConn, BackendError, BackendTarget};
+use super::conn::{BackendConn, BackendError, BackendTarget};
 
 /// Pool settings (from `[pool]` in the configuration).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -197,7 +197,7 @@ impl NodePool {
             BackendConn::connect(self.key.node, &self.target, settings.connect_timeout).await?;
         self.created.fetch_add(1, Ordering::Relaxed);
         self.open.fetch_add(1, Ordering::Relaxed);
-        metrics::counter!("lagrouter_proxy_server_connections_opened_total").increment(1);
+        metrics::counter!(crate::metrics::SERVER_CONNECTIONS_OPENED_TOTAL).increment(1);
         Ok(conn)
     }
 

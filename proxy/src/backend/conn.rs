@@ -14,7 +14,7 @@ use postgres_protocol::message::{backend::Message, frontend};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use crate::protocol::{self, ErrorFields, Frame, ProtocolError};
+use crate::wire::{self, ErrorFields, Frame, ProtocolError};
 
 /// Where and as whom to connect.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -180,13 +180,13 @@ impl BackendConn {
             match frame.tag {
                 b'S' => conn.note_parameter(&frame),
                 b'K' => {
-                    if let Ok(Message::BackendKeyData(k)) = protocol::parse_backend(&frame) {
+                    if let Ok(Message::BackendKeyData(k)) = wire::parse_backend(&frame) {
                         conn.pid = k.process_id();
                         conn.secret = k.secret_key();
                     }
                 }
                 b'Z' => break,
-                b'E' => return Err(BackendError::Server(protocol::error_fields(&frame))),
+                b'E' => return Err(BackendError::Server(wire::error_fields(&frame))),
                 b'N' => {}
                 b'v' => {}
                 other => {
@@ -210,7 +210,7 @@ impl BackendConn {
         loop {
             let frame = self.read_frame().await?;
             if frame.tag == b'E' {
-                return Err(BackendError::Server(protocol::error_fields(&frame)));
+                return Err(BackendError::Server(wire::error_fields(&frame)));
             }
             if frame.tag != b'R' {
                 return Err(BackendError::Auth(format!(
@@ -218,7 +218,7 @@ impl BackendConn {
                     char::from(frame.tag)
                 )));
             }
-            match protocol::parse_backend(&frame)? {
+            match wire::parse_backend(&frame)? {
                 Message::AuthenticationOk => return Ok(()),
                 Message::AuthenticationCleartextPassword => {
                     frontend::password_message(password()?.as_bytes(), &mut self.wbuf)?;
@@ -279,7 +279,7 @@ impl BackendConn {
 
     /// Records a `ParameterStatus` frame.
     pub fn note_parameter(&mut self, frame: &Frame) {
-        if let Ok(Message::ParameterStatus(p)) = protocol::parse_backend(frame) {
+        if let Ok(Message::ParameterStatus(p)) = wire::parse_backend(frame) {
             if let (Ok(n), Ok(v)) = (p.name(), p.value()) {
                 self.server_params.insert(n.to_string(), v.to_string());
             }
@@ -290,9 +290,7 @@ impl BackendConn {
     /// stays buffered.
     pub async fn read_frame(&mut self) -> Result<Frame, BackendError> {
         loop {
-            if let Some(f) =
-                protocol::split_frame(&mut self.rbuf, protocol::MAX_BACKEND_MESSAGE_LEN)?
-            {
+            if let Some(f) = wire::split_frame(&mut self.rbuf, wire::MAX_BACKEND_MESSAGE_LEN)? {
                 return Ok(f);
             }
             if self.rbuf.capacity() - self.rbuf.len() < 4096 {
@@ -341,8 +339,8 @@ impl BackendConn {
         loop {
             let f = self.read_frame().await?;
             match f.tag {
-                b'D' => rows.push(protocol::data_row_texts(&f)),
-                b'E' => error = Some(protocol::error_fields(&f)),
+                b'D' => rows.push(wire::data_row_texts(&f)),
+                b'E' => error = Some(wire::error_fields(&f)),
                 b'S' => self.note_parameter(&f),
                 b'Z' => break,
                 _ => {}

@@ -1,180 +1,26 @@
-//! The client side: the connection from an application to the proxy,
-//! SSL/GSS negotiation, the startup packet, cancel requests and
-//! authentication. After a successful startup the connection is handed to
-//! [`crate::session`].
+//! The startup phase of a client connection: SSL/GSS negotiation, the
+//! startup packet, cancel requests and authentication (the exchange; the
+//! SCRAM and md5 primitives are in [`super::auth`]). After a successful
+//! startup the connection is handed to a session (by
+//! [`crate::server::listen`]).
 
 use std::collections::BTreeMap;
-use std::io;
 use std::net::SocketAddr;
-use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
-use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use pgwire::messages::PgWireFrontendMessage;
 use pgwire::messages::startup::Authentication;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tracing::{debug, info, warn};
 
-use crate::auth::{self, AuthError, ScramServer, ScramVerifier};
+use super::auth::{self, AuthError, ScramServer, ScramVerifier};
+use super::conn::{ClientConn, ClientError, ClientStream};
 use crate::config::AuthMethod;
-use crate::protocol::{self, Frame, PgError, ProtocolError, StartupPacket};
-use crate::server::{Shared, UserEntry};
-
-/// A client's byte stream: plain TCP or TLS.
-pub enum ClientStream {
-    /// Plain TCP.
-    Plain(TcpStream),
-    /// TLS through rustls.
-    Tls(Box<tokio_rustls::server::TlsStream<TcpStream>>),
-    /// Momentarily detached while TLS is being negotiated.
-    Detached,
-}
-
-fn detached() -> io::Error {
-    io::Error::new(io::ErrorKind::NotConnected, "stream detached")
-}
-
-impl AsyncRead for ClientStream {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            ClientStream::Plain(s) => Pin::new(s).poll_read(cx, buf),
-            ClientStream::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
-            ClientStream::Detached => Poll::Ready(Err(detached())),
-        }
-    }
-}
-
-impl AsyncWrite for ClientStream {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        match self.get_mut() {
-            ClientStream::Plain(s) => Pin::new(s).poll_write(cx, buf),
-            ClientStream::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
-            ClientStream::Detached => Poll::Ready(Err(detached())),
-        }
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            ClientStream::Plain(s) => Pin::new(s).poll_flush(cx),
-            ClientStream::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
-            ClientStream::Detached => Poll::Ready(Err(detached())),
-        }
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            ClientStream::Plain(s) => Pin::new(s).poll_shutdown(cx),
-            ClientStream::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
-            ClientStream::Detached => Poll::Ready(Ok(())),
-        }
-    }
-}
-
-/// Why a client connection ended abnormally.
-#[derive(Debug, thiserror::Error)]
-pub enum ClientError {
-    /// Network failure.
-    #[error("client I/O error: {0}")]
-    Io(#[from] io::Error),
-    /// The client broke the protocol.
-    #[error("client protocol violation: {0}")]
-    Protocol(#[from] ProtocolError),
-    /// The client closed the connection.
-    #[error("client disconnected")]
-    Closed,
-    /// The proxy reported a fatal error to the client and closed.
-    #[error("{0}")]
-    Fatal(PgError),
-}
-
-/// A client connection with its buffers.
-pub struct ClientConn {
-    stream: ClientStream,
-    /// Bytes received and not yet framed.
-    pub rbuf: BytesMut,
-    /// Bytes to send; written by [`ClientConn::flush`].
-    pub wbuf: BytesMut,
-    /// The client's address.
-    pub peer: SocketAddr,
-}
-
-impl ClientConn {
-    /// Wraps a stream.
-    pub fn new(stream: ClientStream, peer: SocketAddr) -> Self {
-        ClientConn {
-            stream,
-            rbuf: BytesMut::with_capacity(8192),
-            wbuf: BytesMut::with_capacity(8192),
-            peer,
-        }
-    }
-
-    /// Splits one complete message off the receive buffer, if any.
-    pub fn try_frame(&mut self) -> Result<Option<Frame>, ProtocolError> {
-        protocol::split_frame(&mut self.rbuf, protocol::MAX_MESSAGE_LEN)
-    }
-
-    /// Whether a complete message (or a malformed header) is buffered.
-    pub fn has_frame(&self) -> bool {
-        if self.rbuf.len() < 5 {
-            return false;
-        }
-        let len = i32::from_be_bytes([self.rbuf[1], self.rbuf[2], self.rbuf[3], self.rbuf[4]]);
-        len < 4 || len as usize > protocol::MAX_MESSAGE_LEN || self.rbuf.len() > len as usize
-    }
-
-    /// Reads more bytes into the receive buffer (cancel-safe). Fails with
-    /// [`ClientError::Closed`] at end of stream.
-    pub async fn fill(&mut self) -> Result<(), ClientError> {
-        if self.rbuf.capacity() - self.rbuf.len() < 4096 {
-            self.rbuf.reserve(8192);
-        }
-        let n = self.stream.read_buf(&mut self.rbuf).await?;
-        if n == 0 {
-            return Err(ClientError::Closed);
-        }
-        Ok(())
-    }
-
-    /// Reads one complete message.
-    pub async fn read_frame(&mut self) -> Result<Frame, ClientError> {
-        loop {
-            if let Some(f) = self.try_frame()? {
-                return Ok(f);
-            }
-            self.fill().await?;
-        }
-    }
-
-    /// Writes out the send buffer.
-    pub async fn flush(&mut self) -> io::Result<()> {
-        if self.wbuf.is_empty() {
-            return Ok(());
-        }
-        let r = self.stream.write_all(&self.wbuf).await;
-        self.wbuf.clear();
-        r?;
-        self.stream.flush().await
-    }
-
-    /// Sends a fatal error and closes (best effort).
-    pub async fn fatal(&mut self, err: &PgError) {
-        err.encode(&mut self.wbuf);
-        let _ = tokio::time::timeout(Duration::from_secs(2), self.flush()).await;
-        let _ = tokio::time::timeout(Duration::from_secs(2), self.stream.shutdown()).await;
-    }
-}
+use crate::server::settings::UserEntry;
+use crate::server::shared::Shared;
+use crate::wire::{self, PgError, ProtocolError, StartupPacket};
 
 /// What a client asked for in its startup packet, after authentication.
 #[derive(Clone, Debug)]
@@ -190,33 +36,41 @@ pub struct StartupInfo {
     pub entry: Arc<UserEntry>,
 }
 
-/// Runs one client connection from accept to close.
-pub async fn handle(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr) {
+/// Runs the startup phase of one client connection: negotiation, startup
+/// packet, cancel requests and authentication, within
+/// `client_login_timeout`. Returns the connection and what the client asked
+/// for, ready for a session; `None` when the connection is done (cancel
+/// request, refused or failed startup: the client was told).
+pub async fn accept(
+    shared: &Arc<Shared>,
+    tcp: TcpStream,
+    peer: SocketAddr,
+) -> Option<(ClientConn, StartupInfo)> {
     let _ = tcp.set_nodelay(true);
     let mut conn = ClientConn::new(ClientStream::Plain(tcp), peer);
     let login_timeout = shared.settings().config.proxy.client_login_timeout;
-    let startup = tokio::time::timeout(login_timeout, startup(&shared, &mut conn)).await;
+    let startup = tokio::time::timeout(login_timeout, startup(shared, &mut conn)).await;
     let info = match startup {
         Ok(Ok(Some(info))) => info,
-        Ok(Ok(None)) => return, // cancel request or clean close
+        Ok(Ok(None)) => return None, // cancel request or clean close
         Ok(Err(ClientError::Fatal(e))) => {
             debug!(%peer, error = %e, "startup refused");
             conn.fatal(&e).await;
-            return;
+            return None;
         }
         Ok(Err(ClientError::Protocol(e))) => {
             debug!(%peer, error = %e, "startup protocol violation");
-            metrics::counter!(crate::admin::PROTOCOL_ERRORS_TOTAL).increment(1);
+            metrics::counter!(crate::metrics::PROTOCOL_ERRORS_TOTAL).increment(1);
             conn.fatal(&PgError::fatal(
-                protocol::SQLSTATE_PROTOCOL_VIOLATION,
+                wire::SQLSTATE_PROTOCOL_VIOLATION,
                 e.to_string(),
             ))
             .await;
-            return;
+            return None;
         }
         Ok(Err(e)) => {
             debug!(%peer, error = %e, "client left during startup");
-            return;
+            return None;
         }
         Err(_) => {
             conn.fatal(&PgError::fatal(
@@ -224,15 +78,15 @@ pub async fn handle(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr) {
                 "canceling authentication due to timeout",
             ))
             .await;
-            return;
+            return None;
         }
     };
-    crate::session::run(shared, conn, info).await;
+    Some((conn, info))
 }
 
 async fn read_startup_packet(conn: &mut ClientConn) -> Result<Bytes, ClientError> {
     loop {
-        if let Some(p) = protocol::split_startup(&mut conn.rbuf)? {
+        if let Some(p) = wire::split_startup(&mut conn.rbuf)? {
             return Ok(p);
         }
         conn.fill().await?;
@@ -249,7 +103,7 @@ async fn startup(
     let mut gss_done = false;
     let startup = loop {
         let packet = read_startup_packet(conn).await?;
-        match protocol::decode_startup(&packet)? {
+        match wire::decode_startup(&packet)? {
             StartupPacket::Ssl => {
                 if tls_done {
                     return Err(ProtocolError::Malformed {
@@ -326,7 +180,7 @@ async fn startup(
         }
     }
     if startup.protocol_number_minor != 0 || !unsupported_options.is_empty() {
-        protocol::encode(
+        wire::encode(
             &pgwire::messages::startup::NegotiateProtocolVersion::new(0, unsupported_options),
             &mut conn.wbuf,
         );
@@ -406,7 +260,7 @@ fn parse_options(text: &str) -> Result<Vec<(String, String)>, String> {
 }
 
 fn auth_failed(user: &str) -> ClientError {
-    metrics::counter!(crate::admin::AUTH_FAILURES_TOTAL).increment(1);
+    metrics::counter!(crate::metrics::AUTH_FAILURES_TOTAL).increment(1);
     ClientError::Fatal(PgError::fatal(
         "28P01",
         format!("password authentication failed for user \"{user}\""),
@@ -420,14 +274,14 @@ async fn read_password_message(
     let frame = conn.read_frame().await?;
     if frame.tag != b'p' {
         return Err(ClientError::Fatal(PgError::fatal(
-            protocol::SQLSTATE_PROTOCOL_VIOLATION,
+            wire::SQLSTATE_PROTOCOL_VIOLATION,
             format!(
                 "expected password response, got message type {:?}",
                 char::from(frame.tag)
             ),
         )));
     }
-    match protocol::decode_frontend(&frame)? {
+    match wire::decode_frontend(&frame)? {
         PgWireFrontendMessage::PasswordMessageFamily(p) => Ok(p),
         _ => Err(ProtocolError::UnknownType(frame.tag).into()),
     }
@@ -435,7 +289,7 @@ async fn read_password_message(
 
 fn bad_message(e: impl std::fmt::Display) -> ClientError {
     ClientError::Fatal(PgError::fatal(
-        protocol::SQLSTATE_PROTOCOL_VIOLATION,
+        wire::SQLSTATE_PROTOCOL_VIOLATION,
         format!("malformed authentication message: {e}"),
     ))
 }
@@ -452,7 +306,7 @@ async fn authenticate(
         AuthMethod::Trust => {}
         AuthMethod::Md5 => {
             let salt = auth::random_salt();
-            protocol::encode(&Authentication::MD5Password(salt.to_vec()), &mut conn.wbuf);
+            wire::encode(&Authentication::MD5Password(salt.to_vec()), &mut conn.wbuf);
             let p = read_password_message(conn)
                 .await?
                 .into_password()
@@ -471,7 +325,7 @@ async fn authenticate(
                 None => ScramVerifier::from_password(&format!("{:x}", rand::random::<u128>())),
             };
             let mut server = ScramServer::new(user, verifier);
-            protocol::encode(
+            wire::encode(
                 &Authentication::SASL(vec![auth::SCRAM_SHA_256.to_string()]),
                 &mut conn.wbuf,
             );
@@ -481,7 +335,7 @@ async fn authenticate(
                 .map_err(bad_message)?;
             if init.auth_method != auth::SCRAM_SHA_256 {
                 return Err(ClientError::Fatal(PgError::fatal(
-                    protocol::SQLSTATE_PROTOCOL_VIOLATION,
+                    wire::SQLSTATE_PROTOCOL_VIOLATION,
                     "client selected an invalid SASL authentication mechanism",
                 )));
             }
@@ -489,7 +343,7 @@ async fn authenticate(
             let first = server
                 .client_first(&data)
                 .map_err(|e| scram_error(conn, user, e))?;
-            protocol::encode(
+            wire::encode(
                 &Authentication::SASLContinue(Bytes::from(first)),
                 &mut conn.wbuf,
             );
@@ -503,13 +357,13 @@ async fn authenticate(
             if entry.is_none() {
                 return Err(auth_failed(user));
             }
-            protocol::encode(&Authentication::SASLFinal(Bytes::from(fin)), &mut conn.wbuf);
+            wire::encode(&Authentication::SASLFinal(Bytes::from(fin)), &mut conn.wbuf);
         }
     }
     if entry.is_none() {
         return Err(auth_failed(user));
     }
-    protocol::encode(&Authentication::Ok, &mut conn.wbuf);
+    wire::encode(&Authentication::Ok, &mut conn.wbuf);
     Ok(())
 }
 
@@ -517,7 +371,7 @@ fn scram_error(conn: &ClientConn, user: &str, e: AuthError) -> ClientError {
     warn!(peer = %conn.peer, %user, error = %e, "SCRAM authentication failed");
     match e {
         AuthError::Protocol(m) => ClientError::Fatal(PgError::fatal(
-            protocol::SQLSTATE_PROTOCOL_VIOLATION,
+            wire::SQLSTATE_PROTOCOL_VIOLATION,
             format!("malformed SCRAM message: {m}"),
         )),
         _ => auth_failed(user),
@@ -527,7 +381,7 @@ fn scram_error(conn: &ClientConn, user: &str, e: AuthError) -> ClientError {
 /// Appends `BackendKeyData`.
 pub fn backend_key_data(pid: i32, secret: i32, out: &mut BytesMut) {
     use pgwire::messages::startup::{BackendKeyData, SecretKey};
-    protocol::encode(&BackendKeyData::new(pid, SecretKey::I32(secret)), out);
+    wire::encode(&BackendKeyData::new(pid, SecretKey::I32(secret)), out);
 }
 
 #[cfg(test)]

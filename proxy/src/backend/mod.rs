@@ -1,0 +1,10 @@
+//! The server side: connections from the proxy to PostgreSQL nodes
+//! ([`conn`]) and their per-node pools ([`pool`]). Depends only on
+//! [`crate::wire`] and [`crate::metrics`].
+#![warn(missing_docs)]
+
+pub mod conn;
+pub mod pool;
+
+pub use conn::{BackendConn, BackendError, BackendTarget, CancelTarget, send_cancel};
+pub use pool::{NodePool, PoolError, PoolKey, PoolSettings, PoolStats, PooledConn, Pools};

@@ -1,0 +1,33 @@
+//! The proxy as a whole: listeners, shared state (configuration, lag
+//! monitor, router, pools, cancel keys), graceful shutdown and reload.
+//!
+//! ```no_run
+//! # async fn demo(config: lagrouter_proxy::config::Config) -> Result<(), lagrouter_proxy::server::ProxyError> {
+//! let proxy = lagrouter_proxy::server::Proxy::start(config).await?;
+//! println!("listening on {}", proxy.local_addr());
+//! proxy.shutdown().await;
+//! # Ok(()) }
+//! ```
+//!
+//! Files, lowest first: [`error`], [`settings`] (the reloadable
+//! configuration snapshot), [`shared`] (state every session uses; it
+//! imports neither the client side nor the session), [`admin`] (the HTTP
+//! endpoint), [`handle`], [`reload`], [`shutdown`], and [`listen`], which
+//! starts everything and hands each accepted connection to
+//! [`crate::frontend`] and then [`crate::session`].
+#![warn(missing_docs)]
+
+pub mod admin;
+pub mod error;
+pub mod handle;
+pub mod listen;
+pub mod reload;
+pub mod settings;
+pub mod shared;
+pub mod shutdown;
+
+pub use error::ProxyError;
+pub use handle::ProxyHandle;
+pub use listen::Proxy;
+pub use settings::{Settings, UserEntry};
+pub use shared::{CancelSlot, ClientGuard, Shared};

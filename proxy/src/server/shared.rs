@@ -1,0 +1,259 @@
+//! State shared by every session: the settings snapshot, the lag monitor,
+//! the router, the pools, the classifier, cancel keys, the session registry
+//! and the client counts. This file depends on neither the client side nor
+//! the session: they use it.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Instant;
+
+use lagrouter::{LagMonitor, Router};
+use serde::Serialize;
+use tokio::sync::{Notify, OnceCell, watch};
+use tracing::{info, warn};
+
+use super::settings::Settings;
+use crate::backend::{BackendConn, BackendError, BackendTarget, CancelTarget, Pools};
+use crate::metrics as m;
+
+/// Where a session's current query can be cancelled.
+pub type CancelSlot = Mutex<Option<CancelTarget>>;
+
+/// Node addresses, fixed at start.
+#[derive(Clone, Debug)]
+pub(super) struct NodeAddr {
+    /// Configured name.
+    pub(super) name: String,
+    /// Host name or address.
+    pub(super) host: String,
+    /// TCP port.
+    pub(super) port: u16,
+}
+
+/// State shared by every session.
+pub struct Shared {
+    /// The settings in force (replaced on reload).
+    pub(super) settings: RwLock<Arc<Settings>>,
+    /// Node addresses, by node index.
+    pub(super) nodes: Vec<NodeAddr>,
+    /// The background lag/health monitor.
+    pub monitor: LagMonitor,
+    /// The routing library's router.
+    pub(super) router: RwLock<&'static Router>,
+    /// Backend pools.
+    pub pools: Pools,
+    /// The statement classifier (with its cache).
+    pub classifier: crate::classify::Classifier,
+    /// Cancel keys: session pid → (secret, where its query runs).
+    pub(super) cancels: Mutex<HashMap<i32, (i32, Arc<CancelSlot>)>>,
+    /// Becomes `true` when shutdown begins.
+    pub(super) shutdown: watch::Receiver<bool>,
+    /// The server's parameter names, learnt from the first backend.
+    pub(super) guc_names: OnceCell<Arc<HashSet<String>>>,
+    /// Client sessions open (logged in).
+    pub(super) clients: AtomicUsize,
+    /// Client sockets open, logged in or not (what
+    /// `max_client_connections` limits).
+    pub(super) connections: AtomicUsize,
+    /// Client sessions since start.
+    pub(super) clients_total: AtomicU64,
+    /// Notified when the last client session ends.
+    pub(super) clients_gone: Notify,
+    /// Running connection tasks, aborted at the end of shutdown.
+    pub(super) sessions: Mutex<HashMap<u64, tokio::task::AbortHandle>>,
+    /// Id of the next connection task.
+    pub(super) next_session: AtomicU64,
+    /// When the proxy started.
+    pub(super) started: Instant,
+}
+
+/// Decrements the connection count when a client socket is closed.
+pub(super) struct ConnectionGuard(pub(super) Arc<Shared>);
+
+impl Drop for ConnectionGuard {
+    fn drop(&mut self) {
+        self.0.connections.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// Decrements the client count when a session ends.
+pub struct ClientGuard(Arc<Shared>);
+
+impl Drop for ClientGuard {
+    fn drop(&mut self) {
+        let left = self.0.clients.fetch_sub(1, Ordering::SeqCst) - 1;
+        metrics::gauge!(m::CLIENTS).set(left as f64);
+        if left == 0 {
+            self.0.clients_gone.notify_waiters();
+        }
+    }
+}
+
+impl Shared {
+    /// The current settings.
+    pub fn settings(&self) -> Arc<Settings> {
+        self.settings.read().expect("settings lock").clone()
+    }
+
+    /// The routing library's router (per-node in-flight counts).
+    pub fn router(&self) -> &'static Router {
+        *self.router.read().expect("router lock")
+    }
+
+    /// A receiver that changes when shutdown begins.
+    pub fn shutdown_signal(&self) -> watch::Receiver<bool> {
+        self.shutdown.clone()
+    }
+
+    /// Counts a client session until the guard drops.
+    pub fn client_guard(self: &Arc<Self>) -> ClientGuard {
+        let n = self.clients.fetch_add(1, Ordering::SeqCst) + 1;
+        self.clients_total.fetch_add(1, Ordering::Relaxed);
+        metrics::gauge!(m::CLIENTS).set(n as f64);
+        ClientGuard(self.clone())
+    }
+
+    /// Allocates the (pid, secret) a session reports in `BackendKeyData`.
+    pub fn register_session(&self) -> (i32, i32, Arc<CancelSlot>) {
+        let slot = Arc::new(Mutex::new(None));
+        let mut map = self.cancels.lock().expect("cancel map");
+        loop {
+            let pid = rand::random::<i32>() & 0x3fff_ffff;
+            if pid == 0 || map.contains_key(&pid) {
+                continue;
+            }
+            let secret = rand::random::<i32>();
+            map.insert(pid, (secret, slot.clone()));
+            return (pid, secret, slot);
+        }
+    }
+
+    /// Forgets a session's cancel key.
+    pub fn unregister_session(&self, pid: i32) {
+        self.cancels.lock().expect("cancel map").remove(&pid);
+    }
+
+    /// Handles a client's `CancelRequest`: forwards it to the backend
+    /// currently running that session's query, if any.
+    pub async fn cancel(&self, pid: i32, secret: i32) {
+        let target = {
+            let map = self.cancels.lock().expect("cancel map");
+            match map.get(&pid) {
+                Some((s, slot)) if *s == secret => *slot.lock().expect("cancel slot"),
+                _ => {
+                    warn!(pid, "cancel request with an unknown key ignored");
+                    return;
+                }
+            }
+        };
+        match target {
+            Some(t) => {
+                info!(pid, backend_pid = t.pid, "forwarding cancel request");
+                if let Err(e) = crate::backend::send_cancel(t).await {
+                    warn!(pid, error = %e, "cancel request failed");
+                }
+            }
+            None => info!(pid, "cancel request for an idle session ignored"),
+        }
+    }
+
+    /// Where node `node` is, as `user` on `database`.
+    pub fn backend_target(
+        &self,
+        node: usize,
+        user: &str,
+        password: Option<String>,
+        database: &str,
+    ) -> BackendTarget {
+        let n = &self.nodes[node.min(self.nodes.len() - 1)];
+        BackendTarget {
+            host: n.host.clone(),
+            port: n.port,
+            user: user.to_string(),
+            password,
+            database: database.to_string(),
+        }
+    }
+
+    /// The server's parameter names (lower-cased), to validate startup
+    /// parameters; learnt once from the first backend.
+    pub async fn guc_names(
+        &self,
+        conn: &mut BackendConn,
+    ) -> Result<Arc<HashSet<String>>, BackendError> {
+        self.guc_names
+            .get_or_try_init(|| async {
+                let rows = conn
+                    .simple_query("SELECT name FROM pg_catalog.pg_settings")
+                    .await?;
+                Ok(Arc::new(
+                    rows.into_iter()
+                        .filter_map(|r| r.into_iter().next().flatten())
+                        .map(|n| n.to_ascii_lowercase())
+                        .collect(),
+                ))
+            })
+            .await
+            .cloned()
+    }
+
+    /// The `/status` document.
+    pub(super) fn status_json(&self) -> serde_json::Value {
+        #[derive(Serialize)]
+        struct Status<'a> {
+            topology: &'a lagrouter::Topology,
+            pools: Vec<crate::backend::PoolStats>,
+            clients: usize,
+            connections: usize,
+            clients_total: u64,
+            policy: &'static str,
+            uptime_seconds: f64,
+        }
+        let topo = self.monitor.snapshot();
+        serde_json::to_value(Status {
+            topology: &topo,
+            pools: self.pools.stats(),
+            clients: self.clients.load(Ordering::SeqCst),
+            connections: self.connections.load(Ordering::SeqCst),
+            clients_total: self.clients_total.load(Ordering::Relaxed),
+            policy: self.settings().policy.label(),
+            uptime_seconds: self.started.elapsed().as_secs_f64(),
+        })
+        .unwrap_or_default()
+    }
+
+    /// `/health`: whether the primary is reachable.
+    pub(super) fn healthy(&self) -> bool {
+        let topo = self.monitor.snapshot();
+        topo.primary.is_some_and(|p| topo.nodes[p].healthy)
+    }
+
+    /// Publishes the lag and pool gauges.
+    pub(super) fn publish_gauges(&self) {
+        let topo = self.monitor.snapshot();
+        for n in &topo.nodes {
+            if let Some(b) = n.lag_bytes {
+                metrics::gauge!(m::REPLICA_LAG_BYTES, m::LABEL_NODE => n.name.clone())
+                    .set(b as f64);
+            }
+            if let Some(l) = n.lag {
+                metrics::gauge!(m::REPLICA_LAG_SECONDS, m::LABEL_NODE => n.name.clone())
+                    .set(l.as_secs_f64());
+            }
+        }
+        let mut per_node: HashMap<usize, (usize, usize)> = HashMap::new();
+        for p in self.pools.stats() {
+            let e = per_node.entry(p.node).or_default();
+            e.0 += p.idle;
+            e.1 += p.in_use;
+        }
+        for (i, n) in self.nodes.iter().enumerate() {
+            let (idle, active) = per_node.get(&i).copied().unwrap_or_default();
+            metrics::gauge!(m::POOL_CONNECTIONS, m::LABEL_NODE => n.name.clone(), m::LABEL_STATE => "idle")
+                .set(idle as f64);
+            metrics::gauge!(m::POOL_CONNECTIONS, m::LABEL_NODE => n.name.clone(), m::LABEL_STATE => "active")
+                .set(active as f64);
+        }
+    }
+}

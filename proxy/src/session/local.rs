@@ -1,0 +1,376 @@
+//! Statements the proxy answers itself: `SET`/`RESET lagrouter.min_token`,
+//! `SHOW lagrouter.token`, empty queries, `DEALLOCATE` of protocol-level
+//! statements, and extended-protocol messages on such statements; and the
+//! session's consistency token they read and write.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use bytes::{Bytes, BytesMut};
+use lagrouter::{ConsistencyToken, Lsn};
+
+use crate::classify::{Classification, StatementKind};
+use crate::metrics as m;
+use crate::wire::{self as protocol, ClientMessage, PgError};
+
+use super::prepared::deallocate_target;
+use super::{Pooling, Session};
+
+/// The parameter status carrying the session's token, and the name
+/// `SHOW lagrouter.token` answers.
+pub const TOKEN_PARAMETER: &str = "lagrouter.token";
+
+/// The setting clients use to pass a token in (`SET lagrouter.min_token`).
+pub const MIN_TOKEN_SETTING: &str = "lagrouter.min_token";
+
+/// A statement the proxy answers itself.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(super) enum LocalStmt {
+    SetMinToken(String),
+    ResetMinToken,
+    ShowToken,
+    Empty,
+}
+
+impl Session {
+    pub(super) fn classify(&self, sql: &str) -> Arc<Classification> {
+        self.shared.classifier.classify(sql)
+    }
+
+    /// Recognises statements the proxy answers itself.
+    pub(super) fn local_stmt(
+        sql: &str,
+        class: &Classification,
+    ) -> Result<Option<LocalStmt>, PgError> {
+        let is_lagrouter = |k: &StatementKind| match k {
+            StatementKind::Set { name, .. } => name.starts_with("lagrouter."),
+            StatementKind::Reset { name: Some(name) } => name.starts_with("lagrouter."),
+            _ => false,
+        };
+        let show = show_lagrouter(sql);
+        if class.statements.is_empty() {
+            return Ok(Some(LocalStmt::Empty));
+        }
+        let n_local = class.statements.iter().filter(|k| is_lagrouter(k)).count();
+        if n_local == 0 && show.is_none() {
+            return Ok(None);
+        }
+        if class.statements.len() > 1 {
+            return Err(PgError::error(
+                "0A000",
+                "lagrouter settings must be sent as a statement of their own",
+            ));
+        }
+        if let Some(name) = show {
+            return match name.as_str() {
+                TOKEN_PARAMETER | MIN_TOKEN_SETTING => Ok(Some(LocalStmt::ShowToken)),
+                _ => Err(unknown_setting(&name)),
+            };
+        }
+        match &class.statements[0] {
+            StatementKind::Set { name, value, .. } if name == MIN_TOKEN_SETTING => {
+                Ok(Some(LocalStmt::SetMinToken(value.clone())))
+            }
+            StatementKind::Reset { name: Some(name) } if name == MIN_TOKEN_SETTING => {
+                Ok(Some(LocalStmt::ResetMinToken))
+            }
+            StatementKind::Set { name, .. } | StatementKind::Reset { name: Some(name) } => {
+                Err(unknown_setting(name))
+            }
+            _ => Ok(None),
+        }
+    }
+
+    /// Applies a token given by the client (setting or comment).
+    pub(super) fn accept_token(&mut self, text: &str) -> Result<(), PgError> {
+        let text = text.trim();
+        if text.is_empty() {
+            return Ok(());
+        }
+        let token = ConsistencyToken::decode(text).map_err(|e| {
+            PgError::error("22023", format!("invalid lagrouter token: {e}"))
+                .with_hint("Pass the value of the lagrouter.token parameter status (or SHOW lagrouter.token) unchanged.")
+        })?;
+        if let Some(cluster) = self.shared.monitor.snapshot().cluster {
+            token
+                .check_cluster(&cluster)
+                .map_err(|e| PgError::error("22023", format!("invalid lagrouter token: {e}")))?;
+        }
+        self.observe(token);
+        metrics::counter!(m::TOKENS_ACCEPTED_TOTAL).increment(1);
+        Ok(())
+    }
+
+    pub(super) fn observe(&mut self, token: ConsistencyToken) {
+        self.token = Some(match self.token {
+            Some(t) => t.max(token),
+            None => token,
+        });
+    }
+
+    /// Advances the session token to `lsn` of the current cluster.
+    pub(super) fn advance_token(&mut self, lsn: Lsn) {
+        let topo = self.shared.monitor.snapshot();
+        if let Some(c) = topo.cluster {
+            self.observe(ConsistencyToken::new(lsn, c.system_identifier, c.timeline));
+        }
+    }
+
+    /// Runs a local statement (Execute time); returns the reply messages.
+    pub(super) fn run_local(
+        &mut self,
+        stmt: &LocalStmt,
+        extended: bool,
+    ) -> Result<Vec<Bytes>, PgError> {
+        let mut out = BytesMut::new();
+        match stmt {
+            LocalStmt::SetMinToken(v) => {
+                let v = v.clone();
+                self.accept_token(&v)?;
+                protocol::command_complete("SET", &mut out);
+            }
+            LocalStmt::ResetMinToken => protocol::command_complete("RESET", &mut out),
+            LocalStmt::ShowToken => {
+                if !extended {
+                    protocol::text_row_description(TOKEN_PARAMETER, &mut out);
+                }
+                let t = self.token.map(|t| t.encode()).unwrap_or_default();
+                protocol::text_data_row(&t, &mut out);
+                protocol::command_complete("SHOW", &mut out);
+            }
+            LocalStmt::Empty => out.extend_from_slice(&protocol::empty_message(b'I')),
+        }
+        Ok(vec![out.freeze()])
+    }
+
+    /// `Describe` reply for a local statement.
+    pub(super) fn describe_local(stmt: &LocalStmt, statement: bool) -> Vec<Bytes> {
+        let mut v = Vec::new();
+        if statement {
+            v.push(protocol::no_parameters());
+        }
+        match stmt {
+            LocalStmt::ShowToken => {
+                let mut b = BytesMut::new();
+                protocol::text_row_description(TOKEN_PARAMETER, &mut b);
+                v.push(b.freeze());
+            }
+            _ => v.push(protocol::empty_message(b'n')),
+        }
+        v
+    }
+
+    /// Handles a simple query the proxy answers itself (lagrouter
+    /// settings, empty queries, `DEALLOCATE` of protocol-level statements).
+    /// `None` when the query must go to a server.
+    pub(super) fn local_query(
+        &mut self,
+        sql: &str,
+        class: &Classification,
+    ) -> Option<Result<Vec<Bytes>, PgError>> {
+        if let Some(t) = &class.token {
+            if let Err(e) = self.accept_token(t) {
+                return Some(Err(e));
+            }
+        }
+        match Self::local_stmt(sql, class) {
+            Ok(Some(stmt)) => return Some(self.run_local(&stmt, false)),
+            Ok(None) => {}
+            Err(e) => return Some(Err(e)),
+        }
+        if let Some(target) = deallocate_target(sql) {
+            match target {
+                None if self.pooling == Pooling::Transaction => {
+                    self.prepared.clear();
+                    let mut b = BytesMut::new();
+                    protocol::command_complete("DEALLOCATE ALL", &mut b);
+                    return Some(Ok(vec![b.freeze()]));
+                }
+                None => self.prepared.clear(),
+                Some(name) if self.prepared.remove(&name).is_some() => {
+                    let mut b = BytesMut::new();
+                    protocol::command_complete("DEALLOCATE", &mut b);
+                    return Some(Ok(vec![b.freeze()]));
+                }
+                Some(_) => {}
+            }
+        }
+        None
+    }
+
+    /// Whether an extended-protocol message can be answered without a
+    /// server (used to answer all-local batches directly).
+    pub(super) fn is_local_ext(&self, msg: &ClientMessage) -> bool {
+        match msg {
+            ClientMessage::Parse { sql, .. } => {
+                let class = self.classify(sql);
+                !matches!(Self::local_stmt(sql, &class), Ok(None))
+            }
+            ClientMessage::Bind { stmt, .. } => {
+                self.stmt_info(stmt).is_some_and(|i| i.local.is_some())
+            }
+            ClientMessage::Describe {
+                kind: b'S', name, ..
+            } => self.stmt_info(name).is_some_and(|i| i.local.is_some()),
+            ClientMessage::Describe { name, .. } | ClientMessage::Execute { portal: name, .. } => {
+                self.local_portals.contains_key(name)
+            }
+            ClientMessage::Close {
+                kind: b'S', name, ..
+            } => !name.is_empty(),
+            ClientMessage::Close { name, .. } => self.local_portals.contains_key(name),
+            ClientMessage::Sync { .. } | ClientMessage::Flush { .. } => true,
+            ClientMessage::Query { .. } => false,
+        }
+    }
+
+    /// Whether every message of a batch can be answered without a server,
+    /// following statements and portals the batch itself defines.
+    pub(super) fn batch_is_local(&self, batch: &[ClientMessage]) -> bool {
+        let mut stmts: HashMap<&str, bool> = HashMap::new();
+        let mut portals: HashMap<&str, bool> = HashMap::new();
+        for msg in batch {
+            let local = match msg {
+                ClientMessage::Parse { name, .. } => {
+                    let l = self.is_local_ext(msg);
+                    stmts.insert(name, l);
+                    l
+                }
+                ClientMessage::Bind { portal, stmt, .. } => {
+                    let l = stmts
+                        .get(stmt.as_str())
+                        .copied()
+                        .unwrap_or_else(|| self.is_local_ext(msg));
+                    portals.insert(portal, l);
+                    l
+                }
+                ClientMessage::Describe {
+                    kind: b'S', name, ..
+                } => stmts
+                    .get(name.as_str())
+                    .copied()
+                    .unwrap_or_else(|| self.is_local_ext(msg)),
+                ClientMessage::Describe { name, .. }
+                | ClientMessage::Execute { portal: name, .. } => portals
+                    .get(name.as_str())
+                    .copied()
+                    .unwrap_or_else(|| self.is_local_ext(msg)),
+                other => self.is_local_ext(other),
+            };
+            if !local {
+                return false;
+            }
+        }
+        true
+    }
+
+    /// Replies for a message that needs no server, or `None`. Effects on
+    /// the session are applied. An error means: report it and skip to Sync.
+    pub(super) fn local_ext(&mut self, msg: &ClientMessage) -> Option<Result<Vec<Bytes>, PgError>> {
+        match msg {
+            ClientMessage::Parse {
+                name, sql, types, ..
+            } => {
+                let info = match self.make_info(sql, types) {
+                    Ok(i) => i,
+                    Err(e) => return Some(Err(e)),
+                };
+                info.local.as_ref()?;
+                if let Some(t) = &info.class.token {
+                    if let Err(e) = self.accept_token(&t.clone()) {
+                        return Some(Err(e));
+                    }
+                }
+                if name.is_empty() {
+                    self.unnamed = Some(info);
+                    if let Some(h) = &mut self.backend {
+                        h.unnamed_ok = false;
+                    }
+                } else {
+                    self.prepared.insert(name.clone(), info);
+                }
+                Some(Ok(vec![protocol::empty_message(b'1')]))
+            }
+            ClientMessage::Bind { portal, stmt, .. } => {
+                let info = self.stmt_info(stmt)?;
+                let local = info.local.clone()?;
+                self.local_portals.insert(portal.clone(), local);
+                Some(Ok(vec![protocol::empty_message(b'2')]))
+            }
+            ClientMessage::Describe {
+                kind: b'S', name, ..
+            } => {
+                let info = self.stmt_info(name)?;
+                let local = info.local.as_ref()?;
+                Some(Ok(Self::describe_local(local, true)))
+            }
+            ClientMessage::Describe { name, .. } => {
+                let local = self.local_portals.get(name)?;
+                Some(Ok(Self::describe_local(local, false)))
+            }
+            ClientMessage::Execute { portal, .. } => {
+                let local = self.local_portals.get(portal)?.clone();
+                Some(self.run_local(&local, true))
+            }
+            ClientMessage::Close {
+                kind: b'S', name, ..
+            } if !name.is_empty() => {
+                // Only the client's name goes: the backend statement is
+                // shared and stays prepared.
+                self.prepared.remove(name);
+                Some(Ok(vec![protocol::empty_message(b'3')]))
+            }
+            ClientMessage::Close { name, .. } => {
+                self.local_portals.remove(name)?;
+                Some(Ok(vec![protocol::empty_message(b'3')]))
+            }
+            _ => None,
+        }
+    }
+}
+
+/// `SHOW lagrouter.*` → the setting name.
+pub(super) fn show_lagrouter(sql: &str) -> Option<String> {
+    let s = sql.trim().trim_end_matches(';').trim();
+    let mut words = s.split_whitespace();
+    let first = words.next()?;
+    let name = words.next()?;
+    if !first.eq_ignore_ascii_case("show") || words.next().is_some() {
+        return None;
+    }
+    let name = name.trim_matches('"').to_ascii_lowercase();
+    name.starts_with("lagrouter.").then_some(name)
+}
+
+pub(super) fn unknown_setting(name: &str) -> PgError {
+    PgError::error(
+        "42704",
+        format!("unrecognized configuration parameter \"{name}\""),
+    )
+    .with_hint("lagrouter-proxy knows lagrouter.min_token (SET) and lagrouter.token (SHOW).")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn show_and_deallocate_are_recognised() {
+        assert_eq!(
+            show_lagrouter("SHOW lagrouter.token;"),
+            Some("lagrouter.token".into())
+        );
+        assert_eq!(
+            show_lagrouter("show  LAGROUTER.TOKEN"),
+            Some("lagrouter.token".into())
+        );
+        assert_eq!(show_lagrouter("SHOW search_path"), None);
+        assert_eq!(deallocate_target("DEALLOCATE s1"), Some(Some("s1".into())));
+        assert_eq!(
+            deallocate_target("deallocate prepare \"S1\";"),
+            Some(Some("S1".into()))
+        );
+        assert_eq!(deallocate_target("DEALLOCATE ALL"), Some(None));
+        assert_eq!(deallocate_target("SELECT 1"), None);
+    }
+}

@@ -1,0 +1,581 @@
+//! One client session after startup: transaction pooling, per-statement
+//! routing, read-your-writes probes, prepared-statement translation,
+//! session settings replay, COPY and error recovery.
+//!
+//! # How a statement flows
+//!
+//! While the client holds no backend connection, simple `Query` messages
+//! and extended-protocol batches (everything up to `Sync`, or `Flush`) are
+//! classified and routed ([`crate::router`]), and a connection is checked
+//! out of the node's pool. Everything sent to that connection is recorded
+//! in an expectation queue ([`Expect`]) so that each server message can be
+//! attributed: the client's own messages (forwarded), responses the proxy
+//! synthesises (for prepared statements the backend already has, for
+//! `SET lagrouter.min_token`, …), and the proxy's own statements — the
+//! settings prelude and position probes — whose replies are swallowed.
+//!
+//! The connection returns to the pool when the server reports the session
+//! idle (`ReadyForQuery` with status `I`) and nothing is outstanding,
+//! unless the session is pinned by session-bound state.
+//!
+//! # Files
+//!
+//! * this file: the `Session` and its main loop (events, flushing,
+//!   idle timeouts, releasing the server connection);
+//! * `unit`: from client messages to a unit of work — batching,
+//!   classification, routing, checkout, `Session::start_unit`;
+//! * `pipeline`: the held connection (`pipeline::Held`), what is sent to
+//!   it and which replies are expected (`pipeline::Expect`);
+//! * `replies`: attributing server messages to what was sent;
+//! * `prepared`: prepared statements under proxy-global names;
+//! * `settings`: `SET`/`RESET` tracking, the prelude that replays them,
+//!   and their undo on rollback;
+//! * `local`: statements the proxy answers itself;
+//! * `retry`: the position probes, token waits and retries elsewhere.
+#![warn(missing_docs)]
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use lagrouter::ConsistencyToken;
+use tracing::{debug, warn};
+
+use crate::backend::BackendError;
+use crate::classify::set_statement_sql;
+use crate::frontend::{ClientConn, ClientError, StartupInfo};
+use crate::metrics as m;
+use crate::server::{CancelSlot, Shared};
+use crate::wire::{self as protocol, ClientMessage, Frame, PgError, TxnStatus};
+
+mod local;
+mod pipeline;
+mod prepared;
+mod replies;
+mod retry;
+mod settings;
+mod unit;
+
+pub use local::{MIN_TOKEN_SETTING, TOKEN_PARAMETER};
+pub use retry::PROBE_STATEMENT;
+
+use local::LocalStmt;
+use pipeline::{Held, Mode, UnitState};
+use prepared::StmtInfo;
+use settings::prelude_sql;
+
+/// Most extended-protocol messages buffered before a `Sync`/`Flush`.
+const MAX_PENDING: usize = 100_000;
+
+/// What woke the session up.
+enum Event {
+    /// A server message (or the connection failed).
+    Backend(Result<Frame, BackendError>),
+    /// Client bytes arrived (or the connection failed or closed).
+    Client(Result<(), ClientError>),
+    /// Shutdown began.
+    Shutdown,
+    /// The client was idle for too long.
+    Idle,
+    /// A new topology snapshot (`false`: the monitor is gone).
+    Topology(bool),
+}
+
+/// Outcome of handling input: keep going or end the session.
+type Flow = Result<(), SessionEnd>;
+
+/// Why a session ends.
+#[derive(Debug)]
+enum SessionEnd {
+    /// Terminate, or the client went away.
+    Closed,
+    /// A fatal error, already queued for the client.
+    Fatal(PgError),
+    /// I/O error on the client connection.
+    Client(ClientError),
+}
+
+impl From<ClientError> for SessionEnd {
+    fn from(e: ClientError) -> Self {
+        match e {
+            ClientError::Closed => SessionEnd::Closed,
+            other => SessionEnd::Client(other),
+        }
+    }
+}
+
+/// Whether client messages are being skipped.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Skip {
+    /// Client messages are processed.
+    No,
+    /// After an error the proxy reported itself in an extended-protocol
+    /// batch, client messages are skipped up to the next `Sync`, as the
+    /// server would.
+    UntilSync,
+}
+
+/// Whether the session gives its server connection back between
+/// transactions.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Pooling {
+    /// Transaction pooling: the connection returns to the pool whenever
+    /// the session is idle with nothing outstanding.
+    Transaction,
+    /// Pinned to the primary by session-bound state (temporary tables,
+    /// `LISTEN`, advisory locks, …): the connection is kept to the end.
+    Pinned,
+}
+
+/// Where the session is in its life.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Lifecycle {
+    /// Serving the client.
+    Running,
+    /// Shutdown began: the session ends (57P01) as soon as it holds no
+    /// server connection.
+    Closing,
+}
+
+/// One client session after startup.
+struct Session {
+    /// State shared with the whole proxy.
+    shared: Arc<Shared>,
+    /// The client connection.
+    client: ClientConn,
+    /// The client user.
+    user: String,
+    /// The database.
+    database: String,
+    /// The user the proxy logs in to servers as.
+    server_user: String,
+    /// That user's password.
+    server_password: Option<String>,
+    /// The pid reported to the client in `BackendKeyData`.
+    pid: i32,
+    /// Where the current query can be cancelled (set while a backend is
+    /// held).
+    cancel: Arc<CancelSlot>,
+    /// The session's consistency token: the newest position it wrote or
+    /// read, or was given.
+    token: Option<ConsistencyToken>,
+    /// When the session last wrote (given to the router with each read).
+    last_write: Option<Instant>,
+    /// Session settings to have on any backend (name → SQL to apply).
+    desired: BTreeMap<String, String>,
+    /// The settings from the startup packet (what `RESET` returns to).
+    startup_desired: BTreeMap<String, String>,
+    /// `desired` and the held connection's applied settings as they were
+    /// before the first setting change since the last transaction
+    /// boundary: what a rollback returns them to, as the server undoes a
+    /// `SET` made inside a transaction that does not commit.
+    settings_before_txn: Option<(BTreeMap<String, String>, BTreeMap<String, String>)>,
+    /// The client's named prepared statements.
+    prepared: HashMap<String, Arc<StmtInfo>>,
+    /// The client's unnamed statement.
+    unnamed: Option<Arc<StmtInfo>>,
+    /// Portals bound to statements the proxy answers itself.
+    local_portals: HashMap<String, LocalStmt>,
+    /// Extended-protocol messages received while no backend is held,
+    /// up to the `Sync`/`Flush` that ends the batch.
+    pending: Vec<ClientMessage>,
+    /// Whether client messages are skipped up to the next `Sync` (after an
+    /// error the proxy reported itself).
+    skip: Skip,
+    /// The server connection held for the current unit or transaction.
+    backend: Option<Held>,
+    /// Whether the server connection is given back between transactions.
+    pooling: Pooling,
+    /// The transaction status last reported to the client.
+    txn_status: TxnStatus,
+    /// Whether the session is closing (shutdown began).
+    lifecycle: Lifecycle,
+    /// Statement kinds of the unit being routed (for metrics).
+    unit_kinds: Vec<&'static str>,
+}
+
+/// Runs an authenticated client session to its end.
+pub async fn run(shared: Arc<Shared>, client: ClientConn, info: StartupInfo) {
+    let (pid, secret, cancel) = shared.register_session();
+    let _guard = shared.client_guard();
+    let entry = info.entry.clone();
+    let mut s = Session {
+        shared: shared.clone(),
+        client,
+        user: info.user.clone(),
+        database: info.database.clone(),
+        server_user: entry.server_user.clone(),
+        server_password: entry.server_password.clone(),
+        pid,
+        cancel,
+        token: None,
+        last_write: None,
+        desired: BTreeMap::new(),
+        startup_desired: BTreeMap::new(),
+        settings_before_txn: None,
+        prepared: HashMap::new(),
+        unnamed: None,
+        local_portals: HashMap::new(),
+        pending: Vec::new(),
+        skip: Skip::No,
+        backend: None,
+        pooling: Pooling::Transaction,
+        txn_status: TxnStatus::Idle,
+        lifecycle: Lifecycle::Running,
+        unit_kinds: Vec::new(),
+    };
+    let result = match s.setup(&info, secret).await {
+        Ok(()) => s.main_loop().await,
+        Err(e) => Err(e),
+    };
+    match result {
+        Ok(()) | Err(SessionEnd::Closed) => {}
+        Err(SessionEnd::Fatal(e)) => {
+            debug!(pid, error = %e, "session ended with a fatal error");
+            if e.code == protocol::SQLSTATE_PROTOCOL_VIOLATION {
+                metrics::counter!(m::PROTOCOL_ERRORS_TOTAL).increment(1);
+            }
+            s.client.fatal(&e).await;
+        }
+        Err(SessionEnd::Client(e)) => debug!(pid, error = %e, "client connection failed"),
+    }
+    if let Some(h) = s.backend.take() {
+        // Mid-statement or pinned: the connection's state is unknown or
+        // belongs to this session; close it.
+        drop(h);
+    }
+    shared.unregister_session(pid);
+    debug!(pid, user = %s.user, "session closed");
+}
+
+impl Session {
+    fn settings(&self) -> Arc<crate::server::Settings> {
+        self.shared.settings()
+    }
+
+    /// Validates the startup settings on a backend, learns the server's
+    /// parameters and completes the startup exchange.
+    async fn setup(&mut self, info: &StartupInfo, secret: i32) -> Flow {
+        // Any node can validate the startup: the primary when it is up,
+        // else a healthy replica, so that clients can still connect and read
+        // while the primary is down (degraded read-only mode).
+        let topo = self.shared.monitor.snapshot();
+        let mut candidates: Vec<usize> = topo
+            .primary
+            .filter(|&p| topo.nodes[p].healthy)
+            .into_iter()
+            .chain(topo.serving_replicas())
+            .collect();
+        let fallback = topo.primary.unwrap_or(0);
+        if !candidates.contains(&fallback) {
+            candidates.push(fallback);
+        }
+        let mut last_err = None;
+        let mut found = None;
+        for node in candidates {
+            match self.checkout(node).await {
+                Ok(c) => {
+                    found = Some(c);
+                    break;
+                }
+                Err(e) => last_err = Some(e),
+            }
+        }
+        let mut conn = match (found, last_err) {
+            (Some(c), _) => c,
+            (None, Some(e)) => {
+                return Err(SessionEnd::Fatal(PgError::fatal(
+                    e.sqlstate(),
+                    e.to_string(),
+                )));
+            }
+            (None, None) => {
+                return Err(SessionEnd::Fatal(PgError::fatal(
+                    "08006",
+                    "no node available",
+                )));
+            }
+        };
+        let known = match self.shared.guc_names(&mut conn).await {
+            Ok(k) => k,
+            Err(e) => return Err(SessionEnd::Fatal(backend_fatal(&e))),
+        };
+        for (name, value) in &info.params {
+            if !name.contains('.') && !known.contains(name) {
+                return Err(SessionEnd::Fatal(PgError::fatal(
+                    "42704",
+                    format!("unrecognized configuration parameter \"{name}\""),
+                )));
+            }
+            if name.starts_with("lagrouter.") {
+                return Err(SessionEnd::Fatal(PgError::fatal(
+                    "42704",
+                    format!("lagrouter settings cannot be set at startup: \"{name}\""),
+                )));
+            }
+            self.desired
+                .insert(name.clone(), set_statement_sql(name, value));
+        }
+        self.startup_desired = self.desired.clone();
+        if let Some(sql) = prelude_sql(&self.desired, &conn) {
+            if let Err(e) = conn.simple_query(&sql).await {
+                return Err(SessionEnd::Fatal(backend_fatal(&e)));
+            }
+            conn.applied = self.desired.clone();
+        }
+        let params = conn.server_params.clone();
+        conn.release();
+        for (k, v) in &params {
+            protocol::parameter_status(k, v, &mut self.client.wbuf);
+        }
+        crate::frontend::backend_key_data(self.pid, secret, &mut self.client.wbuf);
+        protocol::ready_for_query(TxnStatus::Idle, &mut self.client.wbuf);
+        self.client.flush().await.map_err(ClientError::from)?;
+        Ok(())
+    }
+
+    async fn main_loop(&mut self) -> Flow {
+        let mut shutdown = self.shared.shutdown_signal();
+        let mut topology = self.shared.monitor.subscribe();
+        loop {
+            // 1. Client input, when it can be taken now.
+            while self.accepts_client_input() {
+                let frame = match self.client.try_frame() {
+                    Ok(Some(f)) => f,
+                    Ok(None) => break,
+                    Err(e) => {
+                        return Err(SessionEnd::Fatal(PgError::fatal(
+                            protocol::SQLSTATE_PROTOCOL_VIOLATION,
+                            e.to_string(),
+                        )));
+                    }
+                };
+                self.on_client_frame(frame).await?;
+            }
+            // 2. Retries, fallback probes and releasing the backend.
+            self.housekeeping().await?;
+            // 3. Flush both directions.
+            if let Some(h) = &mut self.backend {
+                if let Err(e) = h.conn.flush().await {
+                    self.backend_failed(BackendError::Io(e)).await?;
+                    continue;
+                }
+            }
+            self.flush_client().await?;
+            if self.lifecycle == Lifecycle::Closing && self.backend.is_none() {
+                return Err(SessionEnd::Fatal(PgError::fatal(
+                    "57P01",
+                    "terminating connection due to administrator command",
+                )));
+            }
+            // Client messages that arrived while a unit was in flight.
+            if self.accepts_client_input() && self.client.has_frame() {
+                continue;
+            }
+            // 4. Wait for something to happen.
+            let accept = self.accepts_client_input();
+            let has_backend = self.backend.is_some();
+            let idle_timeout = self.idle_timeout();
+            let idle = !idle_timeout.is_zero();
+            let closing = self.lifecycle == Lifecycle::Closing;
+            // A replica read that can still be retried is abandoned when the
+            // monitor ejects its node (a hung host answers nothing, not even
+            // an error).
+            let watch_node = self.backend.as_ref().is_some_and(|h| {
+                h.on_replica && h.unit.is_some() && !matches!(h.mode, Mode::Direct)
+            });
+            let backend = &mut self.backend;
+            let client = &mut self.client;
+            let event = tokio::select! {
+                r = async {
+                    match backend.as_mut() {
+                        Some(h) => h.conn.read_frame().await,
+                        None => std::future::pending().await,
+                    }
+                }, if has_backend => Event::Backend(r),
+                r = client.fill(), if accept => Event::Client(r),
+                _ = shutdown.changed(), if !closing => Event::Shutdown,
+                _ = tokio::time::sleep(idle_timeout), if idle => Event::Idle,
+                r = topology.changed(), if watch_node => Event::Topology(r.is_ok()),
+            };
+            match event {
+                Event::Backend(Ok(frame)) => {
+                    self.on_backend_frame(frame);
+                    // Drain what is already buffered without going through
+                    // select again.
+                    while let Some(h) = &mut self.backend {
+                        if !h.conn.has_buffered_frame() {
+                            break;
+                        }
+                        match h.conn.read_frame().await {
+                            Ok(f) => self.on_backend_frame(f),
+                            Err(e) => {
+                                self.backend_failed(e).await?;
+                                break;
+                            }
+                        }
+                    }
+                    self.move_output();
+                }
+                Event::Backend(Err(e)) => self.backend_failed(e).await?,
+                Event::Client(r) => r?,
+                Event::Topology(open) => {
+                    let node = self.backend.as_ref().map(|h| h.node);
+                    let ejected = node.is_some_and(|n| {
+                        !topology
+                            .borrow_and_update()
+                            .nodes
+                            .get(n)
+                            .is_some_and(|s| s.healthy)
+                    });
+                    if ejected || !open {
+                        self.backend_failed(BackendError::Unresponsive(
+                            "its node was ejected by the lag monitor".into(),
+                        ))
+                        .await?;
+                    }
+                }
+                Event::Shutdown => self.lifecycle = Lifecycle::Closing,
+                Event::Idle if self.backend.is_some() => {
+                    metrics::counter!(m::CLIENT_TIMEOUTS_TOTAL, m::LABEL_REASON => "idle_in_transaction")
+                        .increment(1);
+                    return Err(SessionEnd::Fatal(PgError::fatal(
+                        "25P03",
+                        "terminating connection due to idle-in-transaction timeout",
+                    )));
+                }
+                Event::Idle => {
+                    metrics::counter!(m::CLIENT_TIMEOUTS_TOTAL, m::LABEL_REASON => "idle")
+                        .increment(1);
+                    return Err(SessionEnd::Fatal(PgError::fatal(
+                        "57P05",
+                        "terminating connection due to idle-session timeout",
+                    )));
+                }
+            }
+        }
+    }
+
+    /// How long the session may wait for the client now before it is
+    /// closed (zero: forever): `client_idle_timeout` while it holds no
+    /// server connection, `idle_transaction_timeout` while it sits in a
+    /// transaction with nothing outstanding on the server.
+    fn idle_timeout(&self) -> Duration {
+        let proxy = &self.settings().config.proxy;
+        match &self.backend {
+            None => proxy.client_idle_timeout,
+            Some(h)
+                if self.txn_status != TxnStatus::Idle
+                    && h.queue.is_empty()
+                    && !h.copy.is_in()
+                    && h.retry.is_none() =>
+            {
+                proxy.idle_transaction_timeout
+            }
+            Some(_) => Duration::ZERO,
+        }
+    }
+
+    /// Writes queued replies to the client, for at most
+    /// `client_write_timeout`: a client that stops reading is disconnected
+    /// (and its server connection discarded) rather than holding a server
+    /// connection forever. Replies are read from the server only as fast as
+    /// the client takes them, so a slow client costs no more memory than
+    /// one batch of messages.
+    async fn flush_client(&mut self) -> Flow {
+        let limit = self.settings().config.proxy.client_write_timeout;
+        if limit.is_zero() {
+            return Ok(self.client.flush().await.map_err(ClientError::from)?);
+        }
+        match tokio::time::timeout(limit, self.client.flush()).await {
+            Ok(r) => Ok(r.map_err(ClientError::from)?),
+            Err(_) => {
+                warn!(
+                    pid = self.pid,
+                    timeout = ?limit,
+                    "client stopped reading replies; closing the connection"
+                );
+                metrics::counter!(m::CLIENT_TIMEOUTS_TOTAL, m::LABEL_REASON => "write")
+                    .increment(1);
+                Err(SessionEnd::Closed)
+            }
+        }
+    }
+
+    /// Whether client messages may be processed now: not while a finished
+    /// unit's replies (or its probes) are still outstanding, so that the
+    /// next statement is routed with an up-to-date token.
+    fn accepts_client_input(&self) -> bool {
+        match &self.backend {
+            None => true,
+            Some(h) => {
+                self.pooling == Pooling::Pinned
+                    || h.copy.is_in()
+                    || (h.unit_state == UnitState::Open
+                        && h.retry.is_none()
+                        && !matches!(h.mode, Mode::Discard))
+                    || (h.predicted != TxnStatus::Idle
+                        && h.retry.is_none()
+                        && matches!(h.mode, Mode::Direct))
+            }
+        }
+    }
+
+    fn move_output(&mut self) {
+        if let Some(h) = &mut self.backend {
+            if !h.out.is_empty() {
+                self.client.wbuf.extend_from_slice(&h.out);
+                h.out.clear();
+            }
+        }
+    }
+
+    /// Runs pending retries and returns the backend to its pool when the
+    /// session no longer needs it.
+    async fn housekeeping(&mut self) -> Flow {
+        loop {
+            self.move_output();
+            let Some(h) = &mut self.backend else {
+                return Ok(());
+            };
+            if !h.queue.is_empty() || h.copy.is_in() || !h.conn.wbuf.is_empty() {
+                return Ok(());
+            }
+            if let Some(retry) = h.retry.take() {
+                self.run_retry(retry).await?;
+                continue;
+            }
+            if self.pooling == Pooling::Pinned
+                || self.txn_status != TxnStatus::Idle
+                || h.unit_state.is_open()
+                || h.held_rfq.is_some()
+            {
+                return Ok(());
+            }
+            self.release();
+            return Ok(());
+        }
+    }
+
+    fn release(&mut self) {
+        if let Some(mut h) = self.backend.take() {
+            *self.cancel.lock().expect("cancel slot") = None;
+            if !h.out.is_empty() {
+                self.client.wbuf.extend_from_slice(&h.out);
+                h.out.clear();
+            }
+            if h.conn.broken {
+                drop(h);
+            } else {
+                h.conn.release();
+            }
+        }
+    }
+}
+
+fn backend_fatal(e: &BackendError) -> PgError {
+    match e {
+        BackendError::Server(f) => PgError::fatal(&f.code, f.message.clone()),
+        other => PgError::fatal(other.sqlstate(), other.to_string()),
+    }
+}

@@ -1,0 +1,581 @@
+//! The held backend connection and its pipeline: [`Held`], what was sent
+//! and which replies are still expected ([`Expect`]), where replies go
+//! ([`Mode`]), and [`Session::forward`], which sends client messages while a
+//! connection is held, translating statement names.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::{Bytes, BytesMut};
+use lagrouter::router::InFlight;
+use postgres_protocol::message::frontend;
+
+use crate::backend::PooledConn;
+use crate::classify::{Classification, StatementKind};
+use crate::wire::{self as protocol, ClientMessage, Frame, PgError, TxnStatus};
+
+use super::prepared::{ensure_prepared, malformed, no_such_statement};
+use super::retry::{Position, ProbeKind, Retry};
+use super::settings::setting_actions;
+use super::{Session, Skip};
+
+/// Session-state effects of a client message, applied when the server
+/// confirms (or rejects) it.
+#[derive(Clone, Debug)]
+pub(super) enum Action {
+    /// Record a `SET`/`RESET`/`DISCARD` (see [`Session::apply_setting`]).
+    Setting(StatementKind),
+    /// Forget a client statement name (its `Parse` failed).
+    ForgetClientStmt(String),
+    /// Forget that the held connection has this global statement.
+    ForgetBackendStmt(String),
+}
+
+/// One thing sent to the backend whose replies are still expected.
+#[derive(Debug)]
+pub(super) enum Expect {
+    /// A client message; `kind` is its type byte.
+    Client {
+        /// The message type byte.
+        kind: u8,
+        /// Effects applied when the server completes it.
+        on_success: Vec<Action>,
+        /// Effects applied when the server rejects it (or skips it after
+        /// an earlier error).
+        on_fail: Vec<Action>,
+    },
+    /// A reply the proxy produces itself, emitted in order.
+    Synth(Bytes),
+    /// The settings prelude (a simple query); replies swallowed.
+    Prelude,
+    /// A `Parse` the proxy injected before a client's `Bind`/`Describe`.
+    Injected {
+        /// The global name it prepares (`None`: the unnamed statement).
+        global: Option<String>,
+    },
+    /// A position probe; replies swallowed.
+    Probe {
+        /// Why it was sent.
+        kind: ProbeKind,
+        /// It includes the `Parse` of the probe statement.
+        parsed: bool,
+        /// Its `ParseComplete` arrived.
+        saw_parse_complete: bool,
+        /// The server answered with an error.
+        failed: bool,
+        /// Its answer, once the `DataRow` arrived.
+        result: Option<Position>,
+    },
+}
+
+/// Where replies for the client go.
+#[derive(Debug)]
+pub(super) enum Mode {
+    /// Straight to the client.
+    Direct,
+    /// Held back (a replica read that may still be retried elsewhere).
+    Buffer(BytesMut),
+    /// Dropped (the read will be retried).
+    Discard,
+}
+
+/// Whether a `COPY FROM STDIN` is running on the held connection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum CopyState {
+    /// No COPY data is expected from the client.
+    None,
+    /// The server asked for COPY data (`CopyInResponse`): the client's
+    /// `CopyData`/`CopyDone`/`CopyFail` are forwarded.
+    In,
+    /// As [`CopyState::In`], for a COPY started by an extended-protocol
+    /// `Execute`: the server ignores `Sync` until the COPY ends, so a
+    /// client `Sync` gets no reply expected.
+    InIgnoringSync,
+}
+
+impl CopyState {
+    /// Whether COPY data is expected from the client.
+    pub(super) fn is_in(self) -> bool {
+        !matches!(self, CopyState::None)
+    }
+}
+
+/// How the server treats the session's messages after an error in the
+/// current unit.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum ErrorState {
+    /// No error pending.
+    None,
+    /// A simple `Query` failed and its `ReadyForQuery` has not arrived yet:
+    /// its settings changes are not applied.
+    QueryFailed,
+    /// An extended-protocol message failed and every expectation up to the
+    /// next `Sync` was dropped: the server skips client messages until
+    /// `Sync`, and so does the proxy when forwarding.
+    SkippingToSync,
+}
+
+impl ErrorState {
+    /// Ends [`ErrorState::QueryFailed`] (a new `Query`, or a
+    /// `ReadyForQuery`); leaves the other states alone.
+    pub(super) fn clear_query_failed(&mut self) {
+        if *self == ErrorState::QueryFailed {
+            *self = ErrorState::None;
+        }
+    }
+}
+
+/// Whether the client continues the current unit.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum UnitState {
+    /// The last unit ended with `Query` or `Sync`.
+    Ended,
+    /// Extended-protocol messages were sent without `Sync` (the unit ended
+    /// with `Flush`, or a COPY awaits the client's `Sync`): the client
+    /// continues it, so the connection stays held.
+    Open,
+    /// As [`UnitState::Open`], and a `Flush` arrived while the replica's
+    /// position was still being checked: the replies are released to the
+    /// client once the replica is known to be fresh enough.
+    FlushPending,
+}
+
+impl UnitState {
+    /// The client sent a message that continues the unit.
+    pub(super) fn open(&mut self) {
+        if *self == UnitState::Ended {
+            *self = UnitState::Open;
+        }
+    }
+
+    /// Whether the unit is open (with or without a pending `Flush`).
+    pub(super) fn is_open(self) -> bool {
+        !matches!(self, UnitState::Ended)
+    }
+
+    /// Clears a pending `Flush`; returns whether there was one.
+    pub(super) fn take_flush_pending(&mut self) -> bool {
+        let pending = *self == UnitState::FlushPending;
+        if pending {
+            *self = UnitState::Open;
+        }
+        pending
+    }
+}
+
+/// A backend connection the session holds, with its pipeline state.
+pub(super) struct Held {
+    /// The connection (returned to its pool on release).
+    pub(super) conn: PooledConn,
+    /// The node it belongs to.
+    pub(super) node: usize,
+    /// Whether the node was chosen as a replica (the unit is a read).
+    pub(super) on_replica: bool,
+    /// What was sent and whose replies are still expected, in order.
+    pub(super) queue: VecDeque<Expect>,
+    /// Where replies for the client go.
+    pub(super) mode: Mode,
+    /// Replies for the client, moved to the client's buffer after each
+    /// batch of server messages.
+    pub(super) out: BytesMut,
+    /// A retry decided while replies were read, run once nothing is
+    /// outstanding.
+    pub(super) retry: Option<Retry>,
+    /// The unit's client messages while it may be retried elsewhere.
+    pub(super) unit: Option<Vec<ClientMessage>>,
+    /// The client's `ReadyForQuery`, held back until the position probe
+    /// behind it has advanced the token.
+    pub(super) held_rfq: Option<Frame>,
+    /// Whether a `COPY FROM STDIN` is running.
+    pub(super) copy: CopyState,
+    /// How the server treats messages after an error.
+    pub(super) error: ErrorState,
+    /// A write ran on the primary since the last read-your-writes probe
+    /// (only counted when the policy uses tokens): a probe is due.
+    pub(super) wrote_since_probe: bool,
+    /// The statement just forwarded runs COPY: no probe may be pipelined
+    /// behind it (the server would take it as COPY data); taken by the
+    /// next [`Session::attach_probe`].
+    pub(super) no_pipelined_probe: bool,
+    /// Transaction status expected after what was forwarded.
+    pub(super) predicted: TxnStatus,
+    /// Whether the client continues the current unit.
+    pub(super) unit_state: UnitState,
+    /// The connection has the client's current unnamed statement prepared.
+    pub(super) unnamed_ok: bool,
+    /// Since the last transaction boundary, a statement failed or the
+    /// transaction was rolled back: if the session ends up idle, settings
+    /// made since then were undone by the server.
+    pub(super) txn_failed: bool,
+    /// Classification of each portal bound on this connection (for the
+    /// settings changes its `Execute` makes).
+    pub(super) portal_class: HashMap<String, Arc<Classification>>,
+    /// Counts the unit in the router's per-node in-flight figures.
+    pub(super) _inflight: InFlight<'static>,
+}
+
+impl Held {
+    pub(super) fn emit(&mut self, bytes: &[u8]) {
+        match &mut self.mode {
+            Mode::Direct => self.out.extend_from_slice(bytes),
+            Mode::Buffer(b) => b.extend_from_slice(bytes),
+            Mode::Discard => {}
+        }
+    }
+
+    /// Stops buffering: what was held back goes to the client.
+    pub(super) fn commit_output(&mut self) {
+        if let Mode::Buffer(b) = &mut self.mode {
+            let b = std::mem::take(b);
+            self.out.extend_from_slice(&b);
+            self.mode = Mode::Direct;
+        }
+    }
+
+    pub(super) fn drain_synth(&mut self) {
+        while let Some(Expect::Synth(_)) = self.queue.front() {
+            if let Some(Expect::Synth(b)) = self.queue.pop_front() {
+                self.emit(&b);
+            }
+        }
+    }
+
+    pub(super) fn has_client_entries(&self) -> bool {
+        self.queue
+            .iter()
+            .any(|e| matches!(e, Expect::Client { .. } | Expect::Synth(_)))
+    }
+}
+
+/// Which replies end a client message's expectation.
+pub(super) fn terminates(kind: u8, tag: u8) -> bool {
+    match kind {
+        b'P' => tag == b'1',
+        b'B' => tag == b'2',
+        b'C' => tag == b'3',
+        b'D' => matches!(tag, b'T' | b'n'),
+        b'E' => matches!(tag, b'C' | b'I' | b's'),
+        b'S' | b'Q' => tag == b'Z',
+        _ => false,
+    }
+}
+
+impl Session {
+    pub(super) fn note_statements(&mut self, class: &Classification) {
+        let uses_token = self.settings().policy.uses_token();
+        let Some(h) = &mut self.backend else { return };
+        if class.has_write() || class.pin_reason().is_some() {
+            if !h.on_replica {
+                h.wrote_since_probe |= uses_token;
+            }
+            self.last_write = Some(Instant::now());
+        }
+        if class.pin_reason() == Some(crate::classify::PinReason::Copy) {
+            h.no_pipelined_probe = true;
+        }
+        for k in &class.statements {
+            match k {
+                StatementKind::TransactionBegin { .. } if h.predicted == TxnStatus::Idle => {
+                    h.predicted = TxnStatus::InTransaction
+                }
+                StatementKind::TransactionEnd => h.predicted = TxnStatus::Idle,
+                _ => {}
+            }
+        }
+    }
+
+    /// Sends one client message to the held backend, translating statement
+    /// names and recording what replies to expect.
+    pub(super) fn forward(&mut self, msg: ClientMessage) {
+        // Local replies (lagrouter statements, statement closes, …).
+        if !matches!(
+            msg,
+            ClientMessage::Query { .. } | ClientMessage::Sync { .. } | ClientMessage::Flush { .. }
+        ) {
+            if let Some(r) = self.local_ext(&msg) {
+                let h = self.backend.as_mut().expect("held");
+                match r {
+                    Ok(msgs) => h.queue.extend(msgs.into_iter().map(Expect::Synth)),
+                    Err(e) => {
+                        h.queue.push_back(Expect::Synth(e.to_bytes()));
+                        self.skip = Skip::UntilSync;
+                    }
+                }
+                self.backend.as_mut().expect("held").drain_synth();
+                return;
+            }
+        }
+        {
+            let h = self.backend.as_mut().expect("held");
+            if h.error == ErrorState::SkippingToSync {
+                // After an error the server ignores everything up to Sync.
+                if !matches!(msg, ClientMessage::Sync { .. }) {
+                    return;
+                }
+                h.error = ErrorState::None;
+            }
+        }
+        match msg {
+            ClientMessage::Query { sql, frame } => {
+                let class = self.classify(&sql);
+                if let Some(r) = self.local_query(&sql, &class) {
+                    let status = self
+                        .backend
+                        .as_ref()
+                        .map_or(self.txn_status, |h| h.predicted);
+                    let h = self.backend.as_mut().expect("held");
+                    match r {
+                        Ok(msgs) => h.queue.extend(msgs.into_iter().map(Expect::Synth)),
+                        Err(e) => h.queue.push_back(Expect::Synth(e.to_bytes())),
+                    }
+                    let mut z = BytesMut::new();
+                    protocol::ready_for_query(status, &mut z);
+                    h.queue.push_back(Expect::Synth(z.freeze()));
+                    h.drain_synth();
+                    return;
+                }
+                self.note_statements(&class);
+                let actions = setting_actions(&class);
+                let h = self.backend.as_mut().expect("held");
+                h.conn.wbuf.extend_from_slice(&frame.bytes);
+                h.unnamed_ok = false;
+                h.unit_state = UnitState::Ended;
+                h.error.clear_query_failed();
+                h.queue.push_back(Expect::Client {
+                    kind: b'Q',
+                    on_success: actions,
+                    on_fail: Vec::new(),
+                });
+                self.attach_probe();
+            }
+            ClientMessage::Parse {
+                name,
+                sql,
+                types,
+                frame,
+            } => {
+                let info = match self.make_info(&sql, &types) {
+                    Ok(i) => i,
+                    Err(e) => return self.local_error(e),
+                };
+                let h = self.backend.as_mut().expect("held");
+                h.unit_state.open();
+                if name.is_empty() {
+                    h.conn.wbuf.extend_from_slice(&frame.bytes);
+                    h.unnamed_ok = true;
+                    h.queue.push_back(Expect::Client {
+                        kind: b'P',
+                        on_success: Vec::new(),
+                        on_fail: Vec::new(),
+                    });
+                    self.unnamed = Some(info);
+                    return;
+                }
+                let global = info.global.clone();
+                self.prepared.insert(name.clone(), info);
+                if h.conn.prepared.contains(&global) {
+                    h.queue
+                        .push_back(Expect::Synth(protocol::empty_message(b'1')));
+                    h.drain_synth();
+                    return;
+                }
+                match protocol::rename_statement(&frame, 0, &global) {
+                    Some(bytes) => h.conn.wbuf.extend_from_slice(&bytes),
+                    None => return self.local_error(malformed("Parse")),
+                }
+                h.conn.prepared.insert(global.clone());
+                h.queue.push_back(Expect::Client {
+                    kind: b'P',
+                    on_success: Vec::new(),
+                    on_fail: vec![
+                        Action::ForgetClientStmt(name),
+                        Action::ForgetBackendStmt(global),
+                    ],
+                });
+            }
+            ClientMessage::Bind {
+                portal,
+                stmt,
+                frame,
+            } => {
+                self.local_portals.remove(&portal);
+                let Some(info) = self.stmt_info(&stmt) else {
+                    return self.local_error(no_such_statement(&stmt));
+                };
+                let class = info.class.clone();
+                self.note_statements(&class);
+                let h = self.backend.as_mut().expect("held");
+                h.unit_state.open();
+                h.portal_class.insert(portal.clone(), class);
+                ensure_prepared(h, &info, stmt.is_empty());
+                if stmt.is_empty() {
+                    h.conn.wbuf.extend_from_slice(&frame.bytes);
+                } else {
+                    match protocol::rename_statement(&frame, 1, &info.global) {
+                        Some(bytes) => h.conn.wbuf.extend_from_slice(&bytes),
+                        None => return self.local_error(malformed("Bind")),
+                    }
+                }
+                h.queue.push_back(Expect::Client {
+                    kind: b'B',
+                    on_success: Vec::new(),
+                    on_fail: Vec::new(),
+                });
+            }
+            ClientMessage::Describe { kind, name, frame } => {
+                let h = self.backend.as_mut().expect("held");
+                h.unit_state.open();
+                if kind == b'S' {
+                    let Some(info) = (if name.is_empty() {
+                        self.unnamed.clone()
+                    } else {
+                        self.prepared.get(&name).cloned()
+                    }) else {
+                        return self.local_error(no_such_statement(&name));
+                    };
+                    ensure_prepared(h, &info, name.is_empty());
+                    if name.is_empty() {
+                        h.conn.wbuf.extend_from_slice(&frame.bytes);
+                    } else {
+                        let _ = frontend::describe(b'S', &info.global, &mut h.conn.wbuf);
+                    }
+                } else {
+                    h.conn.wbuf.extend_from_slice(&frame.bytes);
+                }
+                h.queue.push_back(Expect::Client {
+                    kind: b'D',
+                    on_success: Vec::new(),
+                    on_fail: Vec::new(),
+                });
+            }
+            ClientMessage::Execute { portal, frame } => {
+                let h = self.backend.as_mut().expect("held");
+                h.unit_state.open();
+                let actions = h
+                    .portal_class
+                    .get(&portal)
+                    .map(|c| setting_actions(c))
+                    .unwrap_or_default();
+                h.conn.wbuf.extend_from_slice(&frame.bytes);
+                h.queue.push_back(Expect::Client {
+                    kind: b'E',
+                    on_success: actions,
+                    on_fail: Vec::new(),
+                });
+            }
+            ClientMessage::Close { frame, .. } => {
+                // Portals and the unnamed statement (named statements are
+                // answered locally above).
+                let h = self.backend.as_mut().expect("held");
+                h.unit_state.open();
+                h.conn.wbuf.extend_from_slice(&frame.bytes);
+                h.queue.push_back(Expect::Client {
+                    kind: b'C',
+                    on_success: Vec::new(),
+                    on_fail: Vec::new(),
+                });
+            }
+            ClientMessage::Sync { frame } => {
+                let h = self.backend.as_mut().expect("held");
+                h.conn.wbuf.extend_from_slice(&frame.bytes);
+                h.unit_state = UnitState::Ended;
+                if h.copy == CopyState::InIgnoringSync {
+                    // Ignored by the server while COPY FROM STDIN runs.
+                    return;
+                }
+                h.queue.push_back(Expect::Client {
+                    kind: b'S',
+                    on_success: Vec::new(),
+                    on_fail: Vec::new(),
+                });
+                self.attach_probe();
+            }
+            ClientMessage::Flush { frame } => {
+                let h = self.backend.as_mut().expect("held");
+                h.conn.wbuf.extend_from_slice(&frame.bytes);
+                // The client waits for the replies so far: stop holding them
+                // back (the unit can no longer be retried elsewhere), once
+                // the replica is known to be fresh enough.
+                let checking = h.queue.iter().any(|e| {
+                    matches!(
+                        e,
+                        Expect::Probe {
+                            kind: ProbeKind::Before { .. },
+                            ..
+                        }
+                    )
+                });
+                if checking {
+                    h.unit_state = UnitState::FlushPending;
+                } else if matches!(h.mode, Mode::Buffer(_)) {
+                    h.commit_output();
+                    h.unit = None;
+                }
+            }
+        }
+        if let Some(h) = &mut self.backend {
+            h.drain_synth();
+        }
+    }
+
+    /// Forwards a unit's messages, skipping to `Sync` after a local error.
+    pub(super) fn forward_all(&mut self, msgs: Vec<ClientMessage>) {
+        for msg in msgs {
+            if self.skip == Skip::UntilSync {
+                if !matches!(msg, ClientMessage::Sync { .. }) {
+                    continue;
+                }
+                self.skip = Skip::No;
+            }
+            self.forward(msg);
+        }
+    }
+
+    /// A proxy-detected error in the middle of an extended batch: reply it
+    /// in order and skip client messages until `Sync`, as the server would.
+    pub(super) fn local_error(&mut self, e: PgError) {
+        if let Some(h) = &mut self.backend {
+            h.queue.push_back(Expect::Synth(e.to_bytes()));
+            h.drain_synth();
+        }
+        self.skip = Skip::UntilSync;
+    }
+}
+
+/// After an error in the extended protocol the server skips everything up
+/// to the next `Sync`: drop those expectations (undoing their effects).
+pub(super) fn fail_until_sync(h: &mut Held, actions: &mut Vec<Action>) {
+    loop {
+        match h.queue.front() {
+            Some(Expect::Client { kind: b'S', .. }) => return,
+            None => {
+                h.error = ErrorState::SkippingToSync;
+                return;
+            }
+            Some(Expect::Prelude | Expect::Probe { .. }) => return,
+            _ => {}
+        }
+        match h.queue.pop_front() {
+            Some(Expect::Client { on_fail, .. }) => actions.extend(on_fail),
+            Some(Expect::Injected { global: Some(g) }) => {
+                actions.push(Action::ForgetBackendStmt(g))
+            }
+            _ => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn terminators() {
+        assert!(terminates(b'P', b'1'));
+        assert!(terminates(b'D', b'n'));
+        assert!(terminates(b'E', b's'));
+        assert!(!terminates(b'Q', b'C'));
+        assert!(terminates(b'S', b'Z'));
+    }
+}

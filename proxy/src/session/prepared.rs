@@ -1,0 +1,154 @@
+//! Prepared statements: what the session knows about each
+//! ([`StmtInfo`]), their proxy-global names (the same SQL and parameter
+//! types get the same name on every backend connection), and re-parsing a
+//! statement on a connection that lacks it.
+
+use std::sync::Arc;
+
+use postgres_protocol::message::frontend;
+
+use crate::classify::Classification;
+use crate::wire::{self as protocol, PgError};
+
+use super::Session;
+use super::local::LocalStmt;
+use super::pipeline::{Expect, Held};
+
+/// What the session knows about one prepared statement.
+#[derive(Debug)]
+pub(super) struct StmtInfo {
+    pub(super) sql: Arc<str>,
+    pub(super) types: Arc<[u32]>,
+    /// Proxy-global name: the same SQL and parameter types get the same
+    /// name on every backend connection.
+    pub(super) global: String,
+    pub(super) class: Arc<Classification>,
+    pub(super) local: Option<LocalStmt>,
+}
+
+pub(super) fn global_name(sql: &str, types: &[u32]) -> String {
+    use std::hash::{Hash, Hasher};
+    // SipHash with fixed keys: stable within the process, which is all the
+    // names need (they live as long as backend connections).
+    let mut h = std::hash::DefaultHasher::new();
+    sql.hash(&mut h);
+    types.hash(&mut h);
+    format!("lagrouter_s_{:016x}_{}", h.finish(), sql.len())
+}
+
+impl Session {
+    pub(super) fn stmt_info(&self, name: &str) -> Option<Arc<StmtInfo>> {
+        if name.is_empty() {
+            self.unnamed.clone()
+        } else {
+            self.prepared.get(name).cloned()
+        }
+    }
+
+    pub(super) fn make_info(
+        &self,
+        sql: &Arc<str>,
+        types: &Arc<[u32]>,
+    ) -> Result<Arc<StmtInfo>, PgError> {
+        let class = self.classify(sql);
+        let local = Self::local_stmt(sql, &class)?;
+        Ok(Arc::new(StmtInfo {
+            sql: sql.clone(),
+            types: types.clone(),
+            global: global_name(sql, types),
+            class,
+            local,
+        }))
+    }
+}
+
+/// Makes sure the held backend has `info` prepared (as the unnamed
+/// statement, or under its global name) before a Bind or Describe uses it.
+pub(super) fn ensure_prepared(h: &mut Held, info: &StmtInfo, unnamed: bool) {
+    if unnamed {
+        if !h.unnamed_ok {
+            inject_parse(h, info, None);
+        }
+    } else if !h.conn.prepared.contains(&info.global) {
+        inject_parse(h, info, Some(info.global.clone()));
+    }
+}
+
+/// Re-parses a client's statement on a backend that lacks it.
+pub(super) fn inject_parse(h: &mut Held, info: &StmtInfo, global: Option<String>) {
+    let name = global.as_deref().unwrap_or("");
+    if frontend::parse(
+        name,
+        &info.sql,
+        info.types.iter().copied(),
+        &mut h.conn.wbuf,
+    )
+    .is_err()
+    {
+        return;
+    }
+    match &global {
+        Some(g) => {
+            h.conn.prepared.insert(g.clone());
+        }
+        None => h.unnamed_ok = true,
+    }
+    h.queue.push_back(Expect::Injected { global });
+}
+
+/// `DEALLOCATE [PREPARE] name | ALL` → `Some(Some(name))` / `Some(None)`.
+pub(super) fn deallocate_target(sql: &str) -> Option<Option<String>> {
+    let s = sql.trim().trim_end_matches(';').trim();
+    let mut words = s.split_whitespace();
+    if !words.next()?.eq_ignore_ascii_case("deallocate") {
+        return None;
+    }
+    let mut w = words.next()?;
+    if w.eq_ignore_ascii_case("prepare") {
+        w = words.next()?;
+    }
+    if words.next().is_some() {
+        return None;
+    }
+    if w.eq_ignore_ascii_case("all") {
+        return Some(None);
+    }
+    let name = if w.starts_with('"') && w.ends_with('"') && w.len() >= 2 {
+        w[1..w.len() - 1].replace("\"\"", "\"")
+    } else {
+        w.to_ascii_lowercase()
+    };
+    Some(Some(name))
+}
+
+pub(super) fn no_such_statement(name: &str) -> PgError {
+    PgError::error(
+        "26000",
+        format!("prepared statement \"{name}\" does not exist"),
+    )
+}
+
+pub(super) fn malformed(what: &str) -> PgError {
+    PgError::error(
+        protocol::SQLSTATE_PROTOCOL_VIOLATION,
+        format!("malformed {what} message"),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn global_names_depend_on_sql_and_types() {
+        assert_eq!(
+            global_name("SELECT $1", &[23]),
+            global_name("SELECT $1", &[23])
+        );
+        assert_ne!(
+            global_name("SELECT $1", &[23]),
+            global_name("SELECT $1", &[25])
+        );
+        assert_ne!(global_name("SELECT 1", &[]), global_name("SELECT 2", &[]));
+    }
+}

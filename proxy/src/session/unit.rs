@@ -1,0 +1,461 @@
+//! From client messages to a unit of work: client messages are batched
+//! (one `Query`, or extended-protocol messages up to `Sync`/`Flush`),
+//! answered locally when they can be, else classified and routed; a
+//! connection is checked out of the chosen node's pool and the unit is
+//! sent there ([`Session::start_unit`]).
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::BytesMut;
+use lagrouter::Lsn;
+use postgres_protocol::message::frontend;
+use tracing::{info, warn};
+
+use crate::backend::{PoolError, PooledConn};
+use crate::classify::{Classification, RouteHint, StatementKind};
+use crate::metrics as m;
+use crate::router::{self as routing, Target};
+use crate::wire::{self as protocol, ClientMessage, Frame, PgError};
+
+use super::pipeline::{CopyState, ErrorState, UnitState};
+use super::retry::{ProbeKind, encode_probe, poll_position, probe};
+
+use super::pipeline::{Expect, Held, Mode};
+use super::settings::prelude_sql;
+use super::{Flow, MAX_PENDING, Pooling, Session, SessionEnd, Skip};
+
+impl Session {
+    pub(super) async fn on_client_frame(&mut self, frame: Frame) -> Flow {
+        tracing::trace!(pid = self.pid, tag = %char::from(frame.tag), held = self.backend.is_some(), "client message");
+        match frame.tag {
+            b'X' => Err(SessionEnd::Closed),
+            b'd' | b'c' | b'f' => {
+                if let Some(h) = &mut self.backend {
+                    if h.copy.is_in() {
+                        h.conn.wbuf.extend_from_slice(&frame.bytes);
+                        if frame.tag != b'd' {
+                            h.copy = CopyState::None;
+                        }
+                    }
+                }
+                // Outside COPY the server ignores these too.
+                Ok(())
+            }
+            b'Q' | b'P' | b'B' | b'D' | b'E' | b'C' | b'S' | b'H' => {
+                let tag = frame.tag;
+                match ClientMessage::decode(frame) {
+                    Ok(msg) => self.on_message(msg).await,
+                    Err(e @ protocol::ProtocolError::InvalidUtf8(_)) => self.invalid_utf8(tag, e),
+                    Err(e) => Err(SessionEnd::Fatal(PgError::fatal(
+                        protocol::SQLSTATE_PROTOCOL_VIOLATION,
+                        e.to_string(),
+                    ))),
+                }
+            }
+            other => Err(SessionEnd::Fatal(PgError::fatal(
+                protocol::SQLSTATE_PROTOCOL_VIOLATION,
+                format!("invalid frontend message type {}", other),
+            ))),
+        }
+    }
+
+    /// A well-framed message whose names or SQL are not UTF-8: an ordinary
+    /// error (22021) as PostgreSQL gives, when the session holds no server
+    /// connection. Inside a transaction the proxy cannot make the server
+    /// abort it as PostgreSQL would, so the session ends instead (the
+    /// server rolls the uncommitted transaction back).
+    pub(super) fn invalid_utf8(&mut self, tag: u8, e: protocol::ProtocolError) -> Flow {
+        let err = PgError::error("22021", e.to_string());
+        if self.backend.is_some() {
+            return Err(SessionEnd::Fatal(PgError::fatal("22021", e.to_string())));
+        }
+        if self.skip == Skip::UntilSync {
+            return Ok(());
+        }
+        if tag == b'Q' {
+            err.encode(&mut self.client.wbuf);
+            protocol::ready_for_query(self.txn_status, &mut self.client.wbuf);
+        } else {
+            // The rest of the extended batch is skipped up to Sync, as the
+            // server does after an error.
+            self.pending.clear();
+            err.encode(&mut self.client.wbuf);
+            self.skip = Skip::UntilSync;
+        }
+        Ok(())
+    }
+
+    pub(super) async fn on_message(&mut self, msg: ClientMessage) -> Flow {
+        if self.skip == Skip::UntilSync {
+            if !matches!(msg, ClientMessage::Sync { .. }) {
+                return Ok(());
+            }
+            self.skip = Skip::No;
+        }
+        if self.backend.is_some() {
+            self.forward(msg);
+            return Ok(());
+        }
+
+        match msg {
+            ClientMessage::Query { .. } => self.dispatch(vec![msg]).await,
+            ClientMessage::Sync { .. } | ClientMessage::Flush { .. } => {
+                if self.pending.is_empty() {
+                    if matches!(msg, ClientMessage::Sync { .. }) {
+                        protocol::ready_for_query(self.txn_status, &mut self.client.wbuf);
+                    }
+                    return Ok(());
+                }
+                self.pending.push(msg);
+                let batch = std::mem::take(&mut self.pending);
+                self.dispatch(batch).await
+            }
+            other => {
+                if self.pending.len() >= MAX_PENDING {
+                    return Err(SessionEnd::Fatal(PgError::fatal(
+                        "54000",
+                        "too many extended-protocol messages without Sync",
+                    )));
+                }
+                self.pending.push(other);
+                Ok(())
+            }
+        }
+    }
+
+    /// Routes and starts a unit (one `Query`, or a batch up to `Sync` /
+    /// `Flush`) while no backend is held.
+    pub(super) async fn dispatch(&mut self, batch: Vec<ClientMessage>) -> Flow {
+        // Simple query answered locally?
+        if let [ClientMessage::Query { sql, .. }] = batch.as_slice() {
+            let class = self.classify(sql);
+            if let Some(r) = self.local_query(sql, &class) {
+                match r {
+                    Ok(msgs) => {
+                        for b in msgs {
+                            self.client.wbuf.extend_from_slice(&b);
+                        }
+                    }
+                    Err(e) => e.encode(&mut self.client.wbuf),
+                }
+                protocol::ready_for_query(self.txn_status, &mut self.client.wbuf);
+                return Ok(());
+            }
+        }
+        // Extended batch made only of local messages?
+        if !matches!(batch.first(), Some(ClientMessage::Query { .. }))
+            && self.batch_is_local(&batch)
+        {
+            for msg in &batch {
+                if self.skip == Skip::UntilSync {
+                    if matches!(msg, ClientMessage::Sync { .. }) {
+                        self.skip = Skip::No;
+                    } else {
+                        continue;
+                    }
+                }
+                match msg {
+                    ClientMessage::Sync { .. } => {
+                        protocol::ready_for_query(self.txn_status, &mut self.client.wbuf)
+                    }
+                    ClientMessage::Flush { .. } => {}
+                    other => match self.local_ext(other) {
+                        Some(Ok(msgs)) => {
+                            for b in msgs {
+                                self.client.wbuf.extend_from_slice(&b);
+                            }
+                        }
+                        Some(Err(e)) => {
+                            e.encode(&mut self.client.wbuf);
+                            self.skip = Skip::UntilSync;
+                        }
+                        None => {}
+                    },
+                }
+            }
+            return Ok(());
+        }
+
+        // Classify the unit.
+        let mut classes: Vec<Arc<Classification>> = Vec::new();
+        for msg in &batch {
+            match msg {
+                ClientMessage::Query { sql, .. } | ClientMessage::Parse { sql, .. } => {
+                    classes.push(self.classify(sql))
+                }
+                ClientMessage::Bind { stmt: name, .. }
+                | ClientMessage::Describe {
+                    kind: b'S', name, ..
+                } => {
+                    if let Some(i) = self.stmt_info(name) {
+                        classes.push(i.class.clone());
+                    }
+                }
+                _ => {}
+            }
+        }
+        // Token hints in comments apply before routing.
+        let hints: Vec<String> = classes.iter().filter_map(|c| c.token.clone()).collect();
+        for t in hints {
+            if let Err(e) = self.accept_token(&t) {
+                self.unit_error(&batch, e);
+                return Ok(());
+            }
+        }
+        let hint = classes
+            .iter()
+            .filter_map(|c| c.hint)
+            .max_by_key(|h| matches!(h, RouteHint::Primary));
+        let pin = classes.iter().find_map(|c| c.pin_reason());
+        let read_only =
+            !classes.is_empty() && classes.iter().all(|c| c.is_read_only()) && pin.is_none();
+        let read = match hint {
+            Some(RouteHint::Primary) => false,
+            Some(RouteHint::Replica) => pin.is_none(),
+            None => read_only,
+        };
+        self.unit_kinds = classes
+            .iter()
+            .flat_map(|c| c.statements.iter().map(StatementKind::label))
+            .collect();
+        if !read && classes.iter().any(|c| c.has_write()) {
+            self.last_write = Some(Instant::now());
+        }
+        if read {
+            if let Err(e) = self.check_token_not_lost() {
+                self.unit_error(&batch, e);
+                return Ok(());
+            }
+        }
+        let target = if read {
+            let settings = self.settings();
+            routing::route_read(
+                &self.shared.monitor.snapshot(),
+                self.shared.router(),
+                &settings.policy,
+                self.token.map(|t| t.lsn),
+                self.last_write,
+                &[],
+            )
+        } else {
+            Target::Primary
+        };
+        let pin_session = pin.is_some_and(|p| p.is_session_scoped());
+        self.start_unit(target, batch, read, None).await?;
+        if pin_session && self.backend.is_some() {
+            if self.pooling == Pooling::Transaction {
+                info!(
+                    pid = self.pid,
+                    reason = pin.map(|p| p.as_str()),
+                    "session pinned to the primary"
+                );
+                metrics::counter!(m::PINNED_SESSIONS_TOTAL).increment(1);
+            }
+            self.pooling = Pooling::Pinned;
+        }
+        Ok(())
+    }
+
+    /// Refuses a token-gated read whose token stands for writes the current
+    /// primary's history lacks: acknowledged by a former primary and lost in
+    /// a failover (asynchronous replication). A replica of the new timeline
+    /// may well have replayed past the token's position, so this is checked
+    /// before routing. A write on the new timeline supersedes the token.
+    pub(super) fn check_token_not_lost(&self) -> Result<(), PgError> {
+        let Some(token) = self.token else {
+            return Ok(());
+        };
+        if !self.settings().policy.uses_token() {
+            return Ok(());
+        }
+        lagrouter::exec::check_not_lost(&self.shared.monitor.snapshot(), &token).map_err(|e| {
+            metrics::counter!(m::TOKENS_AHEAD_TOTAL).increment(1);
+            match e {
+                lagrouter::Error::TokenAhead { token, primary } => token_ahead(token, primary),
+                other => PgError::error(other.code().unwrap_or("55000"), other.to_string()),
+            }
+        })
+    }
+
+    /// Reports an error for a whole unit that did not reach a server.
+    pub(super) fn unit_error(&mut self, batch: &[ClientMessage], e: PgError) {
+        e.encode(&mut self.client.wbuf);
+        if batch.last().is_some_and(ClientMessage::ends_unit) {
+            protocol::ready_for_query(self.txn_status, &mut self.client.wbuf);
+        } else {
+            self.skip = Skip::UntilSync;
+        }
+    }
+
+    pub(super) async fn checkout(&self, node: usize) -> Result<PooledConn, PoolError> {
+        let key = crate::backend::PoolKey {
+            node,
+            user: self.server_user.clone(),
+            database: self.database.clone(),
+        };
+        let shared = &self.shared;
+        let pool = shared.pools.get(&key, || {
+            shared.backend_target(
+                node,
+                &self.server_user,
+                self.server_password.clone(),
+                &self.database,
+            )
+        });
+        let r = pool.checkout().await;
+        if let Err(PoolError::Connect(e)) = &r {
+            if e.is_connection_failure() {
+                shared.monitor.report_failure(node, &e.to_string());
+            }
+        }
+        r
+    }
+
+    /// Checks out a connection for `target` and sends the unit there. With
+    /// `verify`, a read that falls back to the primary after no replica
+    /// reached that position first checks that the primary has it: a token
+    /// ahead of the primary was forged or names lost writes (55000).
+    pub(super) async fn start_unit(
+        &mut self,
+        target: Target,
+        batch: Vec<ClientMessage>,
+        read: bool,
+        verify: Option<Lsn>,
+    ) -> Flow {
+        let mut exclude: Vec<usize> = Vec::new();
+        let mut target = target;
+        loop {
+            let topo = self.shared.monitor.snapshot();
+            let node = match target {
+                Target::Primary => match topo.primary {
+                    Some(p) => p,
+                    None => {
+                        self.unit_error(
+                            &batch,
+                            PgError::error("08006", "no primary server is available"),
+                        );
+                        return Ok(());
+                    }
+                },
+                Target::Replica(i) | Target::ReplicaIfCaughtUp(i) => i,
+            };
+            let on_replica = !matches!(target, Target::Primary);
+            let mut conn = match self.checkout(node).await {
+                Ok(c) => c,
+                Err(e) if on_replica => {
+                    warn!(node, error = %e, "replica unavailable, rerouting the read");
+                    exclude.push(node);
+                    let settings = self.settings();
+                    target = routing::route_read(
+                        &self.shared.monitor.snapshot(),
+                        self.shared.router(),
+                        &settings.policy,
+                        self.token.map(|t| t.lsn),
+                        self.last_write,
+                        &exclude,
+                    );
+                    if let Target::Replica(i) | Target::ReplicaIfCaughtUp(i) = target {
+                        if exclude.contains(&i) {
+                            target = Target::Primary;
+                        }
+                    }
+                    continue;
+                }
+                Err(e) => {
+                    self.unit_error(&batch, PgError::error(e.sqlstate(), e.to_string()));
+                    return Ok(());
+                }
+            };
+            if let (Target::Primary, Some(need)) = (target, verify) {
+                let limit = self.settings().config.pool.checkout_timeout;
+                match poll_position(&mut conn, limit).await {
+                    Ok(Some(at)) if at < need => {
+                        conn.release();
+                        metrics::counter!(m::TOKENS_AHEAD_TOTAL).increment(1);
+                        self.unit_error(&batch, token_ahead(need, at));
+                        return Ok(());
+                    }
+                    Ok(_) => {}
+                    Err(e) => {
+                        if e.is_connection_failure() {
+                            self.shared.monitor.report_failure(node, &e.to_string());
+                        }
+                        drop(conn);
+                        self.unit_error(&batch, PgError::error(e.sqlstate(), e.to_string()));
+                        return Ok(());
+                    }
+                }
+            }
+            let settings = self.settings();
+            let retryable = on_replica && read;
+            let label = match target {
+                Target::Primary if read => "primary_read",
+                Target::Primary => "primary",
+                Target::Replica(_) => "replica",
+                Target::ReplicaIfCaughtUp(_) => "replica_checked",
+            };
+            let node_name = topo
+                .nodes
+                .get(node)
+                .map(|n| n.name.clone())
+                .unwrap_or_default();
+            metrics::counter!(m::ROUTED_TOTAL, m::LABEL_TARGET => label, m::LABEL_NODE => node_name.clone())
+                .increment(1);
+            for kind in std::mem::take(&mut self.unit_kinds) {
+                metrics::counter!(m::QUERIES_TOTAL, m::LABEL_NODE => node_name.clone(), m::LABEL_KIND => kind)
+                    .increment(1);
+            }
+            let mut h = Held {
+                node,
+                on_replica,
+                queue: VecDeque::new(),
+                mode: if retryable {
+                    Mode::Buffer(BytesMut::new())
+                } else {
+                    Mode::Direct
+                },
+                out: BytesMut::new(),
+                retry: None,
+                unit: retryable.then(|| batch.clone()),
+                held_rfq: None,
+                copy: CopyState::None,
+                error: ErrorState::None,
+                wrote_since_probe: false,
+                no_pipelined_probe: false,
+                predicted: self.txn_status,
+                unit_state: UnitState::Ended,
+                unnamed_ok: false,
+                txn_failed: false,
+                portal_class: HashMap::new(),
+                _inflight: self.shared.router().track(node),
+                conn,
+            };
+            *self.cancel.lock().expect("cancel slot") = Some(h.conn.cancel_target());
+            if let Some(sql) = prelude_sql(&self.desired, &h.conn) {
+                if frontend::query(&sql, &mut h.conn.wbuf).is_ok() {
+                    h.queue.push_back(Expect::Prelude);
+                    h.conn.applied = self.desired.clone();
+                }
+            }
+            if let (Target::ReplicaIfCaughtUp(_), Some(t)) = (target, self.token) {
+                let parsed = encode_probe(&mut h.conn);
+                h.queue
+                    .push_back(probe(ProbeKind::Before { need: t.lsn }, parsed));
+            }
+            let _ = settings;
+            self.backend = Some(h);
+            self.forward_all(batch);
+            return Ok(());
+        }
+    }
+}
+
+/// SQLSTATE 55000 for a token ahead of what the primary has.
+/// The library's [`lagrouter::Error::TokenAhead`], as a client error.
+pub(super) fn token_ahead(token: Lsn, primary: Lsn) -> PgError {
+    let e = lagrouter::Error::TokenAhead { token, primary };
+    PgError::error(e.code().unwrap_or("55000"), e.to_string())
+    .with_hint("The token was forged, or writes acknowledged before a failover were lost. Check the data; a write on the current primary, or a new connection, starts from a fresh token.")
+}
