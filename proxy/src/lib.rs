@@ -10,7 +10,6 @@
 pub mod classify;
 pub mod config;
 pub mod metrics;
-pub mod router;
 pub mod wire;
 
 pub mod backend;

@@ -53,6 +53,14 @@ pub const LABEL_KIND: &str = "kind";
 pub const LABEL_REASON: &str = "reason";
 /// Label: where a unit of work was routed ([`ROUTED_TOTAL`]).
 pub const LABEL_TARGET: &str = "target";
+/// `target` of a read sent to the primary.
+pub const TARGET_PRIMARY_READ: &str = "primary_read";
+/// `target` of anything else sent to the primary.
+pub const TARGET_PRIMARY: &str = "primary";
+/// `target` of a read sent to a replica known to be fresh enough.
+pub const TARGET_REPLICA: &str = "replica";
+/// `target` of a read sent to a replica with a freshness check before it.
+pub const TARGET_REPLICA_CHECKED: &str = "replica_checked";
 /// Label: a pooled connection's state.
 pub const LABEL_STATE: &str = "state";
 

@@ -369,7 +369,8 @@ impl Cluster {
                     }
                     return Err(e);
                 }
-                Step::Fail(None) => {
+                // `Proceed` answers `Checked`, which this driver never feeds.
+                Step::Fail(None) | Step::Proceed => {
                     return Err(error
                         .take()
                         .unwrap_or_else(|| Error::Unavailable("the read failed".into())));

@@ -264,7 +264,7 @@ impl Session {
                 }
                 Step::Fail(Some(e)) => return Err(e.into()),
                 // Only a statement writes; a position probe never does.
-                Step::RunAsWrite { .. } | Step::Fail(None) => {
+                Step::RunAsWrite { .. } | Step::Fail(None) | Step::Proceed => {
                     return Err(error.take().unwrap_or_else(|| {
                         Error::Unavailable("no node could start the read transaction".into())
                     }));

@@ -124,6 +124,9 @@ pub enum Step {
         /// Time spent waiting for a replica before that.
         waited: Duration,
     },
+    /// The check fed in [`Outcome::Checked`] passed: let the run go on and
+    /// feed its end ([`Outcome::Ran`]) or failure.
+    Proceed,
     /// The read is served: keep the result of the last [`Step::Run`].
     Done(Served),
     /// Give up with this error. `None`: return the error the node gave.
@@ -219,6 +222,11 @@ pub enum Outcome {
         /// The statement returned no row.
         empty: bool,
     },
+    /// Only the probe of a run with `check` or `verify` has answered
+    /// (drivers that stream replies learn it before the statement's end):
+    /// the plan answers [`Step::Proceed`], or with the next step when the
+    /// run's result must be discarded.
+    Checked(Option<Position>),
     /// A position poll answered.
     Polled(Position),
     /// The statement, the probe or the connection failed.
@@ -278,6 +286,12 @@ impl ReadPlan {
         }
     }
 
+    /// How much of `max_wait` is left at `now` (bounds a position poll).
+    pub fn wait_left(&self, now: Instant) -> Duration {
+        self.max_wait
+            .saturating_sub(now.saturating_duration_since(self.start))
+    }
+
     /// The token the read must see, when its policy uses one.
     pub fn token(&self) -> Option<ConsistencyToken> {
         self.token
@@ -313,7 +327,19 @@ impl ReadPlan {
         let pending = std::mem::replace(&mut self.pending, Pending::Nothing);
         match (pending, outcome) {
             (Pending::Run(run), Outcome::Ran { position, empty }) => {
-                self.ran(topo, router, run, position, empty, now)
+                match self.checked(topo, router, run, position, now) {
+                    Ok(run) => self.ran(topo, run, empty, now),
+                    Err(next) => next,
+                }
+            }
+            (Pending::Run(run), Outcome::Checked(position)) => {
+                match self.checked(topo, router, run, position, now) {
+                    Ok(run) => {
+                        self.pending = Pending::Run(run);
+                        Step::Proceed
+                    }
+                    Err(next) => next,
+                }
             }
             (Pending::Poll(node), Outcome::Polled(pos)) => {
                 if self.reached(Some(pos)) {
@@ -358,19 +384,21 @@ impl ReadPlan {
         }
     }
 
-    fn ran(
+    /// Applies the run's `check` and `verify` to the probe's answer:
+    /// `Ok` with the run (its checks done) when its result may stand, else
+    /// the next step.
+    fn checked(
         &mut self,
         topo: &Topology,
         router: &Router,
         run: Run,
         position: Option<Position>,
-        empty: bool,
         now: Instant,
-    ) -> Step {
+    ) -> Result<Run, Step> {
         if let Some(need) = run.check {
             if position.is_none_or(|p| p.lsn.is_none_or(|l| l < need)) {
                 // Not there yet: the result is discarded; wait.
-                return self.route(topo, router, now);
+                return Err(self.route(topo, router, now));
             }
         }
         if let Some(need) = run.verify {
@@ -381,13 +409,21 @@ impl ReadPlan {
             }) = position
             {
                 if at < need {
-                    return Step::Fail(Some(PlanError::TokenAhead {
+                    return Err(Step::Fail(Some(PlanError::TokenAhead {
                         token: need,
                         primary: at,
-                    }));
+                    })));
                 }
             }
         }
+        Ok(Run {
+            check: None,
+            verify: None,
+            ..run
+        })
+    }
+
+    fn ran(&mut self, topo: &Topology, run: Run, empty: bool, now: Instant) -> Step {
         if !run.primary && empty && self.req.retry_on_empty {
             self.fallback = Some(FallbackReason::EmptyResult);
             return self.on_primary(topo, now);

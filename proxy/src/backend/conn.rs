@@ -15,6 +15,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use crate::wire::{self, ErrorFields, Frame, ProtocolError};
+use lagrouter::routing::Failure;
 
 /// Where and as whom to connect.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -88,7 +89,8 @@ impl BackendError {
                 | BackendError::Timeout
                 | BackendError::Closed
                 | BackendError::Unresponsive(_)
-        ) || matches!(self, BackendError::Server(f) if f.code.starts_with("57P0") || f.code.starts_with("08"))
+        ) || matches!(self, BackendError::Server(f)
+            if Failure::classify(&f.code, &f.message, f.detail.as_deref()) == Failure::Connection)
     }
 }
 

@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
-use lagrouter::{ConsistencyToken, Lsn};
+use lagrouter::ConsistencyToken;
 
 use crate::classify::{Classification, StatementKind};
 use crate::metrics as m;
@@ -96,24 +96,9 @@ impl Session {
                 .check_cluster(&cluster)
                 .map_err(|e| PgError::error("22023", format!("invalid lagrouter token: {e}")))?;
         }
-        self.observe(token);
+        self.token.observe(Some(token));
         metrics::counter!(m::TOKENS_ACCEPTED_TOTAL).increment(1);
         Ok(())
-    }
-
-    pub(super) fn observe(&mut self, token: ConsistencyToken) {
-        self.token = Some(match self.token {
-            Some(t) => t.max(token),
-            None => token,
-        });
-    }
-
-    /// Advances the session token to `lsn` of the current cluster.
-    pub(super) fn advance_token(&mut self, lsn: Lsn) {
-        let topo = self.shared.monitor.snapshot();
-        if let Some(c) = topo.cluster {
-            self.observe(ConsistencyToken::new(lsn, c.system_identifier, c.timeline));
-        }
     }
 
     /// Runs a local statement (Execute time); returns the reply messages.
@@ -134,7 +119,7 @@ impl Session {
                 if !extended {
                     protocol::text_row_description(TOKEN_PARAMETER, &mut out);
                 }
-                let t = self.token.map(|t| t.encode()).unwrap_or_default();
+                let t = self.token.get().map(|t| t.encode()).unwrap_or_default();
                 protocol::text_data_row(&t, &mut out);
                 protocol::command_complete("SHOW", &mut out);
             }

@@ -31,14 +31,17 @@
 //! * `settings`: `SET`/`RESET` tracking, the prelude that replays them,
 //!   and their undo on rollback;
 //! * `local`: statements the proxy answers itself;
-//! * `retry`: the position probes, token waits and retries elsewhere.
+//! * `probe`: the position probes pipelined before and after statements.
+//! * `read`: the read engine's driver: where a read runs, waits, fallbacks
+//!   and retries, as [`lagrouter::routing::ReadPlan`] decides.
 #![warn(missing_docs)]
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use lagrouter::ConsistencyToken;
+use lagrouter::TokenHolder;
+use lagrouter::routing::ReadPlan;
 use tracing::{debug, warn};
 
 use crate::backend::BackendError;
@@ -51,13 +54,14 @@ use crate::wire::{self as protocol, ClientMessage, Frame, PgError, TxnStatus};
 mod local;
 mod pipeline;
 mod prepared;
+mod probe;
+mod read;
 mod replies;
-mod retry;
 mod settings;
 mod unit;
 
 pub use local::{MIN_TOKEN_SETTING, TOKEN_PARAMETER};
-pub use retry::PROBE_STATEMENT;
+pub use probe::PROBE_STATEMENT;
 
 use local::LocalStmt;
 use pipeline::{Held, Mode, UnitState};
@@ -158,7 +162,9 @@ struct Session {
     cancel: Arc<CancelSlot>,
     /// The session's consistency token: the newest position it wrote or
     /// read, or was given.
-    token: Option<ConsistencyToken>,
+    token: TokenHolder,
+    /// The read engine's plan for the read unit in flight, if any.
+    plan: Option<ReadPlan>,
     /// When the session last wrote (given to the router with each read).
     last_write: Option<Instant>,
     /// Session settings to have on any backend (name → SQL to apply).
@@ -208,7 +214,8 @@ pub async fn run(shared: Arc<Shared>, client: ClientConn, info: StartupInfo) {
         server_password: entry.server_password.clone(),
         pid,
         cancel,
-        token: None,
+        token: TokenHolder::default(),
+        plan: None,
         last_write: None,
         desired: BTreeMap::new(),
         startup_desired: BTreeMap::new(),
@@ -541,8 +548,8 @@ impl Session {
             if !h.queue.is_empty() || h.copy.is_in() || !h.conn.wbuf.is_empty() {
                 return Ok(());
             }
-            if let Some(retry) = h.retry.take() {
-                self.run_retry(retry).await?;
+            if let Some(step) = h.retry.take() {
+                self.resume_read(step).await?;
                 continue;
             }
             if self.pooling == Pooling::Pinned

@@ -16,7 +16,10 @@ use crate::classify::{Classification, StatementKind};
 use crate::wire::{self as protocol, ClientMessage, Frame, PgError, TxnStatus};
 
 use super::prepared::{ensure_prepared, malformed, no_such_statement};
-use super::retry::{Position, ProbeKind, Retry};
+use lagrouter::probe::Position;
+use lagrouter::routing::Step;
+
+use super::probe::ProbeKind;
 use super::settings::setting_actions;
 use super::{Session, Skip};
 
@@ -181,7 +184,7 @@ pub(super) struct Held {
     pub(super) out: BytesMut,
     /// A retry decided while replies were read, run once nothing is
     /// outstanding.
-    pub(super) retry: Option<Retry>,
+    pub(super) retry: Option<Step>,
     /// The unit's client messages while it may be retried elsewhere.
     pub(super) unit: Option<Vec<ClientMessage>>,
     /// The client's `ReadyForQuery`, held back until the position probe
@@ -501,7 +504,7 @@ impl Session {
                     matches!(
                         e,
                         Expect::Probe {
-                            kind: ProbeKind::Before { .. },
+                            kind: ProbeKind::Before,
                             ..
                         }
                     )

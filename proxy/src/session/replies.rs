@@ -3,12 +3,15 @@
 //! prelude, an injected `Parse` or a position probe) and forwarded,
 //! held back or swallowed; [`Session::on_client_ready`] ends a unit.
 
-use tracing::{debug, warn};
+use tracing::warn;
 
 use crate::wire::{self as protocol, Frame, TxnStatus};
 
 use super::pipeline::{Action, CopyState, ErrorState, fail_until_sync, terminates};
-use super::retry::{Position, ProbeKind, Retry, encode_probe, position, probe};
+use lagrouter::probe::Position;
+use lagrouter::routing::Failure;
+
+use super::probe::{ProbeKind, encode_probe, position, probe};
 
 use super::Session;
 use super::pipeline::{Expect, Mode};
@@ -20,6 +23,8 @@ impl Session {
         let mut client_z: Option<Frame> = None;
         let mut probe_done: Option<(ProbeKind, bool, Option<Position>)> = None;
         let mut committed = false;
+        // A server error while a read's replies are held back.
+        let mut read_failure: Option<Failure> = None;
         {
             let h = self.backend.as_mut().expect("held");
             let head_is_client = matches!(h.queue.front(), Some(Expect::Client { .. }) | None);
@@ -106,20 +111,12 @@ impl Session {
                     match f.tag {
                         b'E' => {
                             let fields = protocol::error_fields(&f);
-                            let retryable = matches!(h.mode, Mode::Buffer(_))
-                                && (fields.code == "25006"
-                                    || (fields.code == "40001"
-                                        && fields.message.contains("recovery"))
-                                    || fields.code.starts_with("57P"))
-                                && self.shared.settings().config.routing.retry_on_replica_error;
-                            if retryable {
-                                debug!(code = %fields.code, "replica rejected the read; retrying on the primary");
-                                h.mode = Mode::Discard;
-                                h.retry = Some(Retry::Primary(if fields.code == "25006" {
-                                    "read_only"
-                                } else {
-                                    "recovery_conflict"
-                                }));
+                            if matches!(h.mode, Mode::Buffer(_)) {
+                                read_failure = Some(Failure::classify(
+                                    &fields.code,
+                                    &fields.message,
+                                    fields.detail.as_deref(),
+                                ));
                             }
                             h.emit(&f.bytes);
                             h.txn_failed = true;
@@ -194,6 +191,9 @@ impl Session {
             }
         }
         self.apply_actions(actions);
+        if let Some(failure) = read_failure {
+            self.on_read_error(failure);
+        }
         if committed {
             self.settings_at_boundary();
         }
@@ -206,6 +206,7 @@ impl Session {
         if let Some(h) = &mut self.backend {
             h.drain_synth();
         }
+        self.finish_read();
     }
 
     /// The client's `ReadyForQuery` arrived (a unit finished).

@@ -9,18 +9,18 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::BytesMut;
-use lagrouter::Lsn;
 use postgres_protocol::message::frontend;
-use tracing::{info, warn};
+use tracing::info;
 
 use crate::backend::{PoolError, PooledConn};
 use crate::classify::{Classification, RouteHint, StatementKind};
 use crate::metrics as m;
-use crate::router::{self as routing, Target};
 use crate::wire::{self as protocol, ClientMessage, Frame, PgError};
+use lagrouter::routing::Run;
 
 use super::pipeline::{CopyState, ErrorState, UnitState};
-use super::retry::{ProbeKind, encode_probe, poll_position, probe};
+use super::probe::{ProbeKind, encode_probe, probe};
+use super::read::needs_probe;
 
 use super::pipeline::{Expect, Held, Mode};
 use super::settings::prelude_sql;
@@ -223,27 +223,23 @@ impl Session {
         if !read && classes.iter().any(|c| c.has_write()) {
             self.last_write = Some(Instant::now());
         }
+        let pin_session = pin.is_some_and(|p| p.is_session_scoped());
         if read {
-            if let Err(e) = self.check_token_not_lost() {
-                self.unit_error(&batch, e);
+            self.start_read(batch).await?;
+        } else {
+            self.plan = None;
+            let Some(primary) = self.shared.monitor.snapshot().primary else {
+                self.unit_error(
+                    &batch,
+                    PgError::error("08006", "no primary server is available"),
+                );
                 return Ok(());
+            };
+            match self.checkout(primary).await {
+                Ok(conn) => self.start_unit(primary, Send::Write, batch, conn),
+                Err(e) => self.unit_error(&batch, PgError::error(e.sqlstate(), e.to_string())),
             }
         }
-        let target = if read {
-            let settings = self.settings();
-            routing::route_read(
-                &self.shared.monitor.snapshot(),
-                self.shared.router(),
-                &settings.policy,
-                self.token.map(|t| t.lsn),
-                self.last_write,
-                &[],
-            )
-        } else {
-            Target::Primary
-        };
-        let pin_session = pin.is_some_and(|p| p.is_session_scoped());
-        self.start_unit(target, batch, read, None).await?;
         if pin_session && self.backend.is_some() {
             if self.pooling == Pooling::Transaction {
                 info!(
@@ -256,27 +252,6 @@ impl Session {
             self.pooling = Pooling::Pinned;
         }
         Ok(())
-    }
-
-    /// Refuses a token-gated read whose token stands for writes the current
-    /// primary's history lacks: acknowledged by a former primary and lost in
-    /// a failover (asynchronous replication). A replica of the new timeline
-    /// may well have replayed past the token's position, so this is checked
-    /// before routing. A write on the new timeline supersedes the token.
-    pub(super) fn check_token_not_lost(&self) -> Result<(), PgError> {
-        let Some(token) = self.token else {
-            return Ok(());
-        };
-        if !self.settings().policy.uses_token() {
-            return Ok(());
-        }
-        lagrouter::exec::check_not_lost(&self.shared.monitor.snapshot(), &token).map_err(|e| {
-            metrics::counter!(m::TOKENS_AHEAD_TOTAL).increment(1);
-            match e {
-                lagrouter::Error::TokenAhead { token, primary } => token_ahead(token, primary),
-                other => PgError::error(other.code().unwrap_or("55000"), other.to_string()),
-            }
-        })
     }
 
     /// Reports an error for a whole unit that did not reach a server.
@@ -313,149 +288,91 @@ impl Session {
         r
     }
 
-    /// Checks out a connection for `target` and sends the unit there. With
-    /// `verify`, a read that falls back to the primary after no replica
-    /// reached that position first checks that the primary has it: a token
-    /// ahead of the primary was forged or names lost writes (55000).
-    pub(super) async fn start_unit(
+    /// Sends the unit on `conn`, a connection to `node`: the settings
+    /// prelude, the probe before a read when the engine asked for one, then
+    /// the client's messages, with what replies to expect.
+    pub(super) fn start_unit(
         &mut self,
-        target: Target,
+        node: usize,
+        send: Send,
         batch: Vec<ClientMessage>,
-        read: bool,
-        verify: Option<Lsn>,
-    ) -> Flow {
-        let mut exclude: Vec<usize> = Vec::new();
-        let mut target = target;
-        loop {
-            let topo = self.shared.monitor.snapshot();
-            let node = match target {
-                Target::Primary => match topo.primary {
-                    Some(p) => p,
-                    None => {
-                        self.unit_error(
-                            &batch,
-                            PgError::error("08006", "no primary server is available"),
-                        );
-                        return Ok(());
-                    }
-                },
-                Target::Replica(i) | Target::ReplicaIfCaughtUp(i) => i,
-            };
-            let on_replica = !matches!(target, Target::Primary);
-            let mut conn = match self.checkout(node).await {
-                Ok(c) => c,
-                Err(e) if on_replica => {
-                    warn!(node, error = %e, "replica unavailable, rerouting the read");
-                    exclude.push(node);
-                    let settings = self.settings();
-                    target = routing::route_read(
-                        &self.shared.monitor.snapshot(),
-                        self.shared.router(),
-                        &settings.policy,
-                        self.token.map(|t| t.lsn),
-                        self.last_write,
-                        &exclude,
-                    );
-                    if let Target::Replica(i) | Target::ReplicaIfCaughtUp(i) = target {
-                        if exclude.contains(&i) {
-                            target = Target::Primary;
-                        }
-                    }
-                    continue;
-                }
-                Err(e) => {
-                    self.unit_error(&batch, PgError::error(e.sqlstate(), e.to_string()));
-                    return Ok(());
-                }
-            };
-            if let (Target::Primary, Some(need)) = (target, verify) {
-                let limit = self.settings().config.pool.checkout_timeout;
-                match poll_position(&mut conn, limit).await {
-                    Ok(Some(at)) if at < need => {
-                        conn.release();
-                        metrics::counter!(m::TOKENS_AHEAD_TOTAL).increment(1);
-                        self.unit_error(&batch, token_ahead(need, at));
-                        return Ok(());
-                    }
-                    Ok(_) => {}
-                    Err(e) => {
-                        if e.is_connection_failure() {
-                            self.shared.monitor.report_failure(node, &e.to_string());
-                        }
-                        drop(conn);
-                        self.unit_error(&batch, PgError::error(e.sqlstate(), e.to_string()));
-                        return Ok(());
-                    }
-                }
-            }
-            let settings = self.settings();
-            let retryable = on_replica && read;
-            let label = match target {
-                Target::Primary if read => "primary_read",
-                Target::Primary => "primary",
-                Target::Replica(_) => "replica",
-                Target::ReplicaIfCaughtUp(_) => "replica_checked",
-            };
-            let node_name = topo
-                .nodes
-                .get(node)
-                .map(|n| n.name.clone())
-                .unwrap_or_default();
-            metrics::counter!(m::ROUTED_TOTAL, m::LABEL_TARGET => label, m::LABEL_NODE => node_name.clone())
+        conn: PooledConn,
+    ) {
+        let topo = self.shared.monitor.snapshot();
+        let (on_replica, retryable) = match send {
+            Send::Read(run) => (!run.primary, run.retryable),
+            Send::Write | Send::ReadAsWrite => (false, false),
+        };
+        let label = match send {
+            Send::Read(run) if run.primary => m::TARGET_PRIMARY_READ,
+            Send::Read(run) if run.check.is_some() => m::TARGET_REPLICA_CHECKED,
+            Send::Read(_) => m::TARGET_REPLICA,
+            Send::Write | Send::ReadAsWrite => m::TARGET_PRIMARY,
+        };
+        let node_name = topo
+            .nodes
+            .get(node)
+            .map(|n| n.name.clone())
+            .unwrap_or_default();
+        metrics::counter!(m::ROUTED_TOTAL, m::LABEL_TARGET => label, m::LABEL_NODE => node_name.clone())
+            .increment(1);
+        for kind in std::mem::take(&mut self.unit_kinds) {
+            metrics::counter!(m::QUERIES_TOTAL, m::LABEL_NODE => node_name.clone(), m::LABEL_KIND => kind)
                 .increment(1);
-            for kind in std::mem::take(&mut self.unit_kinds) {
-                metrics::counter!(m::QUERIES_TOTAL, m::LABEL_NODE => node_name.clone(), m::LABEL_KIND => kind)
-                    .increment(1);
-            }
-            let mut h = Held {
-                node,
-                on_replica,
-                queue: VecDeque::new(),
-                mode: if retryable {
-                    Mode::Buffer(BytesMut::new())
-                } else {
-                    Mode::Direct
-                },
-                out: BytesMut::new(),
-                retry: None,
-                unit: retryable.then(|| batch.clone()),
-                held_rfq: None,
-                copy: CopyState::None,
-                error: ErrorState::None,
-                wrote_since_probe: false,
-                no_pipelined_probe: false,
-                predicted: self.txn_status,
-                unit_state: UnitState::Ended,
-                unnamed_ok: false,
-                txn_failed: false,
-                portal_class: HashMap::new(),
-                _inflight: self.shared.router().track(node),
-                conn,
-            };
-            *self.cancel.lock().expect("cancel slot") = Some(h.conn.cancel_target());
-            if let Some(sql) = prelude_sql(&self.desired, &h.conn) {
-                if frontend::query(&sql, &mut h.conn.wbuf).is_ok() {
-                    h.queue.push_back(Expect::Prelude);
-                    h.conn.applied = self.desired.clone();
-                }
-            }
-            if let (Target::ReplicaIfCaughtUp(_), Some(t)) = (target, self.token) {
-                let parsed = encode_probe(&mut h.conn);
-                h.queue
-                    .push_back(probe(ProbeKind::Before { need: t.lsn }, parsed));
-            }
-            let _ = settings;
-            self.backend = Some(h);
-            self.forward_all(batch);
-            return Ok(());
         }
+        let uses_token = self.settings().policy.uses_token();
+        let mut h = Held {
+            node,
+            on_replica,
+            queue: VecDeque::new(),
+            mode: if retryable {
+                Mode::Buffer(BytesMut::new())
+            } else {
+                Mode::Direct
+            },
+            out: BytesMut::new(),
+            retry: None,
+            unit: retryable.then(|| batch.clone()),
+            held_rfq: None,
+            copy: CopyState::None,
+            error: ErrorState::None,
+            // A read that turned out to write: capture its commit.
+            wrote_since_probe: matches!(send, Send::ReadAsWrite) && uses_token,
+            no_pipelined_probe: false,
+            predicted: self.txn_status,
+            unit_state: UnitState::Ended,
+            unnamed_ok: false,
+            txn_failed: false,
+            portal_class: HashMap::new(),
+            _inflight: self.shared.router().track(node),
+            conn,
+        };
+        *self.cancel.lock().expect("cancel slot") = Some(h.conn.cancel_target());
+        if let Some(sql) = prelude_sql(&self.desired, &h.conn) {
+            if frontend::query(&sql, &mut h.conn.wbuf).is_ok() {
+                h.queue.push_back(Expect::Prelude);
+                h.conn.applied = self.desired.clone();
+            }
+        }
+        if let Send::Read(run) = send {
+            if needs_probe(&run).is_some() {
+                let parsed = encode_probe(&mut h.conn);
+                h.queue.push_back(probe(ProbeKind::Before, parsed));
+            }
+        }
+        self.backend = Some(h);
+        self.forward_all(batch);
     }
 }
 
-/// SQLSTATE 55000 for a token ahead of what the primary has.
-/// The library's [`lagrouter::Error::TokenAhead`], as a client error.
-pub(super) fn token_ahead(token: Lsn, primary: Lsn) -> PgError {
-    let e = lagrouter::Error::TokenAhead { token, primary };
-    PgError::error(e.code().unwrap_or("55000"), e.to_string())
-    .with_hint("The token was forged, or writes acknowledged before a failover were lost. Check the data; a write on the current primary, or a new connection, starts from a fresh token.")
+/// What a unit is sent as.
+#[derive(Clone, Copy, Debug)]
+pub(super) enum Send {
+    /// A write (or anything not classified as a read): the primary.
+    Write,
+    /// A read, as the read engine's run step says.
+    Read(Run),
+    /// A read that wrote on a replica (25006), re-run on the primary as a
+    /// write so that its commit advances the token.
+    ReadAsWrite,
 }

@@ -22,9 +22,12 @@ pub struct ErrorFields {
     pub code: String,
     /// `M`: the primary message.
     pub message: String,
+    /// `D`: the detail, when given.
+    pub detail: Option<String>,
 }
 
-/// Reads severity, SQLSTATE and message of an `ErrorResponse` frame.
+/// Reads severity, SQLSTATE, message and detail of an `ErrorResponse`
+/// frame.
 pub fn error_fields(frame: &Frame) -> ErrorFields {
     let mut out = ErrorFields::default();
     let Ok(backend::Message::ErrorResponse(body)) = parse_backend(frame) else {
@@ -36,6 +39,7 @@ pub fn error_fields(frame: &Frame) -> ErrorFields {
             b'S' => out.severity = String::from_utf8_lossy(f.value_bytes()).into_owned(),
             b'C' => out.code = String::from_utf8_lossy(f.value_bytes()).into_owned(),
             b'M' => out.message = String::from_utf8_lossy(f.value_bytes()).into_owned(),
+            b'D' => out.detail = Some(String::from_utf8_lossy(f.value_bytes()).into_owned()),
             _ => {}
         }
     }

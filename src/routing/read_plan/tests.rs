@@ -457,6 +457,50 @@ fn tokens_lost_in_a_failover_fail_before_routing() {
 }
 
 #[test]
+fn streaming_drivers_feed_the_check_first() {
+    let t = topo(&[(950, 5, true)]);
+    let router = Router::new(2, LoadBalance::RoundRobin);
+    let t0 = Instant::now();
+    let mut plan = ReadPlan::new(req(ryw(50, Fallback::Primary), tok(1000)), t0);
+    assert_eq!(plan.start(&t, &router, t0), checked(1, 1000));
+    // The probe passes: the run goes on, and a later 25006 is still retried.
+    assert_eq!(
+        plan.feed(&t, &router, Outcome::Checked(at(1000, true)), t0 + ms(1)),
+        Step::Proceed
+    );
+    assert_eq!(
+        plan.feed(&t, &router, failed(Failure::ReadOnly), t0 + ms(2)),
+        Step::RunAsWrite {
+            fallback: FallbackReason::ReadOnly,
+            waited: ms(2)
+        }
+    );
+    // The probe fails: the run's result is discarded and the read waits.
+    let mut plan = ReadPlan::new(req(ryw(50, Fallback::Primary), tok(1000)), t0);
+    plan.start(&t, &router, t0);
+    assert_eq!(
+        plan.feed(&t, &router, Outcome::Checked(at(999, true)), t0 + ms(1)),
+        poll(1, 0)
+    );
+    assert_eq!(plan.wait_left(t0 + ms(20)), ms(30));
+    // A verified primary read ends like any other.
+    let mut plan = ReadPlan::new(req(ryw(0, Fallback::Primary), tok(1000)), t0);
+    plan.start(&t, &router, t0);
+    assert_eq!(
+        plan.feed(&t, &router, ran(at(999, true)), t0 + ms(1)),
+        primary(Some(1000))
+    );
+    assert_eq!(
+        plan.feed(&t, &router, Outcome::Checked(at(1000, false)), t0 + ms(2)),
+        Step::Proceed
+    );
+    assert_eq!(
+        plan.feed(&t, &router, ran(None), t0 + ms(3)),
+        done(0, Some(FallbackReason::WaitTimeout), 3, false)
+    );
+}
+
+#[test]
 fn no_primary_known() {
     let mut t = topo(&[(1000, 0, false)]);
     t.primary = None;
