@@ -299,9 +299,9 @@ impl Session {
         conn: PooledConn,
     ) {
         let topo = self.shared.monitor.snapshot();
-        let (on_replica, retryable) = match send {
-            Send::Read(run) => (!run.primary, run.retryable),
-            Send::Write | Send::ReadAsWrite => (false, false),
+        let (on_replica, retryable, checked) = match send {
+            Send::Read(run) => (!run.primary, run.retryable, needs_probe(&run).is_some()),
+            Send::Write | Send::ReadAsWrite => (false, false, false),
         };
         let label = match send {
             Send::Read(run) if run.primary => m::TARGET_PRIMARY_READ,
@@ -332,7 +332,9 @@ impl Session {
             },
             out: BytesMut::new(),
             retry: None,
-            unit: retryable.then(|| batch.clone()),
+            // Kept while the engine may still send the unit elsewhere, or
+            // answer it with an error after the probe before it.
+            unit: (retryable || checked).then(|| batch.clone()),
             held_rfq: None,
             copy: CopyState::None,
             error: ErrorState::None,
@@ -354,11 +356,9 @@ impl Session {
                 h.conn.applied = self.desired.clone();
             }
         }
-        if let Send::Read(run) = send {
-            if needs_probe(&run).is_some() {
-                let parsed = encode_probe(&mut h.conn);
-                h.queue.push_back(probe(ProbeKind::Before, parsed));
-            }
+        if checked {
+            let parsed = encode_probe(&mut h.conn);
+            h.queue.push_back(probe(ProbeKind::Before, parsed));
         }
         self.backend = Some(h);
         self.forward_all(batch);
