@@ -41,8 +41,8 @@
 //!
 //! The same routing is available as a [`tower::Service`] ([`RouterService`])
 //! with [`layer`]s for policies and token tracking, and the test harness
-//! that starts real primary/replica clusters is in `lagrouter::testing` (feature
-//! `testing`).
+//! that starts real primary/replica clusters is the `lagrouter-testing`
+//! crate.
 
 #![warn(missing_docs)]
 
@@ -59,8 +59,6 @@ pub mod policy;
 pub mod router;
 pub mod service;
 pub mod session;
-#[cfg(feature = "testing")]
-pub mod testing;
 pub mod token;
 pub mod topology;
 
@@ -79,6 +77,6 @@ pub use token::{ClusterId, ConsistencyToken, TokenError};
 pub use topology::{NodeState, Role, Topology};
 
 /// The README's examples, compiled as doc tests.
-#[cfg(all(doctest, feature = "testing"))]
+#[cfg(doctest)]
 #[doc = include_str!("../README.md")]
 pub struct ReadmeDoctests;

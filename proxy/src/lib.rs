@@ -7,6 +7,7 @@ pub mod tls;
 
 pub mod auth;
 pub mod backend;
+#[cfg(feature = "demo")]
 pub mod demo;
 pub mod frontend;
 pub mod pool;

@@ -1,11 +1,10 @@
-//! Tests of the PostgreSQL primary/replica test harness (`lagrouter::testing`).
-#![cfg(feature = "testing")]
+//! Tests of the PostgreSQL primary/replica test harness (`lagrouter-testing`).
 
 use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
 use lagrouter::Lsn;
-use lagrouter::testing::{
+use lagrouter_testing::{
     BackendKind, BackendRequest, HarnessError, NodeIndex, PgCluster, resolve_backend,
 };
 
@@ -506,7 +505,7 @@ async fn docker_backend_needs_the_feature() {
 #[cfg(feature = "docker")]
 #[tokio::test]
 async fn docker_backend_smoke() {
-    if !lagrouter::testing::docker_engine_reachable() {
+    if !lagrouter_testing::docker_engine_reachable() {
         eprintln!("no Docker engine reachable; skipping docker_backend_smoke");
         return;
     }

@@ -26,7 +26,7 @@
 //! ```no_run
 //! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
 //! use std::time::Duration;
-//! use lagrouter::testing::PgCluster;
+//! use lagrouter_testing::PgCluster;
 //!
 //! let cluster = PgCluster::start(1).await?;
 //! let primary = cluster.connect(cluster.primary()).await?;
@@ -38,6 +38,8 @@
 //! # Ok(()) }
 //! ```
 
+#![warn(missing_docs)]
+
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
@@ -47,8 +49,8 @@ use std::time::{Duration, Instant};
 
 use tokio_postgres::NoTls;
 
-use crate::Lsn;
-use crate::lsn::DEFAULT_WAL_SEGMENT_SIZE;
+use lagrouter::Lsn;
+use lagrouter::lsn::DEFAULT_WAL_SEGMENT_SIZE;
 
 #[cfg(feature = "docker")]
 mod docker;
@@ -113,7 +115,7 @@ impl BackendRequest {
     /// whitespace.
     ///
     /// ```
-    /// use lagrouter::testing::BackendRequest;
+    /// use lagrouter_testing::BackendRequest;
     /// assert_eq!(BackendRequest::parse(None).unwrap(), BackendRequest::Auto);
     /// assert_eq!(BackendRequest::parse(Some(" Docker ")).unwrap(), BackendRequest::Docker);
     /// assert!(BackendRequest::parse(Some("podman")).is_err());
@@ -157,7 +159,7 @@ impl FromStr for BackendRequest {
 /// when `docker_compiled` is true.
 ///
 /// ```
-/// use lagrouter::testing::{resolve_backend, BackendKind, BackendRequest};
+/// use lagrouter_testing::{resolve_backend, BackendKind, BackendRequest};
 /// assert_eq!(resolve_backend(BackendRequest::Auto, true, || true), BackendKind::Docker);
 /// assert_eq!(resolve_backend(BackendRequest::Auto, false, || true), BackendKind::Local);
 /// assert_eq!(resolve_backend(BackendRequest::Local, true, || true), BackendKind::Local);
@@ -722,7 +724,8 @@ impl PgClusterBuilder {
             #[cfg(not(feature = "docker"))]
             BackendKind::Docker => {
                 return Err(HarnessError::BackendUnavailable(
-                    "the docker backend needs the `docker` cargo feature of lagrouter".into(),
+                    "the docker backend needs the `docker` cargo feature of lagrouter-testing"
+                        .into(),
                 ));
             }
         };
