@@ -1,12 +1,12 @@
 //! End-to-end cost of routing through lagrouter compared with the same call
 //! on a plain deadpool-postgres pool, on a real local PostgreSQL 15 primary
-//! and replica started by the bench (`lagrouter::testing::PgCluster`).
+//! and replica started by the bench (`lagrouter_testing::PgCluster`).
 //!
 //! Run with:
 //!
 //! ```text
-//! cargo bench --bench end_to_end --features testing
-//! LAGROUTER_BENCH_PIN=same cargo bench --bench end_to_end --features testing
+//! cargo bench --bench end_to_end
+//! LAGROUTER_BENCH_PIN=same cargo bench --bench end_to_end
 //! ```
 //!
 //! It needs the PostgreSQL server binaries (found through `PG_BIN` or
@@ -72,8 +72,8 @@ use std::time::{Duration, Instant};
 use criterion::Criterion;
 use deadpool_postgres::Pool;
 use lagrouter::probe::POSITION_SQL;
-use lagrouter::testing::PgCluster;
 use lagrouter::{Cluster, Connector, Request, Role, RouterService, Session};
+use lagrouter_testing::PgCluster;
 use rand::SeedableRng;
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;

@@ -11,7 +11,7 @@
 //! Run it with a throw-away local PostgreSQL primary and replica:
 //!
 //! ```text
-//! cargo run --example axum_app --features http,testing
+//! cargo run --example axum_app --features http
 //! ```
 
 use std::time::Duration;
@@ -22,8 +22,8 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use lagrouter::http::{ConsistencyTokenLayer, TokenCell};
-use lagrouter::testing::PgCluster;
 use lagrouter::{Cluster, Role};
+use lagrouter_testing::PgCluster;
 
 /// The table the app uses.
 pub const SCHEMA: &str = "CREATE TABLE IF NOT EXISTS items (

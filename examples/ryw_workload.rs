@@ -2,7 +2,7 @@
 //! correctness and latency when replicas lag.
 //!
 //! Starts a local PostgreSQL 15 primary with two streaming replicas
-//! (`lagrouter::testing::PgCluster`), then for each policy × lag scenario runs
+//! (`lagrouter_testing::PgCluster`), then for each policy × lag scenario runs
 //! for a fixed time:
 //!
 //! * `--writers` writer sessions, each looping: insert a row `(writer, seq)`
@@ -52,12 +52,12 @@
 //! Run:
 //!
 //! ```text
-//! cargo run --release --example ryw_workload --features testing -- --policy ryw --lag 50ms
+//! cargo run --release --example ryw_workload -- --policy ryw --lag 50ms
 //! # every policy x lag, 3 s each, one table (what BENCHMARKS.md shows):
-//! cargo run --release --example ryw_workload --features testing -- --policy all --lag all
-//! cargo run --release --example ryw_workload --features testing -- --policy all --lag all --lag-on first
+//! cargo run --release --example ryw_workload -- --policy all --lag all
+//! cargo run --release --example ryw_workload -- --policy all --lag all --lag-on first
 //! # through lagrouter-proxy instead of the library:
-//! cargo run --release --example ryw_workload --features testing -- --target proxy --policy all --lag all
+//! cargo run --release --example ryw_workload -- --target proxy --policy all --lag all
 //! ```
 //!
 //! Each scenario prints one JSON line; a markdown table of all of them
@@ -74,8 +74,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use clap::{Parser, ValueEnum};
-use lagrouter::testing::PgCluster;
 use lagrouter::{Cluster, Consistency, Session};
+use lagrouter_testing::PgCluster;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde_json::json;
@@ -764,7 +764,7 @@ async fn run_scenario(
             for &r in &nodes {
                 pg.resume_replay(r).await?;
             }
-            Ok::<(), lagrouter::testing::HarnessError>(())
+            Ok::<(), lagrouter_testing::HarnessError>(())
         }))
     } else {
         None

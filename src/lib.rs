@@ -42,7 +42,7 @@
 //! The same routing is available as a [`tower::Service`](::tower::Service)
 //! ([`RouterService`]) with [`tower`] layers for policies and token
 //! tracking, and the test harness that starts real primary/replica clusters
-//! is in `lagrouter::testing` (feature `testing`).
+//! is the `lagrouter-testing` crate.
 
 #![warn(missing_docs)]
 
@@ -66,9 +66,6 @@ pub mod client;
 pub mod http;
 pub mod tower;
 
-#[cfg(feature = "testing")]
-pub mod testing;
-
 pub use client::{
     Cluster, ClusterBuilder, FallbackReason, IntoNodeConfig, Node, ServedBy, Session, Transaction,
 };
@@ -82,28 +79,7 @@ pub use monitor::{LagMonitor, MonitorConfig, MonitorTarget};
 pub use routing::{LoadBalance, ReadContext, Route, Router};
 pub use tower::{ConsistencyLayer, Intent, Request, Response, RouterService, TokenTrackingLayer};
 
-/// Old path of the read path's helpers, used by the proxy.
-// transitional: removed once the proxy uses the read engine
-#[doc(hidden)]
-pub mod exec {
-    pub use crate::client::{FallbackReason, ServedBy};
-    pub use crate::probe::POSITION_SQL;
-}
-
-/// Old path of the router, used by the proxy.
-// transitional: removed once the proxy uses the read engine
-#[doc(hidden)]
-pub mod router {
-    pub use crate::routing::{InFlight, LoadBalance, ReadContext, Route, Router};
-}
-
-/// Old path of the WAL position type and constants, used by the test
-/// harness.
-// transitional: removed once the test harness uses `model::lsn`
-#[doc(hidden)]
-pub use model::lsn;
-
 /// The README's examples, compiled as doc tests.
-#[cfg(all(doctest, feature = "testing"))]
+#[cfg(doctest)]
 #[doc = include_str!("../README.md")]
 pub struct ReadmeDoctests;

@@ -2,7 +2,6 @@
 //! follows the new primary without a restart, and every acknowledged write
 //! is either readable with its token or reported lost (`TokenAhead`), never
 //! silently missing. Each test starts its own PostgreSQL cluster.
-#![cfg(feature = "testing")]
 
 mod common;
 
@@ -12,8 +11,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::{DEADLINE, cluster, counters, eventually, node_index, start_pg, wait_topology};
-use lagrouter::testing::PgCluster;
 use lagrouter::{Cluster, Consistency, ConsistencyToken, Error, Fallback, Role};
+use lagrouter_testing::PgCluster;
 use tokio::time::timeout;
 
 const RYW: Consistency = Consistency::ReadYourWrites {
@@ -416,7 +415,7 @@ async fn failover_routes_writes_to_the_promoted_replica_and_reports_lost_writes(
     assert!(counters::get("lagrouter_tokens_ahead_total") >= ahead0 + 3 * reported.len() as u64);
     assert!(counters::get("lagrouter_primary_changes_total") > changes0);
 
-    lagrouter::testing::report(format_args!(
+    lagrouter_testing::report(format_args!(
         "failover (asynchronous, {} acknowledged writes): recovery {:?} from the first failed write \
          to the first write acknowledged by the promoted replica (failure -> promote call {:?}; \
          promote call -> lagrouter's topology switch {:?}, of which pg_promote + repointing the \
@@ -536,7 +535,7 @@ async fn switchover_loses_nothing_and_the_old_primary_rejoins_as_a_replica() {
         timeout(DEADLINE, r).await.expect("reader stops").unwrap();
     }
     let read_errors = read_errors.lock().unwrap().clone();
-    lagrouter::testing::report(format_args!(
+    lagrouter_testing::report(format_args!(
         "switchover (clean shutdown, {} acknowledged writes): recovery {:?} from the first failed \
          write to the first write acknowledged by the promoted replica (failure -> promote call {:?}; \
          promote call -> topology switch {:?}; switch -> first acknowledged write {:?}); lost \

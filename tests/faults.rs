@@ -1,7 +1,6 @@
 //! Node faults under load: a replica killed while several tasks read, the
 //! primary killed (fail-fast writes, degraded read-only mode), and pool
 //! exhaustion. Each test starts its own PostgreSQL cluster.
-#![cfg(feature = "testing")]
 
 mod common;
 
@@ -10,10 +9,10 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::{DEADLINE, cluster, counters, eventually, node_index, start_pg, wait_topology};
-use lagrouter::testing::PgCluster;
 use lagrouter::{
     Consistency, ConsistencyToken, Error, Fallback, FallbackReason, MonitorConfig, Role,
 };
+use lagrouter_testing::PgCluster;
 use tokio::time::timeout;
 
 /// SQLSTATE classes a failed write may have when its node dies: connection
@@ -299,7 +298,7 @@ async fn replica_killed_under_concurrent_load_causes_no_errors() {
     let lag_at_readmission = readmitted.lock().unwrap().expect("re-admission seen");
     let errors = load.errors.lock().unwrap().clone();
     let retried = load.retried.load(Ordering::Relaxed) - retried0;
-    lagrouter::testing::report(format_args!(
+    lagrouter_testing::report(format_args!(
         "replica kill under load: {} reads, {} writes, {} errors; served per node {:?}; \
          {retried} reads retried elsewhere; kill_node took {kill_took:?}, ejected {ejected_after:?} \
          after the kill started; re-admitted {readmitted_after:?} after the apply delay was lifted \
@@ -523,7 +522,7 @@ async fn primary_killed_writes_fail_fast_and_replicas_keep_serving_reads() {
             }
         }
     }
-    lagrouter::testing::report(format_args!(
+    lagrouter_testing::report(format_args!(
         "primary kill: in-flight write failed {in_flight_after:?} after the kill started ({:?}); \
          slowest of 5 failed writes {slowest:?}; writes resumed {:?} after the restart ({attempts} attempts)",
         in_flight.code(),
@@ -596,7 +595,7 @@ async fn pool_exhaustion_is_a_clear_error_after_the_pool_timeout() {
     .expect("a write on an exhausted pool hung")
     .unwrap_err();
     let waited = start.elapsed();
-    lagrouter::testing::report(format_args!(
+    lagrouter_testing::report(format_args!(
         "pool exhaustion: write failed after {waited:?} (pool timeout {pool_timeout:?}): {e}"
     ));
     assert!(matches!(e, Error::Connect { .. }), "{e:?}");
@@ -656,7 +655,7 @@ async fn pool_exhaustion_is_a_clear_error_after_the_pool_timeout() {
             .unwrap()
             .unwrap();
     }
-    lagrouter::testing::report(format_args!(
+    lagrouter_testing::report(format_args!(
         "connection storm: 64 sessions on 1-connection pools done in {:?}",
         start.elapsed()
     ));
@@ -732,7 +731,7 @@ async fn a_hung_replica_stalls_nobody_and_is_ejected_after_the_probe_timeout() {
     // Answering again, it is re-admitted.
     pg.thaw_node(r1).await.unwrap();
     wait_topology(&cluster, |t| t.nodes[r1i].healthy).await;
-    lagrouter::testing::report(format_args!(
+    lagrouter_testing::report(format_args!(
         "hung replica: primary positions published {published:?} after the freeze while its \
          probe hung; ejected {ejected:?} after the freeze (probe timeout {probe_timeout:?})"
     ));

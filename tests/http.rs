@@ -1,7 +1,7 @@
 //! The HTTP token layer end to end: real PostgreSQL primary and replicas,
 //! two instances of the example axum app, and an HTTP client that shares
 //! nothing with them but the token cookie or header.
-#![cfg(all(feature = "http", feature = "testing"))]
+#![cfg(feature = "http")]
 
 #[allow(dead_code)]
 #[path = "../examples/axum_app.rs"]
@@ -16,8 +16,8 @@ use axum::Router;
 use axum::extract::{Extension, Path};
 use axum::routing::{get, post};
 use lagrouter::http::{ConsistencyTokenLayer, TokenCell};
-use lagrouter::testing::PgCluster;
 use lagrouter::{Cluster, ConsistencyToken, Lsn};
+use lagrouter_testing::PgCluster;
 use reqwest::StatusCode;
 use reqwest::header::{COOKIE, HeaderMap, SET_COOKIE};
 
@@ -212,7 +212,7 @@ async fn cookie_carries_read_your_writes_across_instances() {
             by_replica += 1;
         }
     }
-    lagrouter::testing::report(format_args!(
+    lagrouter_testing::report(format_args!(
         "100 reads after writes: {by_replica} by replicas; controls without token: {stale_without_token}/10 stale"
     ));
     assert!(

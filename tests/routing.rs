@@ -1,5 +1,4 @@
 //! Routing behaviour on a real primary + 2 replicas.
-#![cfg(feature = "testing")]
 
 mod common;
 
@@ -151,7 +150,7 @@ async fn no_read_your_writes_violation_in_1000_pairs_with_50ms_apply_delay() {
     }
     let total = (WRITERS * PAIRS) as usize;
     let replica_reads = on_replica.load(Ordering::Relaxed);
-    lagrouter::testing::report(format_args!(
+    lagrouter_testing::report(format_args!(
         "{total} write-then-read pairs: {replica_reads} reads served by replicas"
     ));
     assert_eq!(violations.load(Ordering::Relaxed), 0, "stale reads");

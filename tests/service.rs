@@ -1,5 +1,4 @@
 //! The tower service and its layers.
-#![cfg(feature = "testing")]
 
 mod common;
 

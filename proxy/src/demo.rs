@@ -1,8 +1,8 @@
 //! The embedded demo: a local primary with two streaming replicas started
-//! with the test harness ([`lagrouter::testing::PgCluster`]), and a proxy
-//! configuration pointing at them.
+//! with the test harness ([`lagrouter_testing::PgCluster`]), and a proxy
+//! configuration pointing at them. Cargo feature `demo` (on by default).
 
-use lagrouter::testing::{HarnessError, PgCluster};
+use lagrouter_testing::{HarnessError, PgCluster};
 
 use crate::config::Config;
 

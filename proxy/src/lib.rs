@@ -13,6 +13,7 @@ pub mod metrics;
 pub mod wire;
 
 pub mod backend;
+#[cfg(feature = "demo")]
 pub mod demo;
 pub mod frontend;
 pub mod server;

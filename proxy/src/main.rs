@@ -5,6 +5,8 @@
 //! lagrouter-proxy --config lagrouter.toml
 //! lagrouter-proxy                 # demo: starts a local primary + 2 replicas
 //! ```
+//!
+//! The demo needs the `demo` cargo feature (on by default).
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -20,7 +22,8 @@ use tracing::{error, info, warn};
 #[command(name = "lagrouter-proxy", version, about)]
 struct Args {
     /// Configuration file (TOML). Without it, a demo cluster (primary and
-    /// two replicas) is started locally with the test harness.
+    /// two replicas) is started locally with the test harness (cargo
+    /// feature `demo`, on by default).
     #[arg(short, long, env = "LAGROUTER_CONFIG")]
     config: Option<PathBuf>,
     /// Overrides `proxy.listen`.
@@ -63,7 +66,7 @@ async fn main() -> ExitCode {
 }
 
 async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
-    let mut demo = None;
+    let mut demo: Option<DemoCluster> = None;
     let config = match &args.config {
         Some(path) => {
             let mut c = Config::load(path)?;
@@ -71,41 +74,75 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
             c
         }
         None => {
-            info!(
-                replicas = args.demo_replicas,
-                "no --config: starting the demo cluster"
-            );
-            let d = lagrouter_proxy::demo::start(args.demo_replicas).await?;
-            let mut c = d.config.clone();
-            apply_overrides(&mut c, &args);
+            let (d, c) = start_demo(&args).await?;
             demo = Some(d);
             c
         }
     };
     let proxy = Proxy::start(config).await?;
-    if demo.is_some() {
-        println!("lagrouter-proxy demo is ready.");
-        println!(
-            "  connect:  {}",
-            lagrouter_proxy::demo::psql_command(
-                proxy.local_addr(),
-                lagrouter_proxy::demo::DEMO_USER,
-                lagrouter_proxy::demo::DEMO_PASSWORD
-            )
-        );
-        println!(
-            "  admin:    http://{}/status  (also /health, /metrics)",
-            proxy.admin_addr()
-        );
-        println!("  Ctrl-C stops the proxy and the demo cluster.");
+    if let Some(d) = &demo {
+        print_demo_banner(d, &proxy);
     }
     wait_for_signals(&proxy, args.config.as_deref(), &args).await;
     proxy.shutdown().await;
     if let Some(d) = demo {
         info!("stopping the demo cluster");
+        #[cfg_attr(not(feature = "demo"), allow(clippy::drop_non_drop))]
         drop(d);
     }
     Ok(())
+}
+
+/// The demo cluster run when no `--config` is given (feature `demo`).
+#[cfg(feature = "demo")]
+type DemoCluster = lagrouter_proxy::demo::Demo;
+/// Without the `demo` feature there is never a demo cluster.
+#[cfg(not(feature = "demo"))]
+enum DemoCluster {}
+
+/// Starts the demo cluster and returns it with its configuration (command
+/// line overrides applied).
+#[cfg(feature = "demo")]
+async fn start_demo(args: &Args) -> Result<(DemoCluster, Config), Box<dyn std::error::Error>> {
+    info!(
+        replicas = args.demo_replicas,
+        "no --config: starting the demo cluster"
+    );
+    let d = lagrouter_proxy::demo::start(args.demo_replicas).await?;
+    let mut c = d.config.clone();
+    apply_overrides(&mut c, args);
+    Ok((d, c))
+}
+
+/// Without the `demo` feature a configuration file is required.
+#[cfg(not(feature = "demo"))]
+async fn start_demo(_args: &Args) -> Result<(DemoCluster, Config), Box<dyn std::error::Error>> {
+    Err("built without the demo feature: pass --config".into())
+}
+
+/// Prints how to connect to the demo.
+#[cfg(feature = "demo")]
+fn print_demo_banner(_demo: &DemoCluster, proxy: &ProxyHandle) {
+    println!("lagrouter-proxy demo is ready.");
+    println!(
+        "  connect:  {}",
+        lagrouter_proxy::demo::psql_command(
+            proxy.local_addr(),
+            lagrouter_proxy::demo::DEMO_USER,
+            lagrouter_proxy::demo::DEMO_PASSWORD
+        )
+    );
+    println!(
+        "  admin:    http://{}/status  (also /health, /metrics)",
+        proxy.admin_addr()
+    );
+    println!("  Ctrl-C stops the proxy and the demo cluster.");
+}
+
+/// Without the `demo` feature there is no demo to describe.
+#[cfg(not(feature = "demo"))]
+fn print_demo_banner(demo: &DemoCluster, _proxy: &ProxyHandle) {
+    match *demo {}
 }
 
 /// Waits for SIGINT/SIGTERM; reloads the configuration on SIGHUP.

@@ -53,7 +53,7 @@ impl Lsn {
     ///
     /// ```
     /// use lagrouter::Lsn;
-    /// let seg = lagrouter::lsn::DEFAULT_WAL_SEGMENT_SIZE;
+    /// let seg = lagrouter::model::lsn::DEFAULT_WAL_SEGMENT_SIZE;
     /// assert_eq!(Lsn(0x1_0000_2018).round_to_record_boundary(seg), Lsn(0x1_0000_2000));
     /// assert_eq!(Lsn(0x1_0100_0028).round_to_record_boundary(seg), Lsn(0x1_0100_0000));
     /// assert_eq!(Lsn(0x1_0000_2020).round_to_record_boundary(seg), Lsn(0x1_0000_2020));

@@ -6,8 +6,8 @@ pub mod counters;
 use std::future::Future;
 use std::time::{Duration, Instant};
 
-use lagrouter::testing::PgCluster;
 use lagrouter::{Cluster, ClusterBuilder, Topology};
+use lagrouter_testing::PgCluster;
 
 /// Generous deadline for conditions that normally hold within milliseconds.
 pub const DEADLINE: Duration = Duration::from_secs(30);

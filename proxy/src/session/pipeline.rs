@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::{Bytes, BytesMut};
-use lagrouter::router::InFlight;
+use lagrouter::routing::InFlight;
 use postgres_protocol::message::frontend;
 
 use crate::backend::PooledConn;

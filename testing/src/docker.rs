@@ -498,7 +498,7 @@ impl Drop for DockerBackend {
                     drop(containers);
                 }
                 Err(e) => {
-                    tracing::error!("lagrouter::testing: no runtime to remove containers: {e}");
+                    tracing::error!("lagrouter-testing: no runtime to remove containers: {e}");
                     std::mem::forget(containers);
                 }
             }

@@ -5,13 +5,11 @@
 //! sockets and exhausted pools get clear errors (53300, 08006), and clients
 //! idle in a transaction are closed.
 
-mod e2e_support;
-
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
-use e2e_support::*;
+use crate::support::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replica_killed_under_read_load_is_invisible_to_clients() {
@@ -125,7 +123,7 @@ async fn primary_killed_writes_fail_fast_and_reads_continue() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connection_storms_and_exhausted_pools_get_clear_errors() {
-    let env = start_with(lagrouter::testing::PgCluster::builder().replicas(1), |c| {
+    let env = start_with(lagrouter_testing::PgCluster::builder().replicas(1), |c| {
         add_trust_user(c);
         c.proxy.max_client_connections = 40;
         c.proxy.client_login_timeout = Duration::from_secs(3);
@@ -250,7 +248,7 @@ async fn connection_storms_and_exhausted_pools_get_clear_errors() {
     .await;
     let c = env.connect().await;
     c.simple_query("SELECT 1").await.unwrap();
-    lagrouter::testing::report(format_args!(
+    lagrouter_testing::report(format_args!(
         "connection storm: 150 clients, {served} served, {refused} refused with 53300"
     ));
     env.stop().await;
@@ -258,7 +256,7 @@ async fn connection_storms_and_exhausted_pools_get_clear_errors() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_in_transaction_clients_are_closed_and_rolled_back() {
-    let env = start_with(lagrouter::testing::PgCluster::builder().replicas(1), |c| {
+    let env = start_with(lagrouter_testing::PgCluster::builder().replicas(1), |c| {
         c.proxy.idle_transaction_timeout = Duration::from_millis(300);
         c.pool.size = 1;
     })
@@ -346,7 +344,7 @@ async fn reads_in_flight_on_a_hung_replica_are_retried_elsewhere() {
         || async { in_recovery(&c).await.unwrap() },
     )
     .await;
-    lagrouter::testing::report(format_args!(
+    lagrouter_testing::report(format_args!(
         "hung replica through the proxy: the read in flight was answered by the primary {took:?} \
          after the freeze (probe timeout 2 s)"
     ));

@@ -1,10 +1,8 @@
 //! psql and pgbench (libpq clients) through the proxy.
 
-mod e2e_support;
-
 use std::process::Output;
 
-use e2e_support::*;
+use crate::support::*;
 
 async fn run_tool(env: &Env, tool: &str, args: &[&str], stdin: Option<&str>) -> Output {
     use tokio::io::AsyncWriteExt;

@@ -1,11 +1,10 @@
-//! Tests of the PostgreSQL primary/replica test harness (`lagrouter::testing`).
-#![cfg(feature = "testing")]
+//! Tests of the PostgreSQL primary/replica test harness (`lagrouter-testing`).
 
 use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
 use lagrouter::Lsn;
-use lagrouter::testing::{
+use lagrouter_testing::{
     BackendKind, BackendRequest, HarnessError, NodeIndex, PgCluster, resolve_backend,
 };
 
@@ -137,7 +136,8 @@ async fn writes_reach_both_replicas() {
             .unwrap()
             .expect("standby replay LSN");
         assert!(
-            replayed >= lsn.round_to_record_boundary(lagrouter::lsn::DEFAULT_WAL_SEGMENT_SIZE),
+            replayed
+                >= lsn.round_to_record_boundary(lagrouter::model::lsn::DEFAULT_WAL_SEGMENT_SIZE),
             "{replayed} < {lsn}"
         );
     }
@@ -506,8 +506,8 @@ async fn docker_backend_needs_the_feature() {
 #[cfg(feature = "docker")]
 #[tokio::test]
 async fn docker_backend_smoke() {
-    if !lagrouter::testing::docker_engine_reachable() {
-        eprintln!("no Docker engine reachable; skipping docker_backend_smoke");
+    if !lagrouter_testing::docker_engine_reachable() || !lagrouter_testing::docker_image_present() {
+        eprintln!("no Docker engine with the postgres:15 image; skipping docker_backend_smoke");
         return;
     }
     let pg = PgCluster::builder()

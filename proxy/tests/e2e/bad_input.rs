@@ -1,10 +1,8 @@
 //! Malformed and hostile input: each gets a clear error (or a closed
 //! connection) and the proxy keeps serving other clients.
 
-mod e2e_support;
-
+use crate::support::*;
 use bytes::{BufMut, BytesMut};
-use e2e_support::*;
 
 /// A healthy client keeps working.
 async fn assert_healthy(env: &Env, c: &tokio_postgres::Client) {
@@ -26,7 +24,7 @@ fn frame(tag: u8, body: &[u8]) -> Vec<u8> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn malformed_messages_are_rejected() {
     let env = start_with(
-        lagrouter::testing::PgCluster::builder().replicas(1),
+        lagrouter_testing::PgCluster::builder().replicas(1),
         add_trust_user,
     )
     .await;
@@ -210,7 +208,7 @@ fn codes(msgs: &[Msg]) -> Vec<String> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn protocol_misuse_gets_errors_and_the_session_continues() {
     let env = start_with(
-        lagrouter::testing::PgCluster::builder().replicas(1),
+        lagrouter_testing::PgCluster::builder().replicas(1),
         add_trust_user,
     )
     .await;
@@ -298,7 +296,7 @@ async fn protocol_misuse_gets_errors_and_the_session_continues() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn authentication_failures() {
-    let env = start_with(lagrouter::testing::PgCluster::builder().replicas(1), |c| {
+    let env = start_with(lagrouter_testing::PgCluster::builder().replicas(1), |c| {
         add_trust_user(c);
         c.users.push(lagrouter_proxy::config::UserConfig {
             name: "md5user".into(),

@@ -1,13 +1,11 @@
 //! Read-your-writes, monotonic reads and cross-connection tokens through
 //! the proxy, with and without replication delay.
 
-mod e2e_support;
-
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use e2e_support::*;
+use crate::support::*;
 use lagrouter::{ConsistencyToken, Lsn};
 use tokio_postgres::SimpleQueryMessage;
 

@@ -2,13 +2,12 @@
 //! the proxy buffers no more than a batch of its replies, and the client is
 //! cut off after `client_write_timeout`, freeing its server connection.
 //!
-//! Alone in its test binary, so the process's peak memory is the proxy's.
-
-mod e2e_support;
+//! The test runs alone in a child process of the test binary
+//! ([`alone_in_process`]), so the process's peak memory is the proxy's.
 
 use std::time::Duration;
 
-use e2e_support::*;
+use crate::support::*;
 
 /// Peak resident memory of this process (the proxy runs in it), in bytes.
 fn peak_rss() -> u64 {
@@ -23,7 +22,10 @@ fn peak_rss() -> u64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_that_stops_reading_blocks_no_one() {
-    let env = start_with(lagrouter::testing::PgCluster::builder().replicas(1), |c| {
+    if !alone_in_process("slow_client::a_client_that_stops_reading_blocks_no_one") {
+        return;
+    }
+    let env = start_with(lagrouter_testing::PgCluster::builder().replicas(1), |c| {
         add_trust_user(c);
         c.proxy.client_write_timeout = Duration::from_secs(2);
         c.pool.size = 2;
@@ -85,7 +87,7 @@ async fn a_client_that_stops_reading_blocks_no_one() {
     .await;
     let c = env.connect().await;
     c.simple_query("SELECT 1").await.unwrap();
-    lagrouter::testing::report(format_args!(
+    lagrouter_testing::report(format_args!(
         "stalled client: peak RSS grew {} KiB; cut off after client_write_timeout",
         grew / 1024
     ));

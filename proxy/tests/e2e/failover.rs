@@ -4,15 +4,13 @@
 //! its token or reported lost (SQLSTATE 55000), never silently missing. The
 //! old primary then rejoins as a standby and serves reads again.
 
-mod e2e_support;
-
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use e2e_support::*;
-use lagrouter::testing::PgCluster;
+use crate::support::*;
+use lagrouter_testing::PgCluster;
 use tokio_postgres::SimpleQueryMessage;
 
 const DEADLINE: Duration = Duration::from_secs(30);
@@ -300,7 +298,7 @@ async fn promoted_replica_is_followed_and_lost_writes_are_reported() {
     })
     .await;
 
-    lagrouter::testing::report(format_args!(
+    lagrouter_testing::report(format_args!(
         "proxy failover: {} writes acknowledged, {} lost and all {} reported (55000), \
          {} failed writes (slowest {:?}); new primary in the proxy's topology {:?} after \
          pg_promote was called; recovery (first failed write to first write acknowledged after promotion) {:?}",

@@ -1,12 +1,10 @@
 //! Operations: replicas that fall behind (wait, fallback, error), reload,
 //! graceful shutdown, TLS, extended-protocol error recovery.
 
-mod e2e_support;
-
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use e2e_support::*;
+use crate::support::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lagging_replica_waits_then_falls_back() {
@@ -128,7 +126,7 @@ async fn tls_clients() {
     let (cert_path, key_path) = (dir.path().join("server.crt"), dir.path().join("server.key"));
     std::fs::write(&cert_path, ck.cert.pem()).unwrap();
     std::fs::write(&key_path, ck.signing_key.serialize_pem()).unwrap();
-    let env = start_with(lagrouter::testing::PgCluster::builder().replicas(1), |c| {
+    let env = start_with(lagrouter_testing::PgCluster::builder().replicas(1), |c| {
         add_trust_user(c);
         c.tls = Some(lagrouter_proxy::config::TlsConfig {
             cert: cert_path.clone(),
@@ -188,7 +186,7 @@ async fn tls_clients() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn extended_protocol_error_recovery() {
     let env = start_with(
-        lagrouter::testing::PgCluster::builder().replicas(1),
+        lagrouter_testing::PgCluster::builder().replicas(1),
         add_trust_user,
     )
     .await;
@@ -386,7 +384,7 @@ async fn reload_under_load_loses_nothing() {
         total += ids.len();
     }
     assert!(total >= 160);
-    lagrouter::testing::report(format_args!(
+    lagrouter_testing::report(format_args!(
         "reload under load: 9 reloads (1 rejected), {total} acknowledged writes, all stored"
     ));
     env.stop().await;
@@ -397,7 +395,7 @@ async fn reload_under_load_loses_nothing() {
 /// `server_idle_timeout` are closed down to `min_idle`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pools_keep_min_idle_respect_node_sizes_and_expire_idle_connections() {
-    let env = start_with(lagrouter::testing::PgCluster::builder().replicas(1), |c| {
+    let env = start_with(lagrouter_testing::PgCluster::builder().replicas(1), |c| {
         c.pool.size = 4;
         c.pool.min_idle = 2;
         c.pool.server_idle_timeout = Duration::from_millis(500);

@@ -2,11 +2,9 @@
 //! simple and extended queries, prepared statements reused across pooled
 //! backends, transactions, COPY in both directions, cancel, settings.
 
-mod e2e_support;
-
 use std::time::Duration;
 
-use e2e_support::*;
+use crate::support::*;
 use futures_util::{SinkExt, StreamExt};
 use tokio_postgres::SimpleQueryMessage;
 

@@ -6,9 +6,9 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use lagrouter::testing::PgCluster;
 use lagrouter_proxy::config::Config;
 use lagrouter_proxy::server::{Proxy, ProxyHandle};
+use lagrouter_testing::PgCluster;
 use tokio_postgres::{Client, NoTls};
 
 pub const USER: &str = "postgres";
@@ -34,7 +34,7 @@ pub async fn start(replicas: usize) -> Env {
 }
 
 pub async fn start_with(
-    builder: lagrouter::testing::PgClusterBuilder,
+    builder: lagrouter_testing::PgClusterBuilder,
     adjust: impl FnOnce(&mut Config),
 ) -> Env {
     init_tracing();
@@ -301,4 +301,42 @@ pub fn add_trust_user(config: &mut Config) {
         server_user: Some(USER.into()),
         server_password: Some(PASSWORD.into()),
     });
+}
+
+/// Environment variable naming the test a child process of this binary
+/// runs alone (see [`alone_in_process`]).
+const ALONE_ENV: &str = "LAGROUTER_E2E_ALONE";
+
+/// Runs the test named `test` (its libtest path, e.g.
+/// `slow_client::some_test`) alone in a fresh process of this test binary,
+/// for tests that measure the whole process (peak memory).
+///
+/// Returns `true` in that child process: the caller then runs its body.
+/// In the parent it waits for the child, fails when the child's test
+/// failed or did not run, and returns `false`: the caller returns at once.
+/// The child's `report` lines go straight to the inherited standard error.
+pub fn alone_in_process(test: &str) -> bool {
+    if std::env::var(ALONE_ENV).is_ok_and(|v| v == test) {
+        return true;
+    }
+    let exe = std::env::current_exe().expect("path of the test binary");
+    let out = std::process::Command::new(exe)
+        .args([test, "--exact", "--test-threads=1"])
+        .env(ALONE_ENV, test)
+        .stdin(std::process::Stdio::null())
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .expect("run the test in its own process");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    print!("{stdout}");
+    assert!(
+        out.status.success(),
+        "{test} failed in its own process ({})",
+        out.status
+    );
+    assert!(
+        stdout.contains("test result: ok. 1 passed"),
+        "{test} did not run in its own process"
+    );
+    false
 }

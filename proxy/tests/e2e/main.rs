@@ -1,0 +1,20 @@
+//! End-to-end tests of the proxy: a real PostgreSQL cluster started with
+//! `lagrouter-testing` and an in-process proxy, one module per area, all in
+//! one test binary.
+//!
+//! The proxy's metrics recorder is process-wide (installed once), and
+//! tracing is initialised once with `try_init`, so the modules share the
+//! process safely. A test that needs the process to itself (it measures
+//! the peak memory) re-runs itself in a child process of this binary
+//! ([`support::alone_in_process`]).
+
+mod support;
+
+mod bad_input;
+mod basic;
+mod consistency;
+mod failover;
+mod faults;
+mod ops;
+mod slow_client;
+mod tools;
