@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use crate::support::*;
 use lagrouter::{ConsistencyToken, Lsn};
+use lagrouter_testing::PgCluster;
 use tokio_postgres::SimpleQueryMessage;
 
 fn first_value(msgs: &[SimpleQueryMessage]) -> Option<String> {
@@ -348,5 +349,42 @@ async fn hints_pins_and_replica_retries() {
         .await
         .unwrap();
     assert_eq!(got.as_deref(), Some("pong"));
+    env.stop().await;
+}
+
+/// A token is labelled with the timeline the node reports in the probe's
+/// reply, never with the monitor's view: right after a promotion the
+/// monitor still shows timeline 1, but a read served by the promoted node
+/// is on timeline 2.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokens_carry_the_timeline_the_node_reports() {
+    let env = start_with(PgCluster::builder().replicas(1), |c| {
+        // The monitor probes once at start, then not again during the test.
+        c.routing.monitor_interval = Duration::from_secs(3600);
+    })
+    .await;
+    let replica = env.cluster.replicas()[0];
+    env.cluster.promote(replica).await.unwrap();
+    let topo = env.proxy.topology();
+    assert_eq!(topo.cluster.map(|c| c.timeline), Some(1));
+    assert_eq!(topo.nodes[replica].role, lagrouter::Role::Replica);
+
+    let c = env.connect().await;
+    // No token yet: the read goes to the node the proxy believes is a
+    // replica, and the probe after it captures that node's position.
+    let msgs = c.simple_query("SELECT pg_is_in_recovery()").await.unwrap();
+    assert_eq!(
+        first_value(&msgs).as_deref(),
+        Some("f"),
+        "served by the promoted node"
+    );
+    let text = first_value(&c.simple_query("SHOW lagrouter.token").await.unwrap()).unwrap();
+    let token: ConsistencyToken = text.parse().unwrap();
+    assert_eq!(token.cluster.timeline, 2, "{token:?}");
+    assert_eq!(
+        env.proxy.topology().cluster.map(|c| c.timeline),
+        Some(1),
+        "the monitor had not noticed the promotion yet"
+    );
     env.stop().await;
 }

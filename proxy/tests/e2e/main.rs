@@ -16,5 +16,6 @@ mod consistency;
 mod failover;
 mod faults;
 mod ops;
+mod parity;
 mod slow_client;
 mod tools;
