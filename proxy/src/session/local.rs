@@ -13,7 +13,6 @@ use crate::classify::{Classification, StatementKind};
 use crate::metrics as m;
 use crate::wire::{self as protocol, ClientMessage, PgError};
 
-use super::prepared::deallocate_target;
 use super::{Pooling, Session};
 
 /// The parameter status carrying the session's token, and the name
@@ -333,6 +332,31 @@ pub(super) fn unknown_setting(name: &str) -> PgError {
         format!("unrecognized configuration parameter \"{name}\""),
     )
     .with_hint("lagrouter-proxy knows lagrouter.min_token (SET) and lagrouter.token (SHOW).")
+}
+
+/// `DEALLOCATE [PREPARE] name | ALL` → `Some(Some(name))` / `Some(None)`.
+pub(super) fn deallocate_target(sql: &str) -> Option<Option<String>> {
+    let s = sql.trim().trim_end_matches(';').trim();
+    let mut words = s.split_whitespace();
+    if !words.next()?.eq_ignore_ascii_case("deallocate") {
+        return None;
+    }
+    let mut w = words.next()?;
+    if w.eq_ignore_ascii_case("prepare") {
+        w = words.next()?;
+    }
+    if words.next().is_some() {
+        return None;
+    }
+    if w.eq_ignore_ascii_case("all") {
+        return Some(None);
+    }
+    let name = if w.starts_with('"') && w.ends_with('"') && w.len() >= 2 {
+        w[1..w.len() - 1].replace("\"\"", "\"")
+    } else {
+        w.to_ascii_lowercase()
+    };
+    Some(Some(name))
 }
 
 #[cfg(test)]

@@ -24,16 +24,17 @@
 //!   idle timeouts, releasing the server connection);
 //! * `unit`: from client messages to a unit of work — batching,
 //!   classification, routing, checkout, `Session::start_unit`;
-//! * `pipeline`: the held connection (`pipeline::Held`), what is sent to
-//!   it and which replies are expected (`pipeline::Expect`);
+//! * `read`: the read engine's driver: where a read runs, waits, fallbacks
+//!   and retries, as [`lagrouter::routing::ReadPlan`] decides;
+//! * `pipeline`: the held connection (`pipeline::Held`) and which replies
+//!   are expected (`pipeline::Expect`);
+//! * `forward`: sending client messages to the held connection;
 //! * `replies`: attributing server messages to what was sent;
 //! * `prepared`: prepared statements under proxy-global names;
 //! * `settings`: `SET`/`RESET` tracking, the prelude that replays them,
 //!   and their undo on rollback;
 //! * `local`: statements the proxy answers itself;
 //! * `probe`: the position probes pipelined before and after statements.
-//! * `read`: the read engine's driver: where a read runs, waits, fallbacks
-//!   and retries, as [`lagrouter::routing::ReadPlan`] decides.
 #![warn(missing_docs)]
 
 use std::collections::{BTreeMap, HashMap};
@@ -51,6 +52,7 @@ use crate::metrics as m;
 use crate::server::{CancelSlot, Shared};
 use crate::wire::{self as protocol, ClientMessage, Frame, PgError, TxnStatus};
 
+mod forward;
 mod local;
 mod pipeline;
 mod prepared;

@@ -96,31 +96,6 @@ pub(super) fn inject_parse(h: &mut Held, info: &StmtInfo, global: Option<String>
     h.queue.push_back(Expect::Injected { global });
 }
 
-/// `DEALLOCATE [PREPARE] name | ALL` → `Some(Some(name))` / `Some(None)`.
-pub(super) fn deallocate_target(sql: &str) -> Option<Option<String>> {
-    let s = sql.trim().trim_end_matches(';').trim();
-    let mut words = s.split_whitespace();
-    if !words.next()?.eq_ignore_ascii_case("deallocate") {
-        return None;
-    }
-    let mut w = words.next()?;
-    if w.eq_ignore_ascii_case("prepare") {
-        w = words.next()?;
-    }
-    if words.next().is_some() {
-        return None;
-    }
-    if w.eq_ignore_ascii_case("all") {
-        return Some(None);
-    }
-    let name = if w.starts_with('"') && w.ends_with('"') && w.len() >= 2 {
-        w[1..w.len() - 1].replace("\"\"", "\"")
-    } else {
-        w.to_ascii_lowercase()
-    };
-    Some(Some(name))
-}
-
 pub(super) fn no_such_statement(name: &str) -> PgError {
     PgError::error(
         "26000",

@@ -15,21 +15,10 @@ use crate::wire::{self as protocol, Frame, TxnStatus};
 
 use super::Session;
 use super::local::TOKEN_PARAMETER;
-use super::pipeline::Expect;
+use super::pipeline::{Expect, ProbeKind};
 
 /// Name of the proxy's prepared position probe on each backend connection.
 pub const PROBE_STATEMENT: &str = "lagrouter_position_probe";
-
-/// Why a position probe was sent.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(super) enum ProbeKind {
-    /// Before a read: the read engine's `check` or `verify`.
-    Before,
-    /// After a replica read: monotonic reads.
-    After,
-    /// After a write committed: read-your-writes.
-    Write,
-}
 
 impl Session {
     /// Pipelines a position probe behind the statement just forwarded,

@@ -13,17 +13,18 @@
 
 use std::time::{Duration, Instant};
 
+use lagrouter::FallbackReason;
 use lagrouter::probe::Position;
-use lagrouter::routing::{Failure, Outcome, PlanError, ReadPlan, ReadRequest, Run, Served, Step};
-use lagrouter::{FallbackReason, Lsn};
+use lagrouter::routing::{Failure, Outcome, PlanError, ReadPlan, ReadRequest, Served, Step};
 use tracing::{debug, warn};
 
 use crate::backend::{BackendError, PoolError, PooledConn};
 use crate::metrics as m;
 use crate::wire::{ClientMessage, PgError};
 
+use super::pipeline::ProbeKind;
 use super::pipeline::{Expect, Held, Mode};
-use super::probe::{ProbeKind, poll_position};
+use super::probe::poll_position;
 use super::unit::Send;
 use super::{Flow, Pooling, Session, SessionEnd};
 
@@ -361,9 +362,4 @@ fn plan_error(e: PlanError) -> PgError {
         Some(h) => pg.with_hint(h),
         None => pg,
     }
-}
-
-/// The read's position requirement, for the probe before a run.
-pub(super) fn needs_probe(run: &Run) -> Option<Lsn> {
-    run.check.or(run.verify)
 }

@@ -11,7 +11,8 @@ use super::pipeline::{Action, CopyState, ErrorState, fail_until_sync, terminates
 use lagrouter::probe::Position;
 use lagrouter::routing::Failure;
 
-use super::probe::{ProbeKind, encode_probe, position, probe};
+use super::pipeline::ProbeKind;
+use super::probe::{encode_probe, position, probe};
 
 use super::Session;
 use super::pipeline::{Expect, Mode};

@@ -18,9 +18,9 @@ use crate::metrics as m;
 use crate::wire::{self as protocol, ClientMessage, Frame, PgError};
 use lagrouter::routing::Run;
 
+use super::pipeline::ProbeKind;
 use super::pipeline::{CopyState, ErrorState, UnitState};
-use super::probe::{ProbeKind, encode_probe, probe};
-use super::read::needs_probe;
+use super::probe::{encode_probe, probe};
 
 use super::pipeline::{Expect, Held, Mode};
 use super::settings::prelude_sql;
@@ -300,7 +300,11 @@ impl Session {
     ) {
         let topo = self.shared.monitor.snapshot();
         let (on_replica, retryable, checked) = match send {
-            Send::Read(run) => (!run.primary, run.retryable, needs_probe(&run).is_some()),
+            Send::Read(run) => (
+                !run.primary,
+                run.retryable,
+                run.check.or(run.verify).is_some(),
+            ),
             Send::Write | Send::ReadAsWrite => (false, false, false),
         };
         let label = match send {
