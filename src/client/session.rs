@@ -333,13 +333,17 @@ impl Transaction<'_> {
         self.node
     }
 
-    /// Runs a statement and returns its rows.
-    pub async fn query(&self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<Vec<Row>> {
-        let stmt = self
-            .client()
+    /// `sql` prepared on the transaction's connection (cached).
+    async fn prepared(&self, sql: &str) -> Result<tokio_postgres::Statement> {
+        self.client()
             .prepare_cached(sql)
             .await
-            .map_err(|e| Error::db(&self.name(), e))?;
+            .map_err(|e| Error::db(&self.name(), e))
+    }
+
+    /// Runs a statement and returns its rows.
+    pub async fn query(&self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<Vec<Row>> {
+        let stmt = self.prepared(sql).await?;
         self.client()
             .query(&stmt, params)
             .await
@@ -353,11 +357,7 @@ impl Transaction<'_> {
 
     /// Runs a statement and returns the number of rows affected.
     pub async fn execute(&self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<u64> {
-        let stmt = self
-            .client()
-            .prepare_cached(sql)
-            .await
-            .map_err(|e| Error::db(&self.name(), e))?;
+        let stmt = self.prepared(sql).await?;
         self.client()
             .execute(&stmt, params)
             .await

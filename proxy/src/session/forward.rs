@@ -18,11 +18,12 @@ use super::{Session, Skip};
 
 impl Session {
     pub(super) fn note_statements(&mut self, class: &Classification) {
-        let uses_token = self.settings().policy.uses_token();
         let Some(h) = &mut self.backend else { return };
         if class.has_write() || class.pin_reason().is_some() {
+            // Whatever the policy: a later one (after a reload) may read
+            // with the token.
             if !h.on_replica {
-                h.wrote_since_probe |= uses_token;
+                h.wrote_since_probe = true;
             }
             self.last_write = Some(Instant::now());
         }

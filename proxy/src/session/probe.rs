@@ -21,22 +21,23 @@ use super::pipeline::{Expect, ProbeKind};
 pub const PROBE_STATEMENT: &str = "lagrouter_position_probe";
 
 impl Session {
-    /// Pipelines a position probe behind the statement just forwarded,
-    /// when read-your-writes or monotonic reads need one.
+    /// Pipelines a position probe behind the statement just forwarded:
+    /// after every committed write (read-your-writes, whatever the policy:
+    /// a later one may use the token), after a replica read when the policy
+    /// uses tokens (monotonic reads).
     pub(super) fn attach_probe(&mut self) {
         let uses_token = self.settings().policy.uses_token();
         let Some(h) = &mut self.backend else { return };
-        if std::mem::take(&mut h.no_pipelined_probe)
-            || !uses_token
-            || h.predicted != TxnStatus::Idle
-        {
+        if std::mem::take(&mut h.no_pipelined_probe) || h.predicted != TxnStatus::Idle {
             // COPY FROM STDIN: the server would take the probe as COPY
             // data; the fallback probe runs after ReadyForQuery instead.
             return;
         }
         if h.on_replica {
-            let parsed = encode_probe(&mut h.conn);
-            h.queue.push_back(probe(ProbeKind::After, parsed));
+            if uses_token {
+                let parsed = encode_probe(&mut h.conn);
+                h.queue.push_back(probe(ProbeKind::After, parsed));
+            }
         } else if h.wrote_since_probe {
             let parsed = encode_probe(&mut h.conn);
             h.queue.push_back(probe(ProbeKind::Write, parsed));

@@ -213,7 +213,6 @@ impl Session {
     /// The client's `ReadyForQuery` arrived (a unit finished).
     pub(super) fn on_client_ready(&mut self, z: Frame) {
         let status = TxnStatus::of_ready_for_query(&z);
-        let uses_token = self.settings().policy.uses_token();
         let h = self.backend.as_mut().expect("held");
         if matches!(h.mode, Mode::Discard) {
             return;
@@ -237,7 +236,7 @@ impl Session {
                 ..
             })
         );
-        if !probe_follows && h.wrote_since_probe && uses_token && !h.on_replica {
+        if !probe_follows && h.wrote_since_probe && !h.on_replica {
             // Not pipelined (COPY, or a transaction end the proxy could
             // not predict): probe now, before the client may go on.
             let parsed = encode_probe(&mut h.conn);

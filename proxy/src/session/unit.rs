@@ -324,7 +324,6 @@ impl Session {
             metrics::counter!(m::QUERIES_TOTAL, m::LABEL_NODE => node_name.clone(), m::LABEL_KIND => kind)
                 .increment(1);
         }
-        let uses_token = self.settings().policy.uses_token();
         let mut h = Held {
             node,
             on_replica,
@@ -343,7 +342,7 @@ impl Session {
             copy: CopyState::None,
             error: ErrorState::None,
             // A read that turned out to write: capture its commit.
-            wrote_since_probe: matches!(send, Send::ReadAsWrite) && uses_token,
+            wrote_since_probe: matches!(send, Send::ReadAsWrite),
             no_pipelined_probe: false,
             predicted: self.txn_status,
             unit_state: UnitState::Ended,
