@@ -154,7 +154,8 @@ impl Session {
         self.checkout(node).await.map_err(|e| {
             let f = match &e {
                 PoolError::Timeout(_) => Failure::PoolExhausted,
-                PoolError::Connect(b) => self.backend_failure(node, b),
+                // Classified (and the node ejected) by `checkout` already.
+                PoolError::Connect(b) => failure_of(b),
                 PoolError::Closed => Failure::Statement,
             };
             (f, PgError::error(e.sqlstate(), e.to_string()))
@@ -163,16 +164,8 @@ impl Session {
 
     /// Classifies a backend failure and ejects its node when the engine
     /// says it looks down.
-    fn backend_failure(&self, node: usize, e: &BackendError) -> Failure {
-        let f = match e {
-            BackendError::Server(fields) => {
-                Failure::classify(&fields.code, &fields.message, fields.detail.as_deref())
-            }
-            // The monitor ejected the node already (it hangs).
-            BackendError::Unresponsive(_) => Failure::Ejected,
-            other if other.is_connection_failure() => Failure::Connection,
-            _ => Failure::Statement,
-        };
+    pub(super) fn backend_failure(&self, node: usize, e: &BackendError) -> Failure {
+        let f = failure_of(e);
         if f.ejects_node() {
             self.shared.monitor.report_failure(node, &e.to_string());
         }
@@ -312,6 +305,16 @@ impl Session {
             "08006",
             format!("lost the server connection: {e}"),
         )))
+    }
+}
+
+/// What a backend failure means for routing: the server's SQLSTATE by
+/// the engine's one classification, else a lost or silent connection.
+fn failure_of(e: &BackendError) -> Failure {
+    match e {
+        BackendError::Server(f) => Failure::classify(&f.code, &f.message, f.detail.as_deref()),
+        other if other.is_connection_failure() => Failure::Connection,
+        _ => Failure::Statement,
     }
 }
 

@@ -281,9 +281,7 @@ impl Session {
         });
         let r = pool.checkout().await;
         if let Err(PoolError::Connect(e)) = &r {
-            if e.is_connection_failure() {
-                shared.monitor.report_failure(node, &e.to_string());
-            }
+            self.backend_failure(node, e);
         }
         r
     }
