@@ -426,7 +426,7 @@ impl ReadPlan {
     fn ran(&mut self, topo: &Topology, run: Run, empty: bool, now: Instant) -> Step {
         if !run.primary && empty && self.req.retry_on_empty {
             self.fallback = Some(FallbackReason::EmptyResult);
-            return self.on_primary(topo, now);
+            return self.on_primary(topo);
         }
         Step::Done(Served {
             node: run.node,
@@ -528,7 +528,7 @@ impl ReadPlan {
                         FallbackReason::NoReplica
                     });
                 }
-                self.on_primary(topo, now)
+                self.on_primary(topo)
             }
         }
     }
@@ -547,7 +547,7 @@ impl ReadPlan {
                 }
                 _ => {
                     self.fallback = Some(FallbackReason::WaitTimeout);
-                    self.on_primary(topo, now)
+                    self.on_primary(topo)
                 }
             };
         }
@@ -563,7 +563,7 @@ impl ReadPlan {
         Step::Poll { node, after }
     }
 
-    fn on_primary(&mut self, topo: &Topology, _now: Instant) -> Step {
+    fn on_primary(&mut self, topo: &Topology) -> Step {
         match topo.primary {
             Some(p) => self.run(Run {
                 node: p,

@@ -165,13 +165,14 @@ impl Drop for InFlight<'_> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use std::time::Duration;
 
     use super::*;
     use crate::model::topology::{NodeState, Role};
 
-    fn topo(replicas: &[(u64, u64, bool)]) -> Topology {
+    /// A primary at 1000 (node 0), then replicas `(lsn, lag_ms, healthy)`.
+    pub(in crate::routing) fn topo(replicas: &[(u64, u64, bool)]) -> Topology {
         let mut nodes = vec![NodeState::new("p", Role::Primary)];
         nodes[0].healthy = true;
         nodes[0].lsn = Some(Lsn(1000));

@@ -5,7 +5,6 @@ use std::time::{Duration, Instant};
 
 use super::*;
 use crate::model::token::ClusterId;
-use crate::model::topology::{NodeState, Role};
 use crate::routing::LoadBalance;
 
 const MS: Duration = Duration::from_millis(1);
@@ -15,21 +14,10 @@ fn ms(n: u64) -> Duration {
 }
 const SYSID: u64 = 42;
 
-/// Primary at 1000 (node 0), then replicas `(lsn, lag_ms, healthy)`.
+/// The router tests' topology (primary at 1000, then replicas `(lsn,
+/// lag_ms, healthy)`), with a known cluster identity.
 fn topo(replicas: &[(u64, u64, bool)]) -> Topology {
-    let mut p = NodeState::new("p", Role::Primary);
-    p.healthy = true;
-    p.lsn = Some(Lsn(1000));
-    let mut nodes = vec![p];
-    for (k, &(lsn, lag_ms, healthy)) in replicas.iter().enumerate() {
-        let mut n = NodeState::new(format!("r{k}"), Role::Replica);
-        n.healthy = healthy;
-        n.lsn = Some(Lsn(lsn));
-        n.lag = Some(Duration::from_millis(lag_ms));
-        nodes.push(n);
-    }
-    let mut t = Topology::initial(nodes);
-    t.primary_lsn = Some(Lsn(1000));
+    let mut t = crate::routing::router::tests::topo(replicas);
     t.cluster = Some(ClusterId {
         system_identifier: SYSID,
         timeline: 1,
