@@ -35,6 +35,33 @@ struct Args {
     /// Replicas in demo mode.
     #[arg(long, default_value_t = 2)]
     demo_replicas: usize,
+    /// Log format on stderr: `text` (coloured only on a terminal) or `json`
+    /// (one object a line, for log shippers).
+    #[arg(long, value_enum, default_value_t = LogFormat::Text, env = "LAGROUTER_LOG_FORMAT")]
+    log_format: LogFormat,
+}
+
+/// How log lines are written.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum LogFormat {
+    /// Human-readable lines; ANSI colour only when stderr is a terminal.
+    Text,
+    /// One JSON object a line.
+    Json,
+}
+
+/// Logs to stderr with `RUST_LOG` (default `info`) in `format`.
+fn init_logging(format: LogFormat) {
+    use std::io::IsTerminal;
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.with_ansi(std::io::stderr().is_terminal()).init(),
+        LogFormat::Json => builder.json().init(),
+    }
 }
 
 fn apply_overrides(config: &mut Config, args: &Args) {
@@ -48,13 +75,8 @@ fn apply_overrides(config: &mut Config, args: &Args) {
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .init();
     let args = Args::parse();
+    init_logging(args.log_format);
     match run(args).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
