@@ -48,6 +48,32 @@ pub fn config_for(cluster: &PgCluster, user: &str, password: &str) -> Config {
     Config::demo(primary, replicas, user, password)
 }
 
+impl Demo {
+    /// Resolves when a server of the demo cluster has exited (killed,
+    /// crashed, or stopped from outside), with a message naming it and the
+    /// end of its log. Checking also reaps an exited server, so none is
+    /// left a zombie.
+    pub async fn server_exited(&self) -> String {
+        let mut tick = tokio::time::interval(std::time::Duration::from_millis(500));
+        loop {
+            tick.tick().await;
+            for node in 0..self.cluster.node_count() {
+                if !self.cluster.is_running(node) {
+                    let role = if node == self.cluster.primary() {
+                        "primary"
+                    } else {
+                        "replica"
+                    };
+                    return format!(
+                        "demo {role} (node {node}) exited; stopping the demo. Its log ends:\n{}",
+                        self.cluster.log_tail(node, 5)
+                    );
+                }
+            }
+        }
+    }
+}
+
 /// The `psql` command line for a proxy listening on `addr`.
 pub fn psql_command(addr: std::net::SocketAddr, user: &str, password: &str) -> String {
     format!(

@@ -105,14 +105,20 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     if let Some(d) = &demo {
         print_demo_banner(d, &proxy);
     }
-    wait_for_signals(&proxy, args.config.as_deref(), &args).await;
+    let died = tokio::select! {
+        () = wait_for_signals(&proxy, args.config.as_deref(), &args) => None,
+        reason = demo_server_exited(demo.as_ref()) => Some(reason),
+    };
     proxy.shutdown().await;
     if let Some(d) = demo {
         info!("stopping the demo cluster");
         #[cfg_attr(not(feature = "demo"), allow(clippy::drop_non_drop))]
         drop(d);
     }
-    Ok(())
+    match died {
+        Some(reason) => Err(reason.into()),
+        None => Ok(()),
+    }
 }
 
 /// The demo cluster run when no `--config` is given (feature `demo`).
@@ -134,6 +140,21 @@ async fn start_demo(args: &Args) -> Result<(DemoCluster, Config), Box<dyn std::e
     let mut c = d.config.clone();
     apply_overrides(&mut c, args);
     Ok((d, c))
+}
+
+/// Resolves when a demo server exits; never without a demo.
+#[cfg(feature = "demo")]
+async fn demo_server_exited(demo: Option<&DemoCluster>) -> String {
+    match demo {
+        Some(d) => d.server_exited().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Without the `demo` feature there is no demo server to watch.
+#[cfg(not(feature = "demo"))]
+async fn demo_server_exited(_demo: Option<&DemoCluster>) -> String {
+    std::future::pending().await
 }
 
 /// Without the `demo` feature a configuration file is required.
