@@ -735,7 +735,8 @@ fn classifier_caches_and_is_bounded() {
         Classification {
             statements: vec![K::Read],
             hint: None,
-            token: None
+            token: None,
+            consistency: None,
         }
     );
     // Cached and uncached results agree with `classify`.

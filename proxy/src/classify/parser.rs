@@ -46,6 +46,7 @@ pub(super) fn classify_slow(sql: &str) -> Classification {
         statements,
         hint: scan.hint,
         token: scan.token,
+        consistency: scan.consistency,
     }
 }
 

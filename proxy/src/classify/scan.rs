@@ -1,6 +1,7 @@
 //! One pass of the lexer over the input: routing hints from comments
 //! (`/* lagrouter:primary */`, `/* lagrouter:replica */`,
-//! `/* lagrouter:token=… */`) and the byte ranges of the statements.
+//! `/* lagrouter:token=… */`, `/* lagrouter:consistency=… */`) and the byte
+//! ranges of the statements.
 
 use std::ops::Range;
 
@@ -9,11 +10,14 @@ use super::types::RouteHint;
 
 /// Longest token text accepted from a `lagrouter:token=` hint.
 const MAX_HINT_TOKEN_LEN: usize = 256;
+/// Longest policy text accepted from a `lagrouter:consistency=` hint.
+const MAX_HINT_POLICY_LEN: usize = 64;
 
 /// Hints, and the byte ranges of the non-empty statements.
 pub(super) struct Scan {
     pub(super) hint: Option<RouteHint>,
     pub(super) token: Option<String>,
+    pub(super) consistency: Option<String>,
     pub(super) pieces: Vec<Range<usize>>,
 }
 
@@ -21,6 +25,7 @@ pub(super) fn scan(sql: &str) -> Scan {
     let mut out = Scan {
         hint: None,
         token: None,
+        consistency: None,
         pieces: Vec::new(),
     };
     let mut start = 0;
@@ -86,6 +91,17 @@ fn parse_hints(comment: &str, out: &mut Scan) {
             if out.token.is_none() && !token.is_empty() && token.len() <= MAX_HINT_TOKEN_LEN {
                 out.token = Some(token.to_owned());
             }
+        } else if word.eq_ignore_ascii_case("consistency") && rest[word_end..].starts_with('=') {
+            // The policy may hold a space (`bounded-staleness 5s`): it runs
+            // to the next hint or the end of the comment.
+            let value = &rest[word_end + 1..];
+            let policy = value[..value.find(TAG).unwrap_or(value.len())].trim();
+            if out.consistency.is_none()
+                && !policy.is_empty()
+                && policy.len() <= MAX_HINT_POLICY_LEN
+            {
+                out.consistency = Some(policy.to_owned());
+            }
         }
     }
 }
@@ -107,6 +123,7 @@ mod tests {
         let mut s = Scan {
             hint: None,
             token: None,
+            consistency: None,
             pieces: vec![],
         };
         parse_hints(" lagrouter:replica lagrouter:token=v1.AbC-_9 ", &mut s);
@@ -118,5 +135,12 @@ mod tests {
         parse_hints("lagrouter:token=", &mut s);
         parse_hints("lagrouter:primaryx lagrouter:", &mut s);
         assert_eq!(s.token.as_deref(), Some("v1.AbC-_9"));
+        parse_hints(
+            " lagrouter:consistency=bounded-staleness 5s lagrouter:replica ",
+            &mut s,
+        );
+        assert_eq!(s.consistency.as_deref(), Some("bounded-staleness 5s"));
+        parse_hints("lagrouter:consistency=primary", &mut s);
+        assert_eq!(s.consistency.as_deref(), Some("bounded-staleness 5s"));
     }
 }

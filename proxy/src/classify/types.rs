@@ -194,6 +194,9 @@ pub struct Classification {
     /// The raw text of the first `lagrouter:token=…` hint in a comment (not
     /// validated here).
     pub token: Option<String>,
+    /// The raw text of the first `lagrouter:consistency=…` hint in a
+    /// comment, e.g. `bounded-staleness 5s` (not validated here).
+    pub consistency: Option<String>,
 }
 
 impl Classification {
@@ -227,6 +230,7 @@ impl Classification {
             statements: vec![kind],
             hint: None,
             token: None,
+            consistency: None,
         }
     }
 }

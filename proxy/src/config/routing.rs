@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use super::duration::duration_str;
+use super::duration::{duration_str, parse_duration};
 
 /// The routing policy for reads.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -93,6 +93,110 @@ impl RoutingConfig {
             Policy::Eventual => C::Eventual,
             Policy::Primary => C::Primary,
             Policy::PrimaryAfterWrite => C::PrimaryAfterWrite(self.primary_window),
+        }
+    }
+}
+
+/// Parses a policy as a client names it in `SET lagrouter.consistency` or a
+/// `/* lagrouter:consistency=… */` hint: `read-your-writes`, `eventual`,
+/// `primary`, `bounded-staleness`, `primary-after-write`, optionally
+/// followed by a duration: the lag bound of `bounded-staleness`, the window
+/// of `primary-after-write`, the wait of `read-your-writes`. What is not
+/// given comes from `routing`.
+pub fn parse_consistency(
+    text: &str,
+    routing: &RoutingConfig,
+) -> Result<lagrouter::Consistency, String> {
+    use lagrouter::Consistency as C;
+    let mut words = text.split_whitespace();
+    let name = words.next().unwrap_or("").to_ascii_lowercase();
+    let duration = match (words.next(), words.next()) {
+        (None, _) => None,
+        (Some(d), None) => Some(parse_duration(d)?),
+        (Some(_), Some(_)) => return Err(format!("too many words in {text:?}")),
+    };
+    let policy = match name.as_str() {
+        "read-your-writes" => C::ReadYourWrites {
+            max_wait: duration.unwrap_or(routing.max_wait),
+            then: routing.then,
+        },
+        "bounded-staleness" => C::BoundedStaleness(duration.unwrap_or(routing.max_lag)),
+        "primary-after-write" => C::PrimaryAfterWrite(duration.unwrap_or(routing.primary_window)),
+        "eventual" | "primary" if duration.is_some() => {
+            return Err(format!("{name} takes no duration"));
+        }
+        "eventual" => C::Eventual,
+        "primary" => C::Primary,
+        _ => {
+            return Err(format!(
+                "unknown consistency {text:?}: expected read-your-writes, bounded-staleness, \
+                 eventual, primary or primary-after-write, optionally with a duration"
+            ));
+        }
+    };
+    Ok(policy)
+}
+
+/// How [`parse_consistency`] would read `policy` back (for `SHOW`).
+pub fn format_consistency(policy: &lagrouter::Consistency) -> String {
+    use super::duration::format_duration;
+    use lagrouter::Consistency as C;
+    match policy {
+        C::ReadYourWrites { max_wait, .. } => {
+            format!("read-your-writes {}", format_duration(*max_wait))
+        }
+        C::BoundedStaleness(d) => format!("bounded-staleness {}", format_duration(*d)),
+        C::PrimaryAfterWrite(d) => format!("primary-after-write {}", format_duration(*d)),
+        C::Eventual => "eventual".into(),
+        C::Primary => "primary".into(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use lagrouter::Consistency as C;
+
+    #[test]
+    fn client_policies_parse_and_print_back() {
+        let r = RoutingConfig::default();
+        let table: &[(&str, C)] = &[
+            ("eventual", C::Eventual),
+            ("PRIMARY", C::Primary),
+            ("read-your-writes", r.consistency()),
+            (
+                "read-your-writes 50ms",
+                C::ReadYourWrites {
+                    max_wait: Duration::from_millis(50),
+                    then: r.then,
+                },
+            ),
+            (
+                "bounded-staleness 500ms",
+                C::BoundedStaleness(Duration::from_millis(500)),
+            ),
+            ("bounded-staleness", C::BoundedStaleness(r.max_lag)),
+            (
+                "primary-after-write 2s",
+                C::PrimaryAfterWrite(Duration::from_secs(2)),
+            ),
+        ];
+        for (text, want) in table {
+            let got = parse_consistency(text, &r).unwrap();
+            assert_eq!(&got, want, "{text}");
+            assert_eq!(
+                parse_consistency(&format_consistency(&got), &r).unwrap(),
+                got
+            );
+        }
+        for bad in [
+            "",
+            "fast",
+            "eventual 1s",
+            "bounded-staleness soon",
+            "primary-after-write 1s 2s",
+        ] {
+            assert!(parse_consistency(bad, &r).is_err(), "{bad:?}");
         }
     }
 }

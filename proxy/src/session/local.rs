@@ -7,9 +7,10 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
-use lagrouter::ConsistencyToken;
+use lagrouter::{Consistency, ConsistencyToken};
 
 use crate::classify::{Classification, StatementKind};
+use crate::config::{format_consistency, format_duration, parse_consistency, parse_duration};
 use crate::metrics as m;
 use crate::wire::{self as protocol, ClientMessage, PgError};
 
@@ -22,13 +23,31 @@ pub const TOKEN_PARAMETER: &str = "lagrouter.token";
 /// The setting clients use to pass a token in (`SET lagrouter.min_token`).
 pub const MIN_TOKEN_SETTING: &str = "lagrouter.min_token";
 
+/// The session's read policy (`SET lagrouter.consistency`).
+pub const CONSISTENCY_SETTING: &str = "lagrouter.consistency";
+/// The session's read-your-writes wait (`SET lagrouter.max_wait`).
+pub const MAX_WAIT_SETTING: &str = "lagrouter.max_wait";
+
 /// A statement the proxy answers itself.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(super) enum LocalStmt {
     SetMinToken(String),
     ResetMinToken,
     ShowToken,
+    /// `SET lagrouter.consistency` / `lagrouter.max_wait` (name, value).
+    Set(&'static str, String),
+    /// `RESET` of one of those.
+    Reset(&'static str),
+    /// `SHOW` of one of those.
+    Show(&'static str),
     Empty,
+}
+
+/// The session settings besides the token, by name.
+fn session_setting(name: &str) -> Option<&'static str> {
+    [CONSISTENCY_SETTING, MAX_WAIT_SETTING]
+        .into_iter()
+        .find(|s| *s == name)
 }
 
 impl Session {
@@ -63,7 +82,10 @@ impl Session {
         if let Some(name) = show {
             return match name.as_str() {
                 TOKEN_PARAMETER | MIN_TOKEN_SETTING => Ok(Some(LocalStmt::ShowToken)),
-                _ => Err(unknown_setting(&name)),
+                other => match session_setting(other) {
+                    Some(s) => Ok(Some(LocalStmt::Show(s))),
+                    None => Err(unknown_setting(&name)),
+                },
             };
         }
         match &class.statements[0] {
@@ -73,6 +95,12 @@ impl Session {
             StatementKind::Reset { name: Some(name) } if name == MIN_TOKEN_SETTING => {
                 Ok(Some(LocalStmt::ResetMinToken))
             }
+            StatementKind::Set { name, value, .. } if session_setting(name).is_some() => Ok(Some(
+                LocalStmt::Set(session_setting(name).unwrap_or_default(), value.clone()),
+            )),
+            StatementKind::Reset { name: Some(name) } if session_setting(name).is_some() => Ok(
+                Some(LocalStmt::Reset(session_setting(name).unwrap_or_default())),
+            ),
             StatementKind::Set { name, .. } | StatementKind::Reset { name: Some(name) } => {
                 Err(unknown_setting(name))
             }
@@ -100,6 +128,53 @@ impl Session {
         Ok(())
     }
 
+    /// The read policy of this session: its own (`SET
+    /// lagrouter.consistency`), else the configured one; with `SET
+    /// lagrouter.max_wait` applied to read-your-writes.
+    pub(super) fn session_policy(&self) -> Consistency {
+        let mut p = self.consistency.unwrap_or_else(|| self.settings().policy);
+        if let (Some(w), Consistency::ReadYourWrites { max_wait, .. }) = (self.max_wait, &mut p) {
+            *max_wait = w;
+        }
+        p
+    }
+
+    /// Sets (`Some`) or resets (`None`) `lagrouter.consistency` or
+    /// `lagrouter.max_wait`; a malformed value is 22023 and changes nothing.
+    fn set_session_setting(&mut self, name: &str, value: Option<&str>) -> Result<(), PgError> {
+        let invalid = |e: String| {
+            PgError::error(
+                "22023",
+                format!("invalid value for parameter \"{name}\": {e}"),
+            )
+        };
+        match (name, value) {
+            (CONSISTENCY_SETTING, Some(v)) => {
+                let routing = &self.settings().config.routing;
+                self.consistency = Some(parse_consistency(v, routing).map_err(invalid)?);
+            }
+            (CONSISTENCY_SETTING, None) => self.consistency = None,
+            (_, Some(v)) => self.max_wait = Some(parse_duration(v).map_err(invalid)?),
+            (_, None) => self.max_wait = None,
+        }
+        Ok(())
+    }
+
+    /// The value `SHOW` gives for `lagrouter.consistency` (the effective
+    /// policy, as `SET` takes it) or `lagrouter.max_wait`.
+    fn show_session_setting(&self, name: &str) -> String {
+        let policy = self.session_policy();
+        if name == CONSISTENCY_SETTING {
+            return format_consistency(&policy);
+        }
+        format_duration(match policy {
+            Consistency::ReadYourWrites { max_wait, .. } => max_wait,
+            _ => self
+                .max_wait
+                .unwrap_or(self.settings().config.routing.max_wait),
+        })
+    }
+
     /// Runs a local statement (Execute time); returns the reply messages.
     pub(super) fn run_local(
         &mut self,
@@ -122,6 +197,21 @@ impl Session {
                 protocol::text_data_row(&t, &mut out);
                 protocol::command_complete("SHOW", &mut out);
             }
+            LocalStmt::Set(name, value) => {
+                self.set_session_setting(name, Some(value))?;
+                protocol::command_complete("SET", &mut out);
+            }
+            LocalStmt::Reset(name) => {
+                self.set_session_setting(name, None)?;
+                protocol::command_complete("RESET", &mut out);
+            }
+            LocalStmt::Show(name) => {
+                if !extended {
+                    protocol::text_row_description(name, &mut out);
+                }
+                protocol::text_data_row(&self.show_session_setting(name), &mut out);
+                protocol::command_complete("SHOW", &mut out);
+            }
             LocalStmt::Empty => out.extend_from_slice(&protocol::empty_message(b'I')),
         }
         Ok(vec![out.freeze()])
@@ -137,6 +227,11 @@ impl Session {
             LocalStmt::ShowToken => {
                 let mut b = BytesMut::new();
                 protocol::text_row_description(TOKEN_PARAMETER, &mut b);
+                v.push(b.freeze());
+            }
+            LocalStmt::Show(name) => {
+                let mut b = BytesMut::new();
+                protocol::text_row_description(name, &mut b);
                 v.push(b.freeze());
             }
             _ => v.push(protocol::empty_message(b'n')),

@@ -167,6 +167,13 @@ struct Session {
     token: TokenHolder,
     /// The read engine's plan for the read unit in flight, if any.
     plan: Option<ReadPlan>,
+    /// The session's own read policy (`SET lagrouter.consistency`).
+    consistency: Option<lagrouter::Consistency>,
+    /// The session's read-your-writes wait (`SET lagrouter.max_wait`).
+    max_wait: Option<Duration>,
+    /// The policy of the unit being sent: the session's, or a
+    /// `lagrouter:consistency` hint's for that statement.
+    unit_policy: lagrouter::Consistency,
     /// When the session last wrote (given to the router with each read).
     last_write: Option<Instant>,
     /// Session settings to have on any backend (name → SQL to apply).
@@ -218,6 +225,9 @@ pub async fn run(shared: Arc<Shared>, client: ClientConn, info: StartupInfo) {
         cancel,
         token: TokenHolder::default(),
         plan: None,
+        consistency: None,
+        max_wait: None,
+        unit_policy: shared.settings().policy,
         last_write: None,
         desired: BTreeMap::new(),
         startup_desired: BTreeMap::new(),

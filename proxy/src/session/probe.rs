@@ -26,7 +26,7 @@ impl Session {
     /// a later one may use the token), after a replica read when the policy
     /// uses tokens (monotonic reads).
     pub(super) fn attach_probe(&mut self) {
-        let uses_token = self.settings().policy.uses_token();
+        let uses_token = self.unit_policy.uses_token();
         let Some(h) = &mut self.backend else { return };
         if std::mem::take(&mut h.no_pipelined_probe) || h.predicted != TxnStatus::Idle {
             // COPY FROM STDIN: the server would take the probe as COPY

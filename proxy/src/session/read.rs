@@ -39,7 +39,7 @@ impl Session {
         let req = ReadRequest {
             last_write: self.last_write,
             retry_replica_errors: settings.config.routing.retry_on_replica_error,
-            ..ReadRequest::new(settings.policy, self.token.get())
+            ..ReadRequest::new(self.unit_policy, self.token.get())
         };
         let now = Instant::now();
         let mut plan = ReadPlan::new(req, now);

@@ -14,6 +14,7 @@ use tracing::info;
 
 use crate::backend::{PoolError, PooledConn};
 use crate::classify::{Classification, RouteHint, StatementKind};
+use crate::config::parse_consistency;
 use crate::metrics as m;
 use crate::wire::{self as protocol, ClientMessage, Frame, PgError};
 use lagrouter::routing::Run;
@@ -196,6 +197,20 @@ impl Session {
                 _ => {}
             }
         }
+        // The unit's policy: a `lagrouter:consistency` hint, else the
+        // session's.
+        self.unit_policy = match classes.iter().find_map(|c| c.consistency.as_deref()) {
+            None => self.session_policy(),
+            Some(text) => match parse_consistency(text, &self.settings().config.routing) {
+                Ok(p) => p,
+                Err(e) => {
+                    let e =
+                        PgError::error("22023", format!("invalid lagrouter:consistency hint: {e}"));
+                    self.unit_error(&batch, e);
+                    return Ok(());
+                }
+            },
+        };
         // Token hints in comments apply before routing.
         let hints: Vec<String> = classes.iter().filter_map(|c| c.token.clone()).collect();
         for t in hints {

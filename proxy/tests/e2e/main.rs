@@ -17,5 +17,6 @@ mod failover;
 mod faults;
 mod ops;
 mod parity;
+mod session_policy;
 mod slow_client;
 mod tools;
