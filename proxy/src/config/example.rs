@@ -55,4 +55,5 @@ password = "secret"                # plain text, SCRAM-SHA-256$... verifier or m
 auth = "scram-sha-256"             # scram-sha-256 | md5 | trust
 # server_user = "app"              # backend credentials; default: name / password
 # server_password = "secret"
+# consistency = "bounded-staleness 1s"  # this user's default read policy (as SET lagrouter.consistency)
 "#;

@@ -159,6 +159,7 @@ impl Config {
                 auth: AuthMethod::ScramSha256,
                 server_user: None,
                 server_password: None,
+                consistency: None,
             }],
         }
     }

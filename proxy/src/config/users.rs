@@ -55,6 +55,10 @@ pub struct UserConfig {
     /// proxy).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub server_password: Option<String>,
+    /// This user's default read policy, as `SET lagrouter.consistency`
+    /// takes it (e.g. `"bounded-staleness 1s"`). Default: `routing.policy`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub consistency: Option<String>,
 }
 
 impl fmt::Debug for UserConfig {
@@ -68,6 +72,7 @@ impl fmt::Debug for UserConfig {
                 "server_password",
                 &self.server_password.as_ref().map(|_| "<redacted>"),
             )
+            .field("consistency", &self.consistency)
             .finish()
     }
 }
@@ -159,6 +164,7 @@ mod tests {
             auth: AuthMethod::ScramSha256,
             server_user: None,
             server_password: Some("hunter3".into()),
+            consistency: None,
         };
         let s = format!("{u:?}");
         assert!(!s.contains("hunter"), "{s}");

@@ -4,6 +4,7 @@ use std::collections::HashSet;
 use std::time::Duration;
 
 use super::error::invalid;
+use super::routing::parse_consistency;
 use super::users::check_scram_verifier;
 use super::{AuthMethod, Config, ConfigError, MAX_DURATION, NodeRole, PasswordKind};
 
@@ -169,6 +170,9 @@ impl Config {
             }
             if u.server_user.as_deref() == Some("") {
                 return Err(invalid(key("server_user"), "must not be empty"));
+            }
+            if let Some(c) = &u.consistency {
+                parse_consistency(c, &self.routing).map_err(|m| invalid(key("consistency"), m))?;
             }
         }
         Ok(())

@@ -29,6 +29,8 @@ pub struct UserEntry {
     pub server_user: String,
     /// Backend password.
     pub server_password: Option<String>,
+    /// The user's default read policy (`users[].consistency`), if set.
+    pub consistency: Option<Consistency>,
 }
 
 /// Settings that can change on reload.
@@ -88,6 +90,10 @@ impl Settings {
                     scram,
                     server_user: u.effective_server_user().to_string(),
                     server_password: u.effective_server_password().map(str::to_string),
+                    consistency: u
+                        .consistency
+                        .as_deref()
+                        .and_then(|c| crate::config::parse_consistency(c, &config.routing).ok()),
                 }),
             );
         }

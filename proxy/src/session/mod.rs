@@ -167,8 +167,12 @@ struct Session {
     token: TokenHolder,
     /// The read engine's plan for the read unit in flight, if any.
     plan: Option<ReadPlan>,
-    /// The session's own read policy (`SET lagrouter.consistency`).
+    /// The session's own read policy (`SET lagrouter.consistency`, else the
+    /// user's `consistency` from the configuration).
     consistency: Option<lagrouter::Consistency>,
+    /// The user's default policy from the configuration (what `RESET
+    /// lagrouter.consistency` returns to).
+    user_consistency: Option<lagrouter::Consistency>,
     /// The session's read-your-writes wait (`SET lagrouter.max_wait`).
     max_wait: Option<Duration>,
     /// The policy of the unit being sent: the session's, or a
@@ -225,7 +229,8 @@ pub async fn run(shared: Arc<Shared>, client: ClientConn, info: StartupInfo) {
         cancel,
         token: TokenHolder::default(),
         plan: None,
-        consistency: None,
+        consistency: entry.consistency,
+        user_consistency: entry.consistency,
         max_wait: None,
         unit_policy: shared.settings().policy,
         last_write: None,

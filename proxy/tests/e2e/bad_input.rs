@@ -304,6 +304,7 @@ async fn authentication_failures() {
             auth: lagrouter_proxy::config::AuthMethod::Md5,
             server_user: Some(USER.into()),
             server_password: Some(PASSWORD.into()),
+            consistency: None,
         });
     })
     .await;

@@ -136,3 +136,40 @@ async fn consistency_per_session_and_per_statement() {
     assert!(!row.get::<_, bool>(0));
     env.stop().await;
 }
+
+/// A user's `consistency` in the configuration is its sessions' default:
+/// `RESET` returns to it, other users keep `routing.policy`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_user_can_carry_a_default_policy() {
+    let env = start_with(lagrouter_testing::PgCluster::builder().replicas(1), |c| {
+        add_trust_user(c);
+        c.users.last_mut().unwrap().consistency = Some("primary".into());
+    })
+    .await;
+    let raw = connect(&raw_conn_str(env.addr())).await;
+    assert_eq!(show(&raw, "lagrouter.consistency").await, "primary");
+    assert!(!on_replica(&raw, READ).await);
+    raw.batch_execute("SET lagrouter.consistency = 'eventual'")
+        .await
+        .unwrap();
+    assert!(on_replica(&raw, READ).await);
+    raw.batch_execute("RESET lagrouter.consistency")
+        .await
+        .unwrap();
+    assert!(
+        !on_replica(&raw, READ).await,
+        "RESET returns to the user's default"
+    );
+    let other = env.connect().await;
+    assert!(
+        on_replica(&other, READ).await,
+        "other users keep routing.policy"
+    );
+
+    // A malformed default is refused when the configuration is loaded.
+    let mut bad = env.proxy_config();
+    bad.users.last_mut().unwrap().consistency = Some("sometimes".into());
+    let e = bad.validate().unwrap_err().to_string();
+    assert!(e.contains("consistency"), "{e}");
+    env.stop().await;
+}

@@ -300,6 +300,7 @@ pub fn add_trust_user(config: &mut Config) {
         auth: lagrouter_proxy::config::AuthMethod::Trust,
         server_user: Some(USER.into()),
         server_password: Some(PASSWORD.into()),
+        consistency: None,
     });
 }
 
