@@ -234,8 +234,6 @@ fn known_functions() {
         "SELECT pg_advisory_lock_shared(1, 2)",
         "SELECT pg_try_advisory_lock(42)",
         "SELECT pg_try_advisory_lock_shared(42)",
-        "SELECT pg_advisory_unlock(1)",
-        "SELECT pg_advisory_unlock_all()",
         "SELECT * FROM pg_try_advisory_lock(1) AS l",
         "SELECT pg_advisory_lock(1), nextval('s')",
         "SELECT nextval('s'), pg_advisory_lock(1)",
@@ -460,6 +458,28 @@ fn reset_and_discard() {
     assert_eq!(one("DISCARD TEMP"), K::Other);
 }
 
+/// What drivers and pools send to clean a connection up never pins it:
+/// asyncpg's pool runs the first one on every release.
+#[test]
+fn releasing_session_state_never_pins() {
+    for sql in [
+        "SELECT pg_advisory_unlock_all(); CLOSE ALL; UNLISTEN *; RESET ALL;",
+        "SELECT pg_advisory_unlock(1)",
+        "SELECT pg_advisory_unlock_shared(1)",
+        "SELECT pg_advisory_unlock_all()",
+        "UNLISTEN *",
+        "UNLISTEN chan",
+        "CLOSE ALL",
+        "RESET ALL",
+        "DISCARD ALL",
+    ] {
+        let c = classify(sql);
+        assert_eq!(c.pin_reason(), None, "{sql}: {c:?}");
+    }
+    // Releases go to the primary, where locks would have been taken.
+    assert!(!classify("SELECT pg_advisory_unlock_all()").is_read_only());
+}
+
 #[test]
 fn session_pinning() {
     for (sql, reason) in [
@@ -469,8 +489,6 @@ fn session_pinning() {
         ("CREATE TEMP SEQUENCE s", PinReason::TempTable),
         ("CREATE LOCAL TEMP TABLE t (a int)", PinReason::TempTable),
         ("LISTEN chan", PinReason::Listen),
-        ("UNLISTEN *", PinReason::Unlisten),
-        ("UNLISTEN chan", PinReason::Unlisten),
         ("PREPARE p (int) AS SELECT $1", PinReason::SqlPrepare),
         (
             "PREPARE p AS INSERT INTO t VALUES (1)",

@@ -115,7 +115,7 @@ pub(super) fn fallback_kind(piece: &str) -> StatementKind {
         "MOVE" | "FETCH" | "CLOSE" => K::Read,
         "SHOW" => K::Show,
         "LISTEN" => K::SessionPinning(PinReason::Listen),
-        "UNLISTEN" => K::SessionPinning(PinReason::Unlisten),
+        "UNLISTEN" => K::Other,
         "LOCK" => K::SessionPinning(PinReason::Lock),
         "DECLARE" => {
             if has_seq(&["WITH", "HOLD"]) {

@@ -150,7 +150,9 @@ fn classify_statement(stmt: &Statement) -> StatementKind {
         },
         Statement::ShowVariable { .. } => K::Show,
         Statement::LISTEN { .. } => K::SessionPinning(PinReason::Listen),
-        Statement::UNLISTEN { .. } => K::SessionPinning(PinReason::Unlisten),
+        // Stops notifications the session may get: on a pinned session it runs
+        // there; on any other backend there is nothing to stop.
+        Statement::UNLISTEN { .. } => K::Other,
         Statement::Prepare { .. } => K::SessionPinning(PinReason::SqlPrepare),
         Statement::Lock(_) => K::SessionPinning(PinReason::Lock),
         Statement::Declare { stmts, .. } => {

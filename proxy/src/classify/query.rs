@@ -145,11 +145,17 @@ fn function_effect(name: &str, args: &[FunctionArg]) -> StatementKind {
         "pg_advisory_lock_shared",
         "pg_try_advisory_lock",
         "pg_try_advisory_lock_shared",
+    ];
+    // Releasing never needs the session's own backend: a session that holds
+    // a lock is pinned already, and on any other backend there is nothing
+    // to release (asyncpg's pool runs `pg_advisory_unlock_all()` on every
+    // release).
+    const UNLOCK: &[&str] = &[
         "pg_advisory_unlock",
         "pg_advisory_unlock_shared",
         "pg_advisory_unlock_all",
     ];
-    if name.starts_with("lo_") || WRITES.contains(&name) {
+    if name.starts_with("lo_") || WRITES.contains(&name) || UNLOCK.contains(&name) {
         return StatementKind::Write;
     }
     if ADVISORY.contains(&name) {

@@ -83,10 +83,8 @@ pub enum PinReason {
     TempTable,
     /// `LISTEN channel`.
     Listen,
-    /// `UNLISTEN channel` / `UNLISTEN *`.
-    Unlisten,
     /// Session-level advisory locks: `pg_advisory_lock*`,
-    /// `pg_try_advisory_lock*`, `pg_advisory_unlock*`.
+    /// `pg_try_advisory_lock*` (releasing them never pins).
     AdvisoryLock,
     /// SQL-level `PREPARE name AS …`.
     SqlPrepare,
@@ -121,7 +119,6 @@ impl PinReason {
         match self {
             PinReason::TempTable => "temp_table",
             PinReason::Listen => "listen",
-            PinReason::Unlisten => "unlisten",
             PinReason::AdvisoryLock => "advisory_lock",
             PinReason::SqlPrepare => "sql_prepare",
             PinReason::HoldCursor => "hold_cursor",
