@@ -35,7 +35,8 @@
 # THREADS (2), SCALE (10), MODES ("simple extended prepared"), REPLICAS (2),
 # POOL_SIZE (20, server connections per node in both poolers),
 # IDLE_CLIENTS (1000), PROXY_POLICIES ("read-your-writes"; e.g.
-# "read-your-writes eventual" adds a proxy per policy as a target), PG_BIN (pg_config --bindir), PROXY_BIN, SKIP_MEMORY=1.
+# "read-your-writes eventual" adds a proxy per policy as a target), PG_BIN (pg_config --bindir), PROXY_BIN,
+# PGBOUNCER_BIN (default: the system's pgbouncer), SKIP_MEMORY=1.
 # Results are in BENCHMARKS.md.
 
 set -euo pipefail
@@ -116,7 +117,12 @@ free_port() {
 [ -x "$PG_BIN/initdb" ] || die "PostgreSQL server binaries not found in $PG_BIN (set PG_BIN)"
 command -v pgbench >/dev/null || PATH="$PG_BIN:$PATH"
 command -v pgbench >/dev/null || die "pgbench not found"
-if ! command -v pgbouncer >/dev/null; then
+# PgBouncer: PGBOUNCER_BIN (e.g. 1.25 built by ../shared/peers/build-pgbouncer.sh),
+# else the system's, installed with apt-get when missing (Debian's 1.18
+# cannot run -M prepared in transaction pooling).
+if [ -n "${PGBOUNCER_BIN:-}" ]; then
+  [ -x "$PGBOUNCER_BIN" ] || die "no PgBouncer binary at $PGBOUNCER_BIN"
+elif ! command -v pgbouncer >/dev/null; then
   log "installing pgbouncer"
   if [ "$(id -u)" = 0 ]; then
     DEBIAN_FRONTEND=noninteractive apt-get install -y pgbouncer >/dev/null 2>&1 ||
@@ -126,6 +132,7 @@ if ! command -v pgbouncer >/dev/null; then
     log "pgbouncer is missing and we are not root; its rows will be missing"
   fi
 fi
+PGBOUNCER_BIN=${PGBOUNCER_BIN:-$(command -v pgbouncer || true)}
 if [ -z "${PROXY_BIN:-}" ]; then
   log "building lagrouter-proxy (release)"
   (cd "$ROOT" && cargo build --release -q -p lagrouter-proxy) || die "cargo build failed"
@@ -199,7 +206,7 @@ done
 
 # --- PgBouncer ----------------------------------------------------------------
 PGB_PORT=""
-if command -v pgbouncer >/dev/null; then
+if [ -n "$PGBOUNCER_BIN" ]; then
   PGB_PORT=$(free_port)
   printf '"postgres" "%s"\n' "$PASSWORD" >"$WORK/userlist.txt"
   cat >"$WORK/pgbouncer.ini" <<EOF
@@ -216,6 +223,9 @@ pool_mode = transaction
 default_pool_size = $POOL_SIZE
 max_client_conn = $((IDLE_CLIENTS + 500))
 ignore_startup_parameters = extra_float_digits
+; 1.21+: prepared statements in transaction pooling (older versions warn
+; and ignore it)
+max_prepared_statements = 200
 logfile = $WORK/pgbouncer.log
 pidfile = $PGB_PIDFILE
 EOF
@@ -223,9 +233,9 @@ EOF
   # Not daemonised: our own child (a simple command, so $! is pgbouncer
   # itself once setpriv has exec'd it), which we stop and reap.
   if [ "$(id -u)" = 0 ]; then
-    setpriv --reuid=postgres --regid=postgres --init-groups -- pgbouncer "$WORK/pgbouncer.ini" >/dev/null 2>&1 &
+    setpriv --reuid=postgres --regid=postgres --init-groups -- "$PGBOUNCER_BIN" "$WORK/pgbouncer.ini" >/dev/null 2>&1 &
   else
-    pgbouncer "$WORK/pgbouncer.ini" >/dev/null 2>&1 &
+    "$PGBOUNCER_BIN" "$WORK/pgbouncer.ini" >/dev/null 2>&1 &
   fi
   PGB_PID=$!
   PIDS+=("$PGB_PID")
@@ -362,7 +372,7 @@ median() { sort -g | awk '{a[NR]=$1} END {if (NR==0) print ""; else if (NR%2) pr
 echo
 echo "## pgbench -S, $CLIENTS clients, $THREADS threads, ${DURATION}s per run, $ROUNDS rounds (medians), scale $SCALE"
 echo
-echo "$(nproc) CPUs, loopback; PostgreSQL $("$PG_BIN/postgres" --version | awk '{print $3}'), $(pgbouncer --version 2>/dev/null | head -1 || echo 'no PgBouncer'), lagrouter-proxy over 1 primary + $REPLICAS replicas; loadavg $LOAD_BEFORE -> $LOAD_AFTER"
+echo "$(nproc) CPUs, loopback; PostgreSQL $("$PG_BIN/postgres" --version | awk '{print $3}'), $("${PGBOUNCER_BIN:-pgbouncer}" --version 2>/dev/null | head -1 || echo 'no PgBouncer'), lagrouter-proxy over 1 primary + $REPLICAS replicas; loadavg $LOAD_BEFORE -> $LOAD_AFTER"
 echo
 echo "| mode | target | TPS | latency avg ms | TPS vs direct | TPS vs PgBouncer | pooler CPU µs/txn | runs ok |"
 echo "|---|---|---:|---:|---:|---:|---:|---:|"
