@@ -332,8 +332,7 @@ impl Cluster {
                 }
                 Step::Done(served) => {
                     if served.token_wait {
-                        metrics::counter!(TOKEN_WAITS_TOTAL).increment(1);
-                        metrics::histogram!(TOKEN_WAIT_SECONDS).record(served.waited.as_secs_f64());
+                        count_token_wait(served.waited);
                     }
                     let r = last
                         .take()
@@ -361,10 +360,7 @@ impl Cluster {
                             metrics::counter!(TOKENS_AHEAD_TOTAL).increment(1);
                             tracing::warn!(token = %token, primary = %primary, "consistency token is ahead of the primary");
                         }
-                        Error::WaitTimeout { waited, .. } => {
-                            metrics::counter!(TOKEN_WAITS_TOTAL).increment(1);
-                            metrics::histogram!(TOKEN_WAIT_SECONDS).record(waited.as_secs_f64());
-                        }
+                        Error::WaitTimeout { waited, .. } => count_token_wait(*waited),
                         _ => {}
                     }
                     return Err(e);
@@ -390,4 +386,10 @@ impl Cluster {
         }
         f
     }
+}
+
+/// Counts a read that waited for a replica to reach its token, and how long.
+fn count_token_wait(waited: Duration) {
+    metrics::counter!(TOKEN_WAITS_TOTAL).increment(1);
+    metrics::histogram!(TOKEN_WAIT_SECONDS).record(waited.as_secs_f64());
 }

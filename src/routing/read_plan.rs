@@ -292,11 +292,6 @@ impl ReadPlan {
             .saturating_sub(now.saturating_duration_since(self.start))
     }
 
-    /// The token the read must see, when its policy uses one.
-    pub fn token(&self) -> Option<ConsistencyToken> {
-        self.token
-    }
-
     /// The first step. Fails at once for a token of another cluster
     /// (22023) or one standing for writes lost in a failover (55000).
     pub fn start(&mut self, topo: &Topology, router: &Router, now: Instant) -> Step {
