@@ -1,18 +1,20 @@
 //! Library surface of the lagrouter proxy.
 //!
 //! Modules, lowest layer first (each uses only those before it):
-//! [`metrics`], [`wire`], [`classify`], [`config`], [`router`];
+//! [`metrics`], [`stats`], [`wire`], [`classify`], [`config`], [`router`];
 //! [`backend`]; [`frontend`]'s `auth` and `tls`; [`server`]'s `settings`
-//! and `shared`; [`frontend`]'s `conn` and `startup`; [`session`]; and
+//! and `shared`; [`frontend`]'s `conn` and `startup`; [`session`] and [`console`]; and
 //! [`server`]'s `listen`, which starts the proxy. [`demo`] starts a local
 //! cluster for it.
 
 pub mod classify;
 pub mod config;
 pub mod metrics;
+pub mod stats;
 pub mod wire;
 
 pub mod backend;
+pub mod console;
 #[cfg(feature = "demo")]
 pub mod demo;
 pub mod frontend;

@@ -102,11 +102,15 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         }
     };
     let proxy = Proxy::start(config).await?;
+    if let Some(path) = &args.config {
+        proxy.set_config_path(path);
+    }
     if let Some(d) = &demo {
         print_demo_banner(d, &proxy);
     }
     let died = tokio::select! {
         () = wait_for_signals(&proxy, args.config.as_deref(), &args) => None,
+        () = proxy.shutdown_requested() => None,
         reason = demo_server_exited(demo.as_ref()) => Some(reason),
     };
     proxy.shutdown().await;
@@ -204,18 +208,15 @@ async fn wait_for_signals(proxy: &ProxyHandle, config: Option<&std::path::Path>,
             _ = tokio::signal::ctrl_c() => { info!("SIGINT: shutting down"); return; }
             _ = term.recv() => { info!("SIGTERM: shutting down"); return; }
             _ = hup.recv() => {
-                let Some(path) = config else {
+                if config.is_none() {
                     warn!("SIGHUP: no configuration file to reload (demo mode)");
                     continue;
-                };
-                match Config::load(path) {
-                    Ok(mut c) => {
-                        apply_overrides(&mut c, args);
-                        if let Err(e) = proxy.reload(c) {
-                            error!(error = %e, "reload failed; keeping the running configuration");
-                        }
-                    }
-                    Err(e) => error!(error = %e, "reload failed; keeping the running configuration"),
+                }
+                // Command-line overrides are listen addresses, which a
+                // reload keeps as started anyway.
+                let _ = args;
+                if let Err(e) = proxy.reload_from_file() {
+                    error!(error = %e, "reload failed; keeping the running configuration");
                 }
             }
         }

@@ -41,6 +41,10 @@ pub struct CancelTarget {
     pub pid: i32,
     /// Backend secret key.
     pub secret: i32,
+    /// The node the connection belongs to.
+    pub node: usize,
+    /// When the connection was opened.
+    pub created_at: Instant,
 }
 
 /// A failure talking to a backend. Server errors keep their SQLSTATE.
@@ -360,6 +364,8 @@ impl BackendConn {
             addr: self.addr,
             pid: self.pid,
             secret: self.secret,
+            node: self.node,
+            created_at: self.created_at,
         }
     }
 

@@ -7,4 +7,6 @@ pub mod conn;
 pub mod pool;
 
 pub use conn::{BackendConn, BackendError, BackendTarget, CancelTarget, send_cancel};
-pub use pool::{NodePool, PoolError, PoolKey, PoolSettings, PoolStats, PooledConn, Pools};
+pub use pool::{
+    IdleServer, NodePool, PoolError, PoolKey, PoolSettings, PoolStats, PooledConn, Pools,
+};

@@ -115,6 +115,8 @@ pub struct NodePool {
     settings: Mutex<PoolSettings>,
     created: AtomicU64,
     open: Arc<AtomicUsize>,
+    /// Checkouts waiting for a free slot.
+    waiting: AtomicUsize,
 }
 
 /// Statistics of one pool for `/status`.
@@ -136,6 +138,27 @@ pub struct PoolStats {
     pub in_use: usize,
     /// Connections opened since start.
     pub created_total: u64,
+    /// Checkouts waiting for a connection (the pool is at its size).
+    pub waiting: usize,
+}
+
+/// An idle server connection, for the admin console's `SHOW SERVERS`.
+#[derive(Clone, Debug)]
+pub struct IdleServer {
+    /// Node index.
+    pub node: usize,
+    /// Server user.
+    pub user: String,
+    /// Database.
+    pub database: String,
+    /// The server's address.
+    pub addr: std::net::SocketAddr,
+    /// Backend process id.
+    pub pid: i32,
+    /// When the connection was opened.
+    pub created_at: Instant,
+    /// Since when it is idle.
+    pub idle_since: Instant,
 }
 
 impl NodePool {
@@ -150,6 +173,7 @@ impl NodePool {
             settings: Mutex::new(settings),
             created: AtomicU64::new(0),
             open: Arc::new(AtomicUsize::new(0)),
+            waiting: AtomicUsize::new(0),
         }
     }
 
@@ -160,14 +184,24 @@ impl NodePool {
     /// Takes a connection, opening one if none is idle.
     pub async fn checkout(self: &Arc<Self>) -> Result<PooledConn, PoolError> {
         let settings = self.settings();
-        let permit =
-            match tokio::time::timeout(settings.checkout_timeout, self.sem.clone().acquire_owned())
-                .await
-            {
-                Ok(Ok(p)) => p,
-                Ok(Err(_)) => return Err(PoolError::Closed),
-                Err(_) => return Err(PoolError::Timeout(settings.checkout_timeout)),
-            };
+        let permit = match self.sem.clone().try_acquire_owned() {
+            Ok(p) => p,
+            Err(tokio::sync::TryAcquireError::Closed) => return Err(PoolError::Closed),
+            Err(tokio::sync::TryAcquireError::NoPermits) => {
+                self.waiting.fetch_add(1, Ordering::Relaxed);
+                let r = tokio::time::timeout(
+                    settings.checkout_timeout,
+                    self.sem.clone().acquire_owned(),
+                )
+                .await;
+                self.waiting.fetch_sub(1, Ordering::Relaxed);
+                match r {
+                    Ok(Ok(p)) => p,
+                    Ok(Err(_)) => return Err(PoolError::Closed),
+                    Err(_) => return Err(PoolError::Timeout(settings.checkout_timeout)),
+                }
+            }
+        };
         let now = Instant::now();
         loop {
             let candidate = self.idle.lock().expect("pool lock").pop();
@@ -304,7 +338,26 @@ impl NodePool {
             idle,
             in_use: open.saturating_sub(idle),
             created_total: self.created.load(Ordering::Relaxed),
+            waiting: self.waiting.load(Ordering::Relaxed),
         }
+    }
+
+    /// The idle connections.
+    pub fn idle_servers(&self) -> Vec<IdleServer> {
+        self.idle
+            .lock()
+            .expect("pool lock")
+            .iter()
+            .map(|c| IdleServer {
+                node: self.key.node,
+                user: self.key.user.clone(),
+                database: self.key.database.clone(),
+                addr: c.addr,
+                pid: c.pid,
+                created_at: c.created_at,
+                idle_since: c.idle_since,
+            })
+            .collect()
     }
 
     /// Closes every idle connection.
@@ -412,6 +465,18 @@ impl Pools {
             .collect();
         v.sort_by(|a, b| (a.node, &a.user, &a.database).cmp(&(b.node, &b.user, &b.database)));
         v
+    }
+
+    /// The idle connections of every pool.
+    pub fn idle_servers(&self) -> Vec<IdleServer> {
+        let pools: Vec<Arc<NodePool>> = self
+            .pools
+            .lock()
+            .expect("pools lock")
+            .values()
+            .cloned()
+            .collect();
+        pools.iter().flat_map(|p| p.idle_servers()).collect()
     }
 
     /// Expires idle connections and tops pools up to `min_idle`; the proxy

@@ -13,6 +13,8 @@ shutdown_timeout = "30s"           # graceful shutdown grace period
 client_idle_timeout = "0s"         # 0 = never close idle clients
 idle_transaction_timeout = "0s"    # 0 = never close clients idle inside a transaction
 client_write_timeout = "30s"       # close a client that reads nothing for this long; 0 = never
+admin_users = []                   # users who may run every command of the admin console (psql ... dbname=lagrouter)
+stats_users = []                   # users who may run its SHOW commands only
 
 [routing]
 policy = "read-your-writes"        # read-your-writes | bounded-staleness | eventual | primary | primary-after-write

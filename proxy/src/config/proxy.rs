@@ -47,6 +47,13 @@ pub struct ProxyConfig {
     /// Default `"30s"`; `"0s"` disables it.
     #[serde(with = "duration_str")]
     pub client_write_timeout: Duration,
+    /// Users (names from `[[users]]`) who may use the admin console: connect
+    /// to the database `lagrouter` (or `pgbouncer`) and run every console
+    /// command. Reloadable. Default: none (the console is closed).
+    pub admin_users: Vec<String>,
+    /// Users who may connect to the admin console and run its `SHOW`
+    /// commands only. Reloadable. Default: none.
+    pub stats_users: Vec<String>,
 }
 
 impl Default for ProxyConfig {
@@ -60,6 +67,8 @@ impl Default for ProxyConfig {
             client_idle_timeout: Duration::ZERO,
             idle_transaction_timeout: Duration::ZERO,
             client_write_timeout: Duration::from_secs(30),
+            admin_users: Vec::new(),
+            stats_users: Vec::new(),
         }
     }
 }

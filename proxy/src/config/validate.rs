@@ -175,6 +175,22 @@ impl Config {
                 parse_consistency(c, &self.routing).map_err(|m| invalid(key("consistency"), m))?;
             }
         }
+        // The console's users log in with their [[users]] credentials.
+        for (list, users) in [
+            ("proxy.admin_users", &self.proxy.admin_users),
+            ("proxy.stats_users", &self.proxy.stats_users),
+        ] {
+            for (i, name) in users.iter().enumerate() {
+                if !names.contains(name.as_str()) {
+                    return Err(invalid(
+                        format!("{list}[{i}]"),
+                        format!(
+                            "{name:?} is not a [[users]] name (console users log in with those credentials)"
+                        ),
+                    ));
+                }
+            }
+        }
         Ok(())
     }
 }

@@ -111,6 +111,11 @@ impl ClientConn {
         }
     }
 
+    /// Whether the connection is encrypted.
+    pub fn is_tls(&self) -> bool {
+        matches!(self.stream, ClientStream::Tls(_))
+    }
+
     /// Splits one complete message off the receive buffer, if any.
     pub fn try_frame(&mut self) -> Result<Option<Frame>, ProtocolError> {
         wire::split_frame(&mut self.rbuf, wire::MAX_MESSAGE_LEN)

@@ -13,4 +13,4 @@ pub mod startup;
 pub mod tls;
 
 pub use conn::{ClientConn, ClientError, ClientStream};
-pub use startup::{StartupInfo, accept, backend_key_data};
+pub use startup::{CONSOLE_DATABASES, ConsoleRole, StartupInfo, accept, backend_key_data};

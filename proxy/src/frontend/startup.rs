@@ -34,6 +34,21 @@ pub struct StartupInfo {
     pub params: BTreeMap<String, String>,
     /// The user's configuration.
     pub entry: Arc<UserEntry>,
+    /// Set when the client asked for the admin console (database
+    /// `lagrouter` or `pgbouncer`) and may use it.
+    pub console: Option<ConsoleRole>,
+}
+
+/// The databases that name the admin console instead of a server database.
+pub const CONSOLE_DATABASES: [&str; 2] = ["lagrouter", "pgbouncer"];
+
+/// What a console user may do.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ConsoleRole {
+    /// Every command (`proxy.admin_users`).
+    Admin,
+    /// `SHOW` commands only (`proxy.stats_users`).
+    Stats,
 }
 
 /// Runs the startup phase of one client connection: negotiation, startup
@@ -201,17 +216,37 @@ async fn startup(
         .filter(|d| !d.is_empty())
         .unwrap_or_else(|| user.clone());
 
-    let entry = shared.settings().users.get(&user).cloned();
+    let settings = shared.settings();
+    let entry = settings.users.get(&user).cloned();
     authenticate(conn, &user, entry.as_deref()).await?;
     let Some(entry) = entry else {
         unreachable!("authentication fails for unknown users")
     };
-    info!(peer = %conn.peer, %user, %database, "client authenticated");
+    let console = if CONSOLE_DATABASES.contains(&database.as_str()) {
+        let proxy = &settings.config.proxy;
+        if proxy.admin_users.contains(&user) {
+            Some(ConsoleRole::Admin)
+        } else if proxy.stats_users.contains(&user) {
+            Some(ConsoleRole::Stats)
+        } else {
+            warn!(peer = %conn.peer, %user, "admin console refused");
+            return Err(ClientError::Fatal(PgError::fatal(
+                "28000",
+                format!(
+                    "user \"{user}\" may not use the admin console (database \"{database}\"): it is in neither proxy.admin_users nor proxy.stats_users"
+                ),
+            )));
+        }
+    } else {
+        None
+    };
+    info!(peer = %conn.peer, %user, %database, console = console.is_some(), "client authenticated");
     Ok(Some(StartupInfo {
         user,
         database,
         params,
         entry,
+        console,
     }))
 }
 

@@ -28,4 +28,7 @@ pub enum ProxyError {
         /// What is wrong.
         message: String,
     },
+    /// `RELOAD` without a configuration file (demo mode).
+    #[error("the proxy was started without a configuration file; there is nothing to reload")]
+    NoConfigFile,
 }

@@ -11,9 +11,10 @@ use std::time::{Duration, Instant};
 use lagrouter::{Connector, LagMonitor, LoadBalance, MonitorConfig, MonitorTarget, Router};
 use tokio::net::TcpListener;
 use tokio::sync::{Notify, OnceCell, watch};
-use tracing::{error, info, warn};
+use tracing::{Instrument, error, info, warn};
 
 use super::admin;
+use super::clients::ClientStatus;
 use super::error::ProxyError;
 use super::handle::ProxyHandle;
 use super::settings::Settings;
@@ -121,6 +122,11 @@ impl Proxy {
             sessions: Mutex::new(HashMap::new()),
             next_session: AtomicU64::new(1),
             started: Instant::now(),
+            stats: crate::stats::Stats::new(config.nodes.len()),
+            registry: Default::default(),
+            pause: Default::default(),
+            config_path: Mutex::new(None),
+            shutdown_request: watch::Sender::new(false),
         });
 
         // Admin endpoint.
@@ -221,20 +227,46 @@ impl Shared {
         self.connections.fetch_add(1, Ordering::SeqCst);
         let guard = ConnectionGuard(self.clone());
         let mut sessions = self.sessions.lock().expect("sessions lock");
-        let task = tokio::spawn(async move {
-            let _guard = guard;
-            serve_client(shared.clone(), tcp, peer).await;
-            shared.sessions.lock().expect("sessions lock").remove(&id);
-        });
+        let span = tracing::info_span!("client", id);
+        let task = tokio::spawn(
+            async move {
+                let _guard = guard;
+                serve_client(shared.clone(), tcp, peer, id).await;
+                shared.sessions.lock().expect("sessions lock").remove(&id);
+            }
+            .instrument(span),
+        );
         if !task.is_finished() {
             sessions.insert(id, task.abort_handle());
         }
     }
 }
 
-/// Runs one client connection: its startup phase, then its session.
-async fn serve_client(shared: Arc<Shared>, tcp: tokio::net::TcpStream, peer: SocketAddr) {
-    if let Some((conn, info)) = crate::frontend::accept(&shared, tcp, peer).await {
-        crate::session::run(shared, conn, info).await;
+/// Runs one client connection: its startup phase, then its session (or
+/// the admin console), registered for `SHOW CLIENTS` while it lasts.
+async fn serve_client(shared: Arc<Shared>, tcp: tokio::net::TcpStream, peer: SocketAddr, id: u64) {
+    let Some((conn, info)) = crate::frontend::accept(&shared, tcp, peer).await else {
+        return;
+    };
+    let status = Arc::new(ClientStatus {
+        id,
+        user: info.user.clone(),
+        database: info.database.clone(),
+        server_user: info.entry.server_user.clone(),
+        peer,
+        tls: conn.is_tls(),
+        application_name: info
+            .params
+            .get("application_name")
+            .cloned()
+            .unwrap_or_default(),
+        connected_at: std::time::SystemTime::now(),
+        server: Arc::new(Mutex::new(None)),
+        waiting: Default::default(),
+    });
+    let _registration = shared.registry.register(status.clone());
+    match info.console {
+        Some(role) => crate::console::run(shared, conn, info, role).await,
+        None => crate::session::run(shared, conn, info, status).await,
     }
 }

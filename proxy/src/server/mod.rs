@@ -10,7 +10,8 @@
 //! ```
 //!
 //! Files, lowest first: [`error`], [`settings`] (the reloadable
-//! configuration snapshot), [`shared`] (state every session uses; it
+//! configuration snapshot), [`clients`] (the client registry and the
+//! pause gate of the admin console), [`shared`] (state every session uses; it
 //! imports neither the client side nor the session), [`admin`] (the HTTP
 //! endpoint), [`handle`], [`reload`], [`shutdown`], and [`listen`], which
 //! starts everything and hands each accepted connection to
@@ -18,6 +19,7 @@
 #![warn(missing_docs)]
 
 pub mod admin;
+pub mod clients;
 pub mod error;
 pub mod handle;
 pub mod listen;
@@ -26,6 +28,7 @@ pub mod settings;
 pub mod shared;
 pub mod shutdown;
 
+pub use clients::{ClientRegistry, ClientStatus, PauseGate, Paused, Registration};
 pub use error::ProxyError;
 pub use handle::ProxyHandle;
 pub use listen::Proxy;

@@ -1,37 +1,38 @@
-//! Reloading the configuration of a running proxy.
+//! Reloading the configuration of a running proxy (SIGHUP, the console's
+//! `RELOAD`, or [`ProxyHandle::reload`]); the work is
+//! [`Shared::reload`](super::Shared::reload).
 
-use std::sync::Arc;
-
-use tracing::{info, warn};
+use std::path::PathBuf;
 
 use super::error::ProxyError;
 use super::handle::ProxyHandle;
-use super::settings::Settings;
 use crate::config::Config;
 
 impl ProxyHandle {
     /// Applies a new configuration: routing policy and timings (except the
     /// monitor interval and probe timeout), users, pool sizes and timeouts,
-    /// TLS files and client limits. Nodes and listen addresses are kept as
-    /// started.
+    /// TLS files, client limits and console users. Nodes and listen
+    /// addresses are kept as started.
     pub fn reload(&self, config: Config) -> Result<(), ProxyError> {
-        let old = self.shared.settings();
-        let mut config = config;
-        if config.nodes != old.config.nodes {
-            warn!("reload: [[nodes]] changes need a restart and are ignored");
-            config.nodes = old.config.nodes.clone();
-        }
-        if config.proxy.listen != old.config.proxy.listen
-            || config.proxy.admin_listen != old.config.proxy.admin_listen
-        {
-            warn!("reload: listen address changes need a restart and are ignored");
-            config.proxy.listen = old.config.proxy.listen;
-            config.proxy.admin_listen = old.config.proxy.admin_listen;
-        }
-        let settings = Settings::build(config, Some(&old))?;
-        self.shared.pools.reconfigure(settings.pool_settings());
-        *self.shared.settings.write().expect("settings lock") = Arc::new(settings);
-        info!("configuration reloaded");
-        Ok(())
+        self.shared.reload(config)
+    }
+
+    /// Re-reads the configuration file given to
+    /// [`ProxyHandle::set_config_path`] and applies it (SIGHUP, `RELOAD`).
+    pub fn reload_from_file(&self) -> Result<PathBuf, ProxyError> {
+        self.shared.reload_from_file()
+    }
+
+    /// Tells the proxy which file its configuration came from, so that the
+    /// admin console's `RELOAD` can read it again.
+    pub fn set_config_path(&self, path: impl Into<PathBuf>) {
+        *self.shared.config_path.lock().expect("config path") = Some(path.into());
+    }
+
+    /// Resolves when the admin console asked for a shutdown (`SHUTDOWN`);
+    /// the caller then runs [`ProxyHandle::shutdown`].
+    pub async fn shutdown_requested(&self) {
+        let mut rx = self.shared.shutdown_request.subscribe();
+        let _ = rx.wait_for(|r| *r).await;
     }
 }

@@ -66,6 +66,17 @@ pub struct Shared {
     pub(super) next_session: AtomicU64,
     /// When the proxy started.
     pub(super) started: Instant,
+    /// Counters for the console's `SHOW STATS`.
+    pub stats: crate::stats::Stats,
+    /// Connected clients, for the console.
+    pub registry: Arc<super::clients::ClientRegistry>,
+    /// `PAUSE` / `RESUME`.
+    pub pause: super::clients::PauseGate,
+    /// The configuration file `RELOAD` reads (none in demo mode).
+    pub(super) config_path: Mutex<Option<std::path::PathBuf>>,
+    /// Set by the console's `SHUTDOWN`; whoever runs the proxy watches it
+    /// ([`super::ProxyHandle::shutdown_requested`]).
+    pub(super) shutdown_request: watch::Sender<bool>,
 }
 
 /// Decrements the connection count when a client socket is closed.
@@ -114,9 +125,9 @@ impl Shared {
         ClientGuard(self.clone())
     }
 
-    /// Allocates the (pid, secret) a session reports in `BackendKeyData`.
-    pub fn register_session(&self) -> (i32, i32, Arc<CancelSlot>) {
-        let slot = Arc::new(Mutex::new(None));
+    /// Allocates the (pid, secret) a session reports in `BackendKeyData`;
+    /// a cancel request with them goes to whatever `slot` holds.
+    pub fn register_session(&self, slot: Arc<CancelSlot>) -> (i32, i32) {
         let mut map = self.cancels.lock().expect("cancel map");
         loop {
             let pid = rand::random::<i32>() & 0x3fff_ffff;
@@ -124,8 +135,8 @@ impl Shared {
                 continue;
             }
             let secret = rand::random::<i32>();
-            map.insert(pid, (secret, slot.clone()));
-            return (pid, secret, slot);
+            map.insert(pid, (secret, slot));
+            return (pid, secret);
         }
     }
 
@@ -221,6 +232,75 @@ impl Shared {
             uptime_seconds: self.started.elapsed().as_secs_f64(),
         })
         .unwrap_or_default()
+    }
+
+    /// Node names, by index.
+    pub fn node_names(&self) -> Vec<String> {
+        self.nodes.iter().map(|n| n.name.clone()).collect()
+    }
+
+    /// A node's configured host and port.
+    pub fn node_address(&self, node: usize) -> Option<(String, u16)> {
+        self.nodes.get(node).map(|n| (n.host.clone(), n.port))
+    }
+
+    /// Client sessions open, client sockets open, sessions since start.
+    pub fn client_counts(&self) -> (usize, usize, u64) {
+        (
+            self.clients.load(Ordering::SeqCst),
+            self.connections.load(Ordering::SeqCst),
+            self.clients_total.load(Ordering::Relaxed),
+        )
+    }
+
+    /// How long the proxy has been running.
+    pub fn uptime(&self) -> std::time::Duration {
+        self.started.elapsed()
+    }
+
+    /// Asks whoever runs the proxy to shut it down gracefully (the
+    /// console's `SHUTDOWN`).
+    pub fn request_shutdown(&self) {
+        self.shutdown_request.send_replace(true);
+    }
+
+    /// Applies a new configuration: routing policy and timings (except the
+    /// monitor interval and probe timeout), users, pool sizes and timeouts,
+    /// TLS files, client limits and console users. Nodes and listen
+    /// addresses are kept as started.
+    pub fn reload(&self, config: crate::config::Config) -> Result<(), super::ProxyError> {
+        let old = self.settings();
+        let mut config = config;
+        if config.nodes != old.config.nodes {
+            warn!("reload: [[nodes]] changes need a restart and are ignored");
+            config.nodes = old.config.nodes.clone();
+        }
+        if config.proxy.listen != old.config.proxy.listen
+            || config.proxy.admin_listen != old.config.proxy.admin_listen
+        {
+            warn!("reload: listen address changes need a restart and are ignored");
+            config.proxy.listen = old.config.proxy.listen;
+            config.proxy.admin_listen = old.config.proxy.admin_listen;
+        }
+        let settings = Settings::build(config, Some(&old))?;
+        self.pools.reconfigure(settings.pool_settings());
+        *self.settings.write().expect("settings lock") = Arc::new(settings);
+        info!("configuration reloaded");
+        Ok(())
+    }
+
+    /// Re-reads the configuration file the proxy was started with
+    /// ([`super::ProxyHandle::set_config_path`]) and applies it.
+    pub fn reload_from_file(&self) -> Result<std::path::PathBuf, super::ProxyError> {
+        let path = self
+            .config_path
+            .lock()
+            .expect("config path")
+            .clone()
+            .ok_or(super::ProxyError::NoConfigFile)?;
+        let config = crate::config::Config::load(&path)?;
+        self.reload(config)?;
+        Ok(path)
     }
 
     /// `/health`: whether the primary is reachable.

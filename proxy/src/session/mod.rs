@@ -211,11 +211,19 @@ struct Session {
     lifecycle: Lifecycle,
     /// Statement kinds of the unit being routed (for metrics).
     unit_kinds: Vec<&'static str>,
+    /// What the admin console shows of this client.
+    status: Arc<crate::server::ClientStatus>,
 }
 
 /// Runs an authenticated client session to its end.
-pub async fn run(shared: Arc<Shared>, client: ClientConn, info: StartupInfo) {
-    let (pid, secret, cancel) = shared.register_session();
+pub async fn run(
+    shared: Arc<Shared>,
+    client: ClientConn,
+    info: StartupInfo,
+    status: Arc<crate::server::ClientStatus>,
+) {
+    let cancel = status.server.clone();
+    let (pid, secret) = shared.register_session(cancel.clone());
     let _guard = shared.client_guard();
     let entry = info.entry.clone();
     let mut s = Session {
@@ -247,6 +255,7 @@ pub async fn run(shared: Arc<Shared>, client: ClientConn, info: StartupInfo) {
         txn_status: TxnStatus::Idle,
         lifecycle: Lifecycle::Running,
         unit_kinds: Vec::new(),
+        status,
     };
     let result = match s.setup(&info, secret).await {
         Ok(()) => s.main_loop().await,

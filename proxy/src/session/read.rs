@@ -107,6 +107,9 @@ impl Session {
                         self.unit_error(&batch, PgError::error("08006", "no primary is known"));
                         return Ok(());
                     };
+                    self.shared
+                        .stats
+                        .fallback(primary, &self.unit_policy, fallback);
                     match self.conn_for(primary, &mut held).await {
                         Ok(conn) => self.start_unit(primary, Send::ReadAsWrite, batch, conn),
                         Err((_, e)) => self.unit_error(&batch, e),
@@ -254,6 +257,7 @@ impl Session {
 
     fn read_served(&mut self, served: Served) {
         self.plan = None;
+        self.shared.stats.served(&self.unit_policy, &served);
         if let Some(f) = served.fallback {
             count_fallback(f);
         }

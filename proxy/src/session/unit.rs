@@ -179,6 +179,10 @@ impl Session {
             return Ok(());
         }
 
+        // The admin console's PAUSE holds new transactions back.
+        if self.shared.pause.is_paused(&self.database) {
+            self.wait_resumed().await?;
+        }
         // Classify the unit.
         let mut classes: Vec<Arc<Classification>> = Vec::new();
         for msg in &batch {
@@ -269,6 +273,28 @@ impl Session {
         Ok(())
     }
 
+    /// Waits for the admin console's `RESUME` (or shutdown, which ends
+    /// the session with 57P01).
+    async fn wait_resumed(&mut self) -> Flow {
+        use std::sync::atomic::Ordering;
+        info!(pid = self.pid, database = %self.database, "paused: waiting for RESUME");
+        self.status.waiting.store(true, Ordering::Relaxed);
+        let mut shutdown = self.shared.shutdown_signal();
+        let resumed = tokio::select! {
+            () = self.shared.pause.wait(&self.database) => true,
+            _ = shutdown.wait_for(|s| *s) => false,
+        };
+        self.status.waiting.store(false, Ordering::Relaxed);
+        if resumed {
+            Ok(())
+        } else {
+            Err(SessionEnd::Fatal(PgError::fatal(
+                "57P01",
+                "terminating connection due to administrator command",
+            )))
+        }
+    }
+
     /// Reports an error for a whole unit that did not reach a server.
     pub(super) fn unit_error(&mut self, batch: &[ClientMessage], e: PgError) {
         e.encode(&mut self.client.wbuf);
@@ -333,6 +359,12 @@ impl Session {
             .unwrap_or_default();
         metrics::counter!(m::ROUTED_TOTAL, m::LABEL_TARGET => label, m::LABEL_NODE => node_name.clone())
             .increment(1);
+        self.shared.stats.sent(
+            node,
+            &self.unit_policy,
+            self.unit_kinds.len(),
+            matches!(send, Send::Write | Send::ReadAsWrite),
+        );
         for kind in std::mem::take(&mut self.unit_kinds) {
             metrics::counter!(m::QUERIES_TOTAL, m::LABEL_NODE => node_name.clone(), m::LABEL_KIND => kind)
                 .increment(1);

@@ -13,6 +13,7 @@ mod support;
 mod bad_input;
 mod basic;
 mod consistency;
+mod console;
 mod failover;
 mod faults;
 mod ops;
