@@ -333,6 +333,14 @@ fn bad_values_name_their_key() {
         ),
         (format!("[pool]\nsize = 0\n{MINIMAL}"), "pool.size"),
         (
+            format!("[proxy]\nadmin_users = [\"app\", \"nobody\"]\n{MINIMAL}"),
+            "proxy.admin_users[1]",
+        ),
+        (
+            format!("[proxy]\nstats_users = [\"ghost\"]\n{MINIMAL}"),
+            "proxy.stats_users[0]",
+        ),
+        (
             format!(
                 "[proxy]\nlisten = \"127.0.0.1:7000\"\nadmin_listen = \"127.0.0.1:7000\"\n{MINIMAL}"
             ),
