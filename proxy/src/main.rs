@@ -180,6 +180,15 @@ fn print_demo_banner(_demo: &DemoCluster, proxy: &ProxyHandle) {
         )
     );
     println!(
+        "  console:  {} -c 'SHOW NODES'",
+        lagrouter_proxy::demo::psql_command(
+            proxy.local_addr(),
+            lagrouter_proxy::demo::DEMO_USER,
+            lagrouter_proxy::demo::DEMO_PASSWORD
+        )
+        .replace("dbname=postgres", "dbname=lagrouter")
+    );
+    println!(
         "  admin:    http://{}/status  (also /health, /metrics)",
         proxy.admin_addr()
     );

@@ -86,3 +86,100 @@ fn json_logs_are_one_object_a_line() {
         assert!(v.get("level").is_some() && v.get("fields").is_some(), "{l}");
     }
 }
+
+/// A startup packet for `user` (protocol 3.0).
+fn startup_packet(user: &str) -> Vec<u8> {
+    let mut body = Vec::new();
+    body.extend_from_slice(&196608i32.to_be_bytes());
+    for (k, v) in [("user", user), ("database", "app")] {
+        body.extend_from_slice(k.as_bytes());
+        body.push(0);
+        body.extend_from_slice(v.as_bytes());
+        body.push(0);
+    }
+    body.push(0);
+    let mut p = ((body.len() + 4) as i32).to_be_bytes().to_vec();
+    p.extend_from_slice(&body);
+    p
+}
+
+#[test]
+fn every_client_connection_logs_under_its_own_id() {
+    use std::io::{Read, Write};
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("lagrouter.toml");
+    std::fs::write(
+        &config,
+        r#"
+[proxy]
+listen = "127.0.0.1:0"
+admin_listen = "127.0.0.1:0"
+
+[[nodes]]
+name = "primary"
+host = "127.0.0.1"
+port = 1
+role = "primary"
+
+[[users]]
+name = "t"
+auth = "trust"
+"#,
+    )
+    .unwrap();
+    let mut child: Child = Command::new(env!("CARGO_BIN_EXE_lagrouter-proxy"))
+        .arg("--config")
+        .arg(&config)
+        .args(["--log-format", "json"])
+        .env("RUST_LOG", "info")
+        .stderr(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("start the proxy binary");
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = mpsc::channel::<serde_json::Value>();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines() {
+            let Ok(line) = line else { break };
+            let Ok(v) = serde_json::from_str(&line) else {
+                continue;
+            };
+            if tx.send(v).is_err() {
+                break;
+            }
+        }
+    });
+    let next = |what: &str| loop {
+        let v = rx
+            .recv_timeout(Duration::from_secs(30))
+            .unwrap_or_else(|_| panic!("no log line with {what:?}"));
+        if v["fields"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains(what))
+        {
+            return v;
+        }
+    };
+    let listening = next("listening");
+    let addr = listening["fields"]["local_addr"]
+        .as_str()
+        .expect("the listen address is logged")
+        .to_string();
+    let mut ids = Vec::new();
+    for _ in 0..2 {
+        let mut s = std::net::TcpStream::connect(&addr).unwrap();
+        s.write_all(&startup_packet("t")).unwrap();
+        // The node is down: the client is authenticated, then refused.
+        let mut reply = Vec::new();
+        let _ = s.read_to_end(&mut reply);
+        let line = next("client authenticated");
+        let id = line["span"]["id"]
+            .as_u64()
+            .unwrap_or_else(|| panic!("no connection id in {line}"));
+        assert_eq!(line["span"]["name"], "client", "{line}");
+        ids.push(id);
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    assert_ne!(ids[0], ids[1], "each connection has its own id");
+}

@@ -121,7 +121,8 @@ impl Config {
     /// The configuration of the embedded demo mode: the given primary and
     /// replicas (named `primary`, `replica1`, `replica2`, …), one user
     /// authenticated with SCRAM-SHA-256 whose credentials are also used
-    /// with the servers, and defaults everywhere else.
+    /// with the servers and who may use the admin console, and defaults
+    /// everywhere else.
     pub fn demo(
         primary: (String, u16),
         replicas: Vec<(String, u16)>,
@@ -148,7 +149,10 @@ impl Config {
                 }),
         );
         Config {
-            proxy: ProxyConfig::default(),
+            proxy: ProxyConfig {
+                admin_users: vec![user.to_owned()],
+                ..ProxyConfig::default()
+            },
             routing: RoutingConfig::default(),
             tls: None,
             nodes,

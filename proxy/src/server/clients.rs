@@ -12,7 +12,11 @@ use std::time::SystemTime;
 
 use tokio::sync::watch;
 
-use super::shared::CancelSlot;
+use crate::backend::CancelTarget;
+
+/// Where a session's current query can be cancelled (and which server
+/// connection it holds).
+pub type CancelSlot = Mutex<Option<CancelTarget>>;
 
 /// One connected client.
 #[derive(Debug)]

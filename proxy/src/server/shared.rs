@@ -14,11 +14,10 @@ use tokio::sync::{Notify, OnceCell, watch};
 use tracing::{info, warn};
 
 use super::settings::Settings;
-use crate::backend::{BackendConn, BackendError, BackendTarget, CancelTarget, Pools};
+use crate::backend::{BackendConn, BackendError, BackendTarget, Pools};
 use crate::metrics as m;
 
-/// Where a session's current query can be cancelled.
-pub type CancelSlot = Mutex<Option<CancelTarget>>;
+pub use super::clients::CancelSlot;
 
 /// Node addresses, fixed at start.
 #[derive(Clone, Debug)]

@@ -34,6 +34,8 @@
 //! * `settings`: `SET`/`RESET` tracking, the prelude that replays them,
 //!   and their undo on rollback;
 //! * `local`: statements the proxy answers itself;
+//! * `lost`: a server connection that died under the client: the error it
+//!   gets, and its transaction answered as aborted until it ends it;
 //! * `probe`: the position probes pipelined before and after statements.
 #![warn(missing_docs)]
 
@@ -54,6 +56,7 @@ use crate::wire::{self as protocol, ClientMessage, Frame, PgError, TxnStatus};
 
 mod forward;
 mod local;
+mod lost;
 mod pipeline;
 mod prepared;
 mod probe;
@@ -213,6 +216,9 @@ struct Session {
     unit_kinds: Vec<&'static str>,
     /// What the admin console shows of this client.
     status: Arc<crate::server::ClientStatus>,
+    /// A transaction whose server connection died, answered as aborted
+    /// until the client ends it (`lost.rs`).
+    lost: Option<lost::LostTxn>,
 }
 
 /// Runs an authenticated client session to its end.
@@ -256,6 +262,7 @@ pub async fn run(
         lifecycle: Lifecycle::Running,
         unit_kinds: Vec::new(),
         status,
+        lost: None,
     };
     let result = match s.setup(&info, secret).await {
         Ok(()) => s.main_loop().await,

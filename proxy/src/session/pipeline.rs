@@ -217,6 +217,9 @@ pub(super) struct Held {
     /// Classification of each portal bound on this connection (for the
     /// settings changes its `Execute` makes).
     pub(super) portal_class: HashMap<String, Arc<Classification>>,
+    /// The server ended the connection with this FATAL error (not
+    /// forwarded: the client keeps its connection, see `lost.rs`).
+    pub(super) server_fatal: Option<String>,
     /// Counts the unit in the router's per-node in-flight figures.
     pub(super) _inflight: InFlight<'static>,
 }

@@ -26,7 +26,7 @@ use super::pipeline::ProbeKind;
 use super::pipeline::{Expect, Held, Mode};
 use super::probe::poll_position;
 use super::unit::Send;
-use super::{Flow, Pooling, Session, SessionEnd};
+use super::{Flow, Pooling, Session};
 
 /// Bounds a position poll beyond the wait that is left, so that a reply
 /// just at the deadline still counts.
@@ -302,13 +302,7 @@ impl Session {
                 return self.drive(step, unit, None).await;
             }
         }
-        self.plan = None;
-        self.client.wbuf.extend_from_slice(&h.out);
-        drop(h);
-        Err(SessionEnd::Fatal(PgError::fatal(
-            "08006",
-            format!("lost the server connection: {e}"),
-        )))
+        self.backend_lost(h, &e)
     }
 }
 

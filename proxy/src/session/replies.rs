@@ -26,8 +26,21 @@ impl Session {
         let mut committed = false;
         // A server error while a read's replies are held back.
         let mut read_failure: Option<Failure> = None;
+        let pinned = self.pooling == super::Pooling::Pinned;
         {
             let h = self.backend.as_mut().expect("held");
+            if f.tag == b'E' && !pinned {
+                let e = protocol::error_fields(&f);
+                if matches!(e.severity.as_str(), "FATAL" | "PANIC") {
+                    // The server is closing the connection. The client
+                    // keeps its own (and its token): it is told when the
+                    // connection's end is seen (`lost.rs`).
+                    warn!(node = h.node, code = %e.code, message = %e.message, "the server ended the connection");
+                    h.conn.broken = true;
+                    h.server_fatal = Some(format!("{} (SQLSTATE {})", e.message, e.code));
+                    return;
+                }
+            }
             let head_is_client = matches!(h.queue.front(), Some(Expect::Client { .. }) | None);
             match f.tag {
                 b'A' => {

@@ -129,6 +129,10 @@ impl Session {
     /// Routes and starts a unit (one `Query`, or a batch up to `Sync` /
     /// `Flush`) while no backend is held.
     pub(super) async fn dispatch(&mut self, batch: Vec<ClientMessage>) -> Flow {
+        if self.lost.is_some() {
+            self.answer_in_lost_transaction(batch);
+            return Ok(());
+        }
         // Simple query answered locally?
         if let [ClientMessage::Query { sql, .. }] = batch.as_slice() {
             let class = self.classify(sql);
@@ -359,6 +363,14 @@ impl Session {
             .unwrap_or_default();
         metrics::counter!(m::ROUTED_TOTAL, m::LABEL_TARGET => label, m::LABEL_NODE => node_name.clone())
             .increment(1);
+        tracing::debug!(
+            pid = self.pid,
+            node = %node_name,
+            target = label,
+            policy = self.unit_policy.label(),
+            statements = ?self.unit_kinds,
+            "routed"
+        );
         self.shared.stats.sent(
             node,
             &self.unit_policy,
@@ -394,6 +406,7 @@ impl Session {
             unnamed_ok: false,
             txn_failed: false,
             portal_class: HashMap::new(),
+            server_fatal: None,
             _inflight: self.shared.router().track(node),
             conn,
         };

@@ -16,6 +16,7 @@ mod consistency;
 mod console;
 mod failover;
 mod faults;
+mod lost_backend;
 mod ops;
 mod parity;
 mod session_policy;
