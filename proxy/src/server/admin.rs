@@ -6,7 +6,9 @@
 //!   library's).
 //! * `GET /health` — `200 ok` while the proxy is healthy (the primary is
 //!   reachable), `503 unavailable` otherwise.
-//! * `GET /status` — JSON describing the topology (nodes, roles, LSNs, lag).
+//! * `GET /status` — JSON describing the topology (nodes, roles, LSNs, lag),
+//!   pools, clients, lag history and read counters.
+//! * `GET /` — the status page ([`super::status_page`]): the same, drawn.
 //!
 //! `HEAD` is accepted wherever `GET` is; other methods get `405`, unknown
 //! paths `404`.
@@ -199,6 +201,32 @@ fn handle(state: &AdminState, req: &Request<Incoming>) -> Response<Full<Bytes>> 
             Ok(false) => text(StatusCode::SERVICE_UNAVAILABLE, "unavailable\n"),
             Err(_) => text(StatusCode::INTERNAL_SERVER_ERROR, "internal error\n"),
         },
+        "/" => match catch_unwind(AssertUnwindSafe(|| {
+            super::status_page::render(&(state.status)())
+        })) {
+            Ok(page) => {
+                let mut r = Response::new(Full::new(Bytes::from(page)));
+                let h = r.headers_mut();
+                h.insert(
+                    header::CONTENT_TYPE,
+                    HeaderValue::from_static("text/html; charset=utf-8"),
+                );
+                h.insert(
+                    header::CONTENT_SECURITY_POLICY,
+                    HeaderValue::from_static(super::status_page::content_security_policy()),
+                );
+                h.insert(
+                    header::X_CONTENT_TYPE_OPTIONS,
+                    HeaderValue::from_static("nosniff"),
+                );
+                h.insert(
+                    header::REFERRER_POLICY,
+                    HeaderValue::from_static("no-referrer"),
+                );
+                r
+            }
+            Err(_) => text(StatusCode::INTERNAL_SERVER_ERROR, "internal error\n"),
+        },
         "/status" => match catch_unwind(AssertUnwindSafe(|| (state.status)())) {
             Ok(value) => {
                 let mut body =
@@ -361,10 +389,26 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn the_page_is_html_with_a_strict_policy() {
+        let r = start().await;
+        let (status, head, body) = request(r.addr, "GET", "/").await;
+        assert_eq!(status, 200);
+        let head = head.to_ascii_lowercase();
+        assert!(head.contains("content-type: text/html"), "{head}");
+        assert!(
+            head.contains("content-security-policy: default-src 'none'"),
+            "{head}"
+        );
+        assert!(head.contains("x-content-type-options: nosniff"), "{head}");
+        assert!(body.contains(r#"<table id="nodes">"#), "{body}");
+        r.stop().await;
+    }
+
+    #[tokio::test]
     async fn unknown_paths_and_methods() {
         let r = start().await;
         assert_eq!(request(r.addr, "GET", "/nope").await.0, 404);
-        assert_eq!(request(r.addr, "GET", "/").await.0, 404);
+        assert_eq!(request(r.addr, "GET", "/index.html").await.0, 404);
         assert_eq!(request(r.addr, "GET", "/health/extra").await.0, 404);
         let (status, head, _) = request(r.addr, "POST", "/health").await;
         assert_eq!(status, 405);

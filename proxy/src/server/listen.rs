@@ -126,6 +126,10 @@ impl Proxy {
             registry: Default::default(),
             pause: Default::default(),
             config_path: Mutex::new(None),
+            history: Mutex::new(super::history::LagHistory::new(
+                config.nodes.iter().map(|n| n.name.clone()).collect(),
+                super::history::HISTORY_SAMPLES,
+            )),
             shutdown_request: watch::Sender::new(false),
         });
 

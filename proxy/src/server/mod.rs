@@ -10,23 +10,27 @@
 //! ```
 //!
 //! Files, lowest first: [`error`], [`settings`] (the reloadable
-//! configuration snapshot), [`clients`] (the client registry and the
-//! pause gate of the admin console), [`shared`] (state every session uses; it
-//! imports neither the client side nor the session), [`admin`] (the HTTP
-//! endpoint), [`handle`], [`reload`], [`shutdown`], and [`listen`], which
-//! starts everything and hands each accepted connection to
-//! [`crate::frontend`] and then [`crate::session`].
+//! configuration snapshot), [`clients`] (the client registry and the pause
+//! gate of the admin console), [`history`] (lag samples for the status
+//! page), [`shared`] (state every session uses; it imports neither the
+//! client side nor the session), [`status_page`] (the HTML page at `/`),
+//! [`admin`] (the HTTP endpoint), [`handle`], [`reload`], [`shutdown`], and
+//! [`listen`], which starts everything and hands each accepted connection
+//! to [`crate::frontend`] and then [`crate::session`] or
+//! [`crate::console`].
 #![warn(missing_docs)]
 
 pub mod admin;
 pub mod clients;
 pub mod error;
 pub mod handle;
+pub mod history;
 pub mod listen;
 pub mod reload;
 pub mod settings;
 pub mod shared;
 pub mod shutdown;
+pub mod status_page;
 
 pub use clients::{ClientRegistry, ClientStatus, PauseGate, Paused, Registration};
 pub use error::ProxyError;

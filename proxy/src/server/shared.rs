@@ -3,7 +3,7 @@
 //! and the client counts. This file depends on neither the client side nor
 //! the session: they use it.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Instant;
@@ -73,6 +73,8 @@ pub struct Shared {
     pub pause: super::clients::PauseGate,
     /// The configuration file `RELOAD` reads (none in demo mode).
     pub(super) config_path: Mutex<Option<std::path::PathBuf>>,
+    /// Lag samples for the status page.
+    pub(super) history: Mutex<super::history::LagHistory>,
     /// Set by the console's `SHUTDOWN`; whoever runs the proxy watches it
     /// ([`super::ProxyHandle::shutdown_requested`]).
     pub(super) shutdown_request: watch::Sender<bool>,
@@ -219,8 +221,48 @@ impl Shared {
             clients_total: u64,
             policy: &'static str,
             uptime_seconds: f64,
+            /// Lag per node over the last minutes, one sample a second.
+            history: Vec<super::history::NodeHistory>,
+            /// Reads, fallbacks and token waits per node and policy.
+            stats: Vec<StatsRow>,
+        }
+        #[derive(Serialize)]
+        struct StatsRow {
+            node: String,
+            policy: &'static str,
+            statements: u64,
+            writes: u64,
+            reads: u64,
+            replica_reads: u64,
+            fallbacks: BTreeMap<&'static str, u64>,
+            token_waits: u64,
+            token_wait_seconds: f64,
         }
         let topo = self.monitor.snapshot();
+        let stats = self
+            .stats
+            .rows()
+            .into_iter()
+            .map(|r| StatsRow {
+                node: self
+                    .nodes
+                    .get(r.node)
+                    .map(|n| n.name.clone())
+                    .unwrap_or_default(),
+                policy: r.policy,
+                statements: r.statements,
+                writes: r.writes,
+                reads: r.reads,
+                replica_reads: r.replica_reads,
+                fallbacks: crate::stats::FALLBACK_REASONS
+                    .iter()
+                    .zip(r.fallbacks)
+                    .map(|(reason, n)| (reason.label(), n))
+                    .collect(),
+                token_waits: r.token_waits,
+                token_wait_seconds: r.token_wait_us as f64 / 1e6,
+            })
+            .collect();
         serde_json::to_value(Status {
             topology: &topo,
             pools: self.pools.stats(),
@@ -229,6 +271,8 @@ impl Shared {
             clients_total: self.clients_total.load(Ordering::Relaxed),
             policy: self.settings().policy.label(),
             uptime_seconds: self.started.elapsed().as_secs_f64(),
+            history: self.history.lock().expect("history").per_node(),
+            stats,
         })
         .unwrap_or_default()
     }
@@ -308,9 +352,16 @@ impl Shared {
         topo.primary.is_some_and(|p| topo.nodes[p].healthy)
     }
 
-    /// Publishes the lag and pool gauges.
+    /// Publishes the lag and pool gauges, and records a lag sample for the
+    /// status page.
     pub(super) fn publish_gauges(&self) {
         let topo = self.monitor.snapshot();
+        self.history.lock().expect("history").record(
+            topo.nodes
+                .iter()
+                .map(|n| (n.lag_bytes, n.lag.map(|l| l.as_secs_f64())))
+                .collect(),
+        );
         for n in &topo.nodes {
             if let Some(b) = n.lag_bytes {
                 metrics::gauge!(m::REPLICA_LAG_BYTES, m::LABEL_NODE => n.name.clone())

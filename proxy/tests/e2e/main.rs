@@ -21,4 +21,5 @@ mod ops;
 mod parity;
 mod session_policy;
 mod slow_client;
+mod status_page;
 mod tools;
