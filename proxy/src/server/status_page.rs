@@ -80,9 +80,7 @@ fn secs(v: &Value) -> String {
 fn spark(values: &[Value]) -> String {
     let (w, h) = (160.0, 28.0);
     let known: Vec<f64> = values.iter().filter_map(Value::as_f64).collect();
-    let mut out = format!(
-        r#"<svg class="spark" width="160" height="28" viewBox="0 0 160 28"><line x1="0" y1="27" x2="160" y2="27"></line>"#
-    );
+    let mut out = r#"<svg class="spark" width="160" height="28" viewBox="0 0 160 28"><line x1="0" y1="27" x2="160" y2="27"></line>"#.to_string();
     if !known.is_empty() {
         let max = known.iter().copied().fold(1e-9, f64::max);
         let n = values.len();
@@ -133,11 +131,7 @@ pub fn render(status: &Value) -> String {
             .filter(|r| r["node"] == name)
             .filter_map(|r| r["reads"].as_u64())
             .sum();
-        let share = if total_reads == 0 {
-            0
-        } else {
-            (reads * 100 / total_reads) as u32
-        };
+        let share = (reads * 100).checked_div(total_reads).unwrap_or(0);
         let _ = write!(
             rows,
             r#"<tr data-node="{n_}" data-role="{r_}"><td>{n_}</td><td class="role-{r_}">{r_}</td><td class="{hc}">{ht}</td><td class="num">{tl}</td><td class="num">{lsn}</td><td class="num">{lb}</td><td class="num">{ls}</td><td>{sp}</td><td><svg class="bar" width="100" height="12"><rect class="full" x="0" y="0" width="100" height="12"></rect><rect class="part" x="0" y="0" width="{share}" height="12"></rect></svg> {share} % ({reads})</td></tr>"#,
