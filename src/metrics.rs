@@ -51,9 +51,29 @@ pub const REPLICA_LAG_SECONDS: &str = "lagrouter_replica_lag_seconds";
 pub const HTTP_REJECTED_TOKENS_TOTAL: &str = "lagrouter_http_rejected_tokens_total";
 
 /// Registers the help text and unit of every metric above with the
-/// installed recorder. Idempotent; a recorder installed later does not see
+/// installed recorder, and registers the counters that have a fixed set of
+/// series at zero (so that `rate()` and dashboards see them before the
+/// first event). Idempotent; a recorder installed later does not see
 /// earlier calls.
 pub fn describe() {
+    for c in [
+        TOKEN_WAITS_TOTAL,
+        TOKENS_AHEAD_TOTAL,
+        NODE_EJECTIONS_TOTAL,
+        PRIMARY_CHANGES_TOTAL,
+    ] {
+        ::metrics::counter!(c).increment(0);
+    }
+    for reason in [
+        crate::routing::FallbackReason::WaitTimeout,
+        crate::routing::FallbackReason::NoReplica,
+        crate::routing::FallbackReason::EmptyResult,
+        crate::routing::FallbackReason::ReadOnly,
+        crate::routing::FallbackReason::RecoveryConflict,
+        crate::routing::FallbackReason::ReplicaError,
+    ] {
+        ::metrics::counter!(FALLBACKS_TOTAL, "reason" => reason.label()).increment(0);
+    }
     describe_counter!(
         READS_TOTAL,
         Unit::Count,

@@ -63,6 +63,41 @@ async fn token_gated_read_waits_for_paused_replica_then_is_served_there() {
     pg.resume_replay(r2).await.unwrap();
 }
 
+/// A table created after the replicas stopped replaying does not exist
+/// there yet: the read carrying the creator's token must not fail with the
+/// replica's "relation does not exist" (42P01); the check decides, and the
+/// read waits, then falls back to the primary.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_table_the_lagging_replica_lacks_is_read_from_the_primary() {
+    let pg = start_pg(1).await;
+    let cluster = cluster(&pg, |b| b).await;
+    for r in pg.replicas() {
+        pg.pause_replay(r).await.unwrap();
+    }
+    let mut session = cluster
+        .session()
+        .with_policy(Consistency::read_your_writes(Duration::from_millis(50)));
+    session
+        .execute("CREATE TABLE created_late(i int)", &[])
+        .await
+        .unwrap();
+    session
+        .execute("INSERT INTO created_late VALUES (7)", &[])
+        .await
+        .unwrap();
+    let row = session
+        .query_one("SELECT i FROM created_late", &[])
+        .await
+        .expect("served despite the replica lacking the table");
+    assert_eq!(row.get::<_, i32>(0), 7);
+    let served = session.last_served().unwrap().clone();
+    assert_eq!(served.role, Role::Primary);
+    assert_eq!(served.fallback, Some(FallbackReason::WaitTimeout));
+    for r in pg.replicas() {
+        pg.resume_replay(r).await.unwrap();
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn paused_replicas_past_max_wait_fall_back_or_error_per_policy() {
     let pg = start_pg(2).await;

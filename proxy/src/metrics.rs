@@ -69,11 +69,34 @@ pub const TOKEN_WAIT_BUCKETS: &[f64] = &[
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
 ];
 
-/// Registers descriptions (help text and units) for the proxy's metrics.
-/// Idempotent; call it after
+/// Registers descriptions (help text and units) for the proxy's and the
+/// routing library's metrics, and the counters with a fixed set of series
+/// at zero. Idempotent; call it after
 /// [`crate::server::admin::install_metrics_recorder`].
 pub fn describe_metrics() {
     use metrics::{describe_counter, describe_gauge, describe_histogram};
+    // The routing library's metrics (its monitor may have described them
+    // before the recorder was installed).
+    lagrouter::metrics::describe();
+    // Counters with a fixed set of series start at zero.
+    for c in [
+        TOKEN_WAITS_TOTAL,
+        TOKENS_AHEAD_TOTAL,
+        CLIENT_CONNECTIONS_TOTAL,
+        AUTH_FAILURES_TOTAL,
+        PROTOCOL_ERRORS_TOTAL,
+        TOKENS_ACCEPTED_TOTAL,
+        PINNED_SESSIONS_TOTAL,
+        SERVER_CONNECTIONS_OPENED_TOTAL,
+    ] {
+        metrics::counter!(c).increment(0);
+    }
+    for reason in crate::stats::FALLBACK_REASONS {
+        metrics::counter!(FALLBACKS_TOTAL, LABEL_REASON => reason.label()).increment(0);
+    }
+    for reason in ["idle", "idle_in_transaction", "write"] {
+        metrics::counter!(CLIENT_TIMEOUTS_TOTAL, LABEL_REASON => reason).increment(0);
+    }
     describe_counter!(
         QUERIES_TOTAL,
         Unit::Count,

@@ -133,26 +133,46 @@ impl Cluster {
     }
 
     /// Runs `stmt` on `node`, pipelining position checks before and/or after
-    /// it: one round trip in all.
+    /// it: one round trip in all. A failure comes with the check's answer
+    /// when it is known (`before`): a replica behind the token can fail a
+    /// statement it lacks the schema for, and then the check, not the
+    /// error, decides.
     async fn run_on(
         &self,
         node: usize,
         stmt: Stmt<'_>,
         before: bool,
         after: bool,
-    ) -> Result<RunResult> {
+    ) -> std::result::Result<RunResult, (Error, Option<Position>)> {
         let name = &self.inner.nodes[node].name;
+        let db = |e| (Error::db(name, e), None);
         let _inflight = self.inner.router.track(node);
-        let client = self.checkout(node).await?;
+        let client = self.checkout(node).await.map_err(|e| (e, None))?;
         // Prepare first (cached per connection; both in one round trip), so
         // that the executions below go out in order in a single pipeline.
-        let (prepared, position) = tokio::try_join!(
-            client.prepare_cached(stmt.sql),
-            client.prepare_cached(POSITION_SQL)
-        )
-        .map_err(|e| Error::db(name, e))?;
+        let (position, prepared) = tokio::join!(
+            client.prepare_cached(POSITION_SQL),
+            client.prepare_cached(stmt.sql)
+        );
+        let position = position.map_err(db)?;
+        let mut checked = None;
+        let prepared = match prepared {
+            Ok(p) => p,
+            Err(e) if !before => return Err(db(e)),
+            Err(_) => {
+                // Prepared against a catalog older than the check: check
+                // first, then prepare again (replay only moves forward).
+                let row = client.query_one(&position, &[]).await.map_err(db)?;
+                let pos = Position::from_row(&row);
+                checked = Some(pos);
+                client
+                    .prepare_cached(stmt.sql)
+                    .await
+                    .map_err(|e| (Error::db(name, e), Some(pos)))?
+            }
+        };
         let pre = async {
-            if before {
+            if before && checked.is_none() {
                 client.query_one(&position, &[]).await.map(Some)
             } else {
                 Ok(None)
@@ -167,13 +187,12 @@ impl Cluster {
             }
         };
         let (pre, main, post) = tokio::join!(pre, main, post);
-        let (rows, rows_affected) = main.map_err(|e| Error::db(name, e))?;
-        let before = pre
-            .map_err(|e| Error::db(name, e))?
-            .map(|r| Position::from_row(&r));
-        let after = post
-            .map_err(|e| Error::db(name, e))?
-            .map(|r| Position::from_row(&r));
+        let before = match checked {
+            Some(p) => Some(p),
+            None => pre.map_err(db)?.map(|r| Position::from_row(&r)),
+        };
+        let (rows, rows_affected) = main.map_err(|e| (Error::db(name, e), before))?;
+        let after = post.map_err(db)?.map(|r| Position::from_row(&r));
         Ok(RunResult {
             rows,
             rows_affected,
@@ -227,7 +246,7 @@ impl Cluster {
             let r = self.run_on(primary, stmt, false, true).await;
             let r = match r {
                 Ok(r) => r,
-                Err(e) => {
+                Err((e, _)) => {
                     self.failed(primary, &e);
                     return Err(e);
                 }
@@ -308,10 +327,25 @@ impl Cluster {
                             last = Some(r);
                             PlanOutcome::Ran { position, empty }
                         }
-                        Err(e) => {
+                        Err((e, checked)) => {
                             debug!(node = run.node, error = %e, "read failed");
                             let f = self.failed(run.node, &e);
                             error = Some(e);
+                            if run.check.is_some() && checked.is_some() {
+                                // The check answered: when the node was
+                                // behind, the failure does not count.
+                                topo = self.inner.monitor.snapshot();
+                                let next = plan.feed(
+                                    &topo,
+                                    router,
+                                    PlanOutcome::Checked(checked),
+                                    Instant::now(),
+                                );
+                                if next != Step::Proceed {
+                                    step = next;
+                                    continue;
+                                }
+                            }
                             PlanOutcome::Failed(f)
                         }
                     }
@@ -365,7 +399,8 @@ impl Cluster {
                     }
                     return Err(e);
                 }
-                // `Proceed` answers `Checked`, which this driver never feeds.
+                // `Proceed` answers `Checked`, which this driver feeds only
+                // for a failed run, and then feeds the failure.
                 Step::Fail(None) | Step::Proceed => {
                     return Err(error
                         .take()

@@ -388,3 +388,34 @@ async fn tokens_carry_the_timeline_the_node_reports() {
     );
     env.stop().await;
 }
+
+/// A table created while the replica does not replay is missing there:
+/// the creator's reads wait for the replica, then fall back to the
+/// primary, in both protocols; the replica's 42P01 never reaches them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_table_the_lagging_replica_lacks_is_read_from_the_primary() {
+    let env = start_with(lagrouter_testing::PgCluster::builder().replicas(1), |c| {
+        c.routing.max_wait = std::time::Duration::from_millis(50);
+    })
+    .await;
+    let replica = env.cluster.replicas()[0];
+    env.cluster.pause_replay(replica).await.unwrap();
+    let c = env.connect().await;
+    c.batch_execute("CREATE TABLE created_late(i int); INSERT INTO created_late VALUES (7)")
+        .await
+        .unwrap();
+    let rows = c.simple_query("SELECT i FROM created_late").await.unwrap();
+    assert!(
+        rows.iter().any(
+            |m| matches!(m, tokio_postgres::SimpleQueryMessage::Row(r) if r.get(0) == Some("7"))
+        ),
+        "{rows:?}"
+    );
+    let row = c
+        .query_one("SELECT i FROM created_late WHERE i = $1", &[&7i32])
+        .await
+        .unwrap();
+    assert_eq!(row.get::<_, i32>(0), 7);
+    env.cluster.resume_replay(replica).await.unwrap();
+    env.stop().await;
+}

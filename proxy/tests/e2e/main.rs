@@ -14,6 +14,7 @@ mod bad_input;
 mod basic;
 mod consistency;
 mod console;
+mod dashboard;
 mod failover;
 mod faults;
 mod lost_backend;
