@@ -112,6 +112,7 @@ impl Proxy {
             router: RwLock::new(router),
             pools: Pools::new(pool_settings),
             classifier: crate::classify::Classifier::new(10_000),
+            catalog: Default::default(),
             cancels: Mutex::new(HashMap::new()),
             shutdown: shutdown_rx.clone(),
             guc_names: OnceCell::new(),

@@ -12,7 +12,7 @@
 //! Files, lowest first: [`error`], [`settings`] (the reloadable
 //! configuration snapshot), [`clients`] (the client registry and the pause
 //! gate of the admin console), [`history`] (lag samples for the status
-//! page), [`shared`] (state every session uses; it imports neither the
+//! page), [`catalog`] (schema knowledge), [`shared`] (state every session uses; it imports neither the
 //! client side nor the session), [`status_page`] (the HTML page at `/`),
 //! [`admin`] (the HTTP endpoint), [`handle`], [`reload`], [`shutdown`], and
 //! [`listen`], which starts everything and hands each accepted connection
@@ -21,6 +21,7 @@
 #![warn(missing_docs)]
 
 pub mod admin;
+pub mod catalog;
 pub mod clients;
 pub mod error;
 pub mod handle;

@@ -44,6 +44,8 @@ pub struct Shared {
     pub pools: Pools,
     /// The statement classifier (with its cache).
     pub classifier: crate::classify::Classifier,
+    /// What the proxy knows about the schema (epoch of the last DDL).
+    pub catalog: super::catalog::Catalog,
     /// Cancel keys: session pid → (secret, where its query runs).
     pub(super) cancels: Mutex<HashMap<i32, (i32, Arc<CancelSlot>)>>,
     /// Becomes `true` when shutdown begins.

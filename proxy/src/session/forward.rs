@@ -11,10 +11,10 @@ use postgres_protocol::message::frontend;
 use crate::classify::{Classification, StatementKind};
 use crate::wire::{self as protocol, ClientMessage, PgError, TxnStatus};
 
-use super::pipeline::{Action, CopyState, ErrorState, Expect, Mode, ProbeKind, UnitState};
-use super::prepared::{ensure_prepared, malformed, no_such_statement};
+use super::pipeline::{Action, CopyState, ErrorState, Expect, Mode, UnitState};
+use super::prepared::{deallocates_all, ensure_prepared, malformed, no_such_statement};
 use super::settings::setting_actions;
-use super::{Session, Skip};
+use super::{Pooling, Session, Skip};
 
 impl Session {
     pub(super) fn note_statements(&mut self, class: &Classification) {
@@ -92,11 +92,16 @@ impl Session {
                     return;
                 }
                 self.note_statements(&class);
-                let actions = setting_actions(&class);
+                let mut actions = setting_actions(&class);
+                if self.pooling == Pooling::Pinned && deallocates_all(&sql, &class) {
+                    actions.push(Action::DeallocatedAll);
+                }
                 let h = self.backend.as_mut().expect("held");
+                h.count_statements(&class);
                 h.conn.wbuf.extend_from_slice(&frame.bytes);
                 h.unnamed_ok = false;
                 h.unit_state = UnitState::Ended;
+                h.unit_has_portal = false;
                 h.error.clear_query_failed();
                 h.queue.push_back(Expect::Client {
                     kind: b'Q',
@@ -162,8 +167,10 @@ impl Session {
                 let class = info.class.clone();
                 self.note_statements(&class);
                 let h = self.backend.as_mut().expect("held");
+                h.count_statements(&class);
                 h.unit_state.open();
-                h.portal_class.insert(portal.clone(), class);
+                h.unit_has_portal = true;
+                h.portal_class.insert(portal.clone(), info.clone());
                 ensure_prepared(h, &info, stmt.is_empty());
                 if stmt.is_empty() {
                     h.conn.wbuf.extend_from_slice(&frame.bytes);
@@ -208,11 +215,13 @@ impl Session {
             ClientMessage::Execute { portal, frame } => {
                 let h = self.backend.as_mut().expect("held");
                 h.unit_state.open();
-                let actions = h
-                    .portal_class
-                    .get(&portal)
-                    .map(|c| setting_actions(c))
-                    .unwrap_or_default();
+                let mut actions = Vec::new();
+                if let Some(info) = h.portal_class.get(&portal) {
+                    actions = setting_actions(&info.class);
+                    if info.deallocates_all {
+                        actions.push(Action::DeallocatedAll);
+                    }
+                }
                 h.conn.wbuf.extend_from_slice(&frame.bytes);
                 h.queue.push_back(Expect::Client {
                     kind: b'E',
@@ -236,6 +245,7 @@ impl Session {
                 let h = self.backend.as_mut().expect("held");
                 h.conn.wbuf.extend_from_slice(&frame.bytes);
                 h.unit_state = UnitState::Ended;
+                h.unit_has_portal = false;
                 if h.copy == CopyState::InIgnoringSync {
                     // Ignored by the server while COPY FROM STDIN runs.
                     return;
@@ -248,25 +258,34 @@ impl Session {
                 self.attach_probe();
             }
             ClientMessage::Flush { frame } => {
+                let pinned = self.pooling == Pooling::Pinned;
+                let idle = self.txn_status == TxnStatus::Idle;
                 let h = self.backend.as_mut().expect("held");
-                h.conn.wbuf.extend_from_slice(&frame.bytes);
-                // The client waits for the replies so far: stop holding them
-                // back (the unit can no longer be retried elsewhere), once
-                // the replica is known to be fresh enough.
-                let checking = h.queue.iter().any(|e| {
-                    matches!(
-                        e,
-                        Expect::Probe {
-                            kind: ProbeKind::Before,
-                            ..
-                        }
-                    )
-                });
-                if checking {
-                    h.unit_state = UnitState::FlushPending;
-                } else if matches!(h.mode, Mode::Buffer(_)) {
-                    h.commit_output();
-                    h.unit = None;
+                if !h.unit_has_portal
+                    && !pinned
+                    && idle
+                    && h.predicted == TxnStatus::Idle
+                    && h.copy == CopyState::None
+                    && h.error == ErrorState::None
+                {
+                    // Only statements were parsed or described (asyncpg's
+                    // `prepare`): nothing on this connection outlives the
+                    // unit, so it ends here with a Sync of the proxy's own,
+                    // the connection goes back to its pool, and the client's
+                    // next messages are routed afresh (a write never lands
+                    // on the replica that answered the Describe).
+                    frontend::sync(&mut h.conn.wbuf);
+                    h.queue.push_back(Expect::ProxySync);
+                    h.unit_state = UnitState::Ended;
+                } else {
+                    h.conn.wbuf.extend_from_slice(&frame.bytes);
+                    // The client waits for the replies so far: they go to it
+                    // once they have all arrived (the read engine may still
+                    // retry the unit elsewhere until then), and the unit can
+                    // no longer be retried.
+                    if matches!(h.mode, Mode::Buffer(_)) {
+                        h.queue.push_back(Expect::FlushPoint);
+                    }
                 }
             }
         }

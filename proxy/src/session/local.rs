@@ -14,7 +14,8 @@ use crate::config::{format_consistency, format_duration, parse_consistency, pars
 use crate::metrics as m;
 use crate::wire::{self as protocol, ClientMessage, PgError};
 
-use super::{Pooling, Session};
+use super::Session;
+use super::prepared::reserved_prepare;
 
 /// The parameter status carrying the session's token, and the name
 /// `SHOW lagrouter.token` answers.
@@ -40,6 +41,9 @@ pub(super) enum LocalStmt {
     Reset(&'static str),
     /// `SHOW` of one of those.
     Show(&'static str),
+    /// `DEALLOCATE name` / `DEALLOCATE ALL` of the client's protocol-level
+    /// statements (see `Session::local_deallocate`).
+    Deallocate(Option<String>),
     Empty,
 }
 
@@ -212,6 +216,10 @@ impl Session {
                 protocol::text_data_row(&self.show_session_setting(name), &mut out);
                 protocol::command_complete("SHOW", &mut out);
             }
+            LocalStmt::Deallocate(target) => {
+                let tag = self.run_deallocate(target.as_deref())?;
+                protocol::command_complete(tag, &mut out);
+            }
             LocalStmt::Empty => out.extend_from_slice(&protocol::empty_message(b'I')),
         }
         Ok(vec![out.freeze()])
@@ -257,24 +265,11 @@ impl Session {
             Ok(None) => {}
             Err(e) => return Some(Err(e)),
         }
-        if let Some(target) = deallocate_target(sql) {
-            match target {
-                None if self.pooling == Pooling::Transaction => {
-                    self.prepared.clear();
-                    let mut b = BytesMut::new();
-                    protocol::command_complete("DEALLOCATE ALL", &mut b);
-                    return Some(Ok(vec![b.freeze()]));
-                }
-                None => self.prepared.clear(),
-                Some(name) if self.prepared.remove(&name).is_some() => {
-                    let mut b = BytesMut::new();
-                    protocol::command_complete("DEALLOCATE", &mut b);
-                    return Some(Ok(vec![b.freeze()]));
-                }
-                Some(_) => {}
-            }
+        if let Err(e) = reserved_prepare(sql, class) {
+            return Some(Err(e));
         }
-        None
+        let target = self.local_deallocate(sql, class)?;
+        Some(self.run_local(&LocalStmt::Deallocate(target), false))
     }
 
     /// Whether an extended-protocol message can be answered without a
@@ -284,6 +279,7 @@ impl Session {
             ClientMessage::Parse { sql, .. } => {
                 let class = self.classify(sql);
                 !matches!(Self::local_stmt(sql, &class), Ok(None))
+                    || self.local_deallocate(sql, &class).is_some()
             }
             ClientMessage::Bind { stmt, .. } => {
                 self.stmt_info(stmt).is_some_and(|i| i.local.is_some())
@@ -429,37 +425,12 @@ pub(super) fn unknown_setting(name: &str) -> PgError {
     .with_hint("lagrouter-proxy knows lagrouter.min_token (SET) and lagrouter.token (SHOW).")
 }
 
-/// `DEALLOCATE [PREPARE] name | ALL` → `Some(Some(name))` / `Some(None)`.
-pub(super) fn deallocate_target(sql: &str) -> Option<Option<String>> {
-    let s = sql.trim().trim_end_matches(';').trim();
-    let mut words = s.split_whitespace();
-    if !words.next()?.eq_ignore_ascii_case("deallocate") {
-        return None;
-    }
-    let mut w = words.next()?;
-    if w.eq_ignore_ascii_case("prepare") {
-        w = words.next()?;
-    }
-    if words.next().is_some() {
-        return None;
-    }
-    if w.eq_ignore_ascii_case("all") {
-        return Some(None);
-    }
-    let name = if w.starts_with('"') && w.ends_with('"') && w.len() >= 2 {
-        w[1..w.len() - 1].replace("\"\"", "\"")
-    } else {
-        w.to_ascii_lowercase()
-    };
-    Some(Some(name))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
-    fn show_and_deallocate_are_recognised() {
+    fn show_is_recognised() {
         assert_eq!(
             show_lagrouter("SHOW lagrouter.token;"),
             Some("lagrouter.token".into())
@@ -469,12 +440,5 @@ mod tests {
             Some("lagrouter.token".into())
         );
         assert_eq!(show_lagrouter("SHOW search_path"), None);
-        assert_eq!(deallocate_target("DEALLOCATE s1"), Some(Some("s1".into())));
-        assert_eq!(
-            deallocate_target("deallocate prepare \"S1\";"),
-            Some(Some("S1".into()))
-        );
-        assert_eq!(deallocate_target("DEALLOCATE ALL"), Some(None));
-        assert_eq!(deallocate_target("SELECT 1"), None);
     }
 }

@@ -219,6 +219,9 @@ struct Session {
     /// A transaction whose server connection died, answered as aborted
     /// until the client ends it (`lost.rs`).
     lost: Option<lost::LostTxn>,
+    /// A client message that starts a new unit, held while the open unit
+    /// before it ends on the replica that ran it.
+    deferred: Option<ClientMessage>,
 }
 
 /// Runs an authenticated client session to its end.
@@ -263,6 +266,7 @@ pub async fn run(
         unit_kinds: Vec::new(),
         status,
         lost: None,
+        deferred: None,
     };
     let result = match s.setup(&info, secret).await {
         Ok(()) => s.main_loop().await,
@@ -546,6 +550,9 @@ impl Session {
     /// unit's replies (or its probes) are still outstanding, so that the
     /// next statement is routed with an up-to-date token.
     fn accepts_client_input(&self) -> bool {
+        if self.deferred.is_some() {
+            return false;
+        }
         match &self.backend {
             None => true,
             Some(h) => {
@@ -575,6 +582,18 @@ impl Session {
     async fn housekeeping(&mut self) -> Flow {
         loop {
             self.move_output();
+            // A message held back while an open unit ended: routed once
+            // the connection is given back (or sent on, when a retry left
+            // the unit open on the primary).
+            let deferred_ready = self.backend.as_ref().is_none_or(|h| {
+                h.unit_state.is_open() && h.retry.is_none() && !matches!(h.mode, Mode::Discard)
+            });
+            if deferred_ready {
+                if let Some(msg) = self.deferred.take() {
+                    self.on_message(msg).await?;
+                    continue;
+                }
+            }
             let Some(h) = &mut self.backend else {
                 return Ok(());
             };
@@ -593,7 +612,6 @@ impl Session {
                 return Ok(());
             }
             self.release();
-            return Ok(());
         }
     }
 

@@ -8,8 +8,10 @@ use std::sync::Arc;
 use bytes::{Bytes, BytesMut};
 use lagrouter::routing::InFlight;
 
+use super::prepared::StmtInfo;
 use crate::backend::PooledConn;
 use crate::classify::{Classification, StatementKind};
+use crate::metrics as m;
 use crate::wire::{ClientMessage, Frame, TxnStatus};
 
 use lagrouter::probe::Position;
@@ -25,6 +27,8 @@ pub(super) enum Action {
     ForgetClientStmt(String),
     /// Forget that the held connection has this global statement.
     ForgetBackendStmt(String),
+    /// The server dropped every prepared statement of the connection.
+    DeallocatedAll,
 }
 
 /// Why a position probe was sent.
@@ -60,6 +64,14 @@ pub(super) enum Expect {
         /// The global name it prepares (`None`: the unnamed statement).
         global: Option<String>,
     },
+    /// A `Sync` the proxy sent to end a unit the client left open with
+    /// `Flush` (its `ReadyForQuery` is swallowed): the unit held only
+    /// statements, or the client's next message must be routed afresh.
+    ProxySync,
+    /// Where the client sent `Flush` in a unit whose replies are held
+    /// back: once every reply before it has arrived (and none was an error
+    /// the read engine retries), they go to the client.
+    FlushPoint,
     /// A position probe; replies swallowed.
     Probe {
         /// Why it was sent.
@@ -141,10 +153,6 @@ pub(super) enum UnitState {
     /// with `Flush`, or a COPY awaits the client's `Sync`): the client
     /// continues it, so the connection stays held.
     Open,
-    /// As [`UnitState::Open`], and a `Flush` arrived while the replica's
-    /// position was still being checked: the replies are released to the
-    /// client once the replica is known to be fresh enough.
-    FlushPending,
 }
 
 impl UnitState {
@@ -155,18 +163,9 @@ impl UnitState {
         }
     }
 
-    /// Whether the unit is open (with or without a pending `Flush`).
+    /// Whether the unit is open.
     pub(super) fn is_open(self) -> bool {
         !matches!(self, UnitState::Ended)
-    }
-
-    /// Clears a pending `Flush`; returns whether there was one.
-    pub(super) fn take_flush_pending(&mut self) -> bool {
-        let pending = *self == UnitState::FlushPending;
-        if pending {
-            *self = UnitState::Open;
-        }
-        pending
     }
 }
 
@@ -210,13 +209,21 @@ pub(super) struct Held {
     pub(super) unit_state: UnitState,
     /// The connection has the client's current unnamed statement prepared.
     pub(super) unnamed_ok: bool,
+    /// A portal was bound since the current unit began: it lives on this
+    /// connection until the unit ends.
+    pub(super) unit_has_portal: bool,
+    /// The node's name (the `node` label of the statement metrics).
+    pub(super) node_name: String,
+    /// Client statements forwarded from now on are counted (`false` while
+    /// a unit is first sent or re-sent: `start_unit` counts it once).
+    pub(super) count: bool,
     /// Since the last transaction boundary, a statement failed or the
     /// transaction was rolled back: if the session ends up idle, settings
     /// made since then were undone by the server.
     pub(super) txn_failed: bool,
-    /// Classification of each portal bound on this connection (for the
-    /// settings changes its `Execute` makes).
-    pub(super) portal_class: HashMap<String, Arc<Classification>>,
+    /// The statement of each portal bound on this connection (for the
+    /// session changes its `Execute` makes).
+    pub(super) portal_class: HashMap<String, Arc<StmtInfo>>,
     /// The server ended the connection with this FATAL error (not
     /// forwarded: the client keeps its connection, see `lost.rs`).
     pub(super) server_fatal: Option<String>,
@@ -242,11 +249,39 @@ impl Held {
         }
     }
 
+    /// Emits the synthesised replies at the head of the queue, and passes
+    /// the flush points there (the replies before them go to the client
+    /// unless a retry discards them).
     pub(super) fn drain_synth(&mut self) {
-        while let Some(Expect::Synth(_)) = self.queue.front() {
-            if let Some(Expect::Synth(b)) = self.queue.pop_front() {
-                self.emit(&b);
+        loop {
+            match self.queue.front() {
+                Some(Expect::Synth(_)) => {
+                    if let Some(Expect::Synth(b)) = self.queue.pop_front() {
+                        self.emit(&b);
+                    }
+                }
+                Some(Expect::FlushPoint) => {
+                    self.queue.pop_front();
+                    if matches!(self.mode, Mode::Buffer(_)) && self.retry.is_none() {
+                        self.commit_output();
+                        self.unit = None;
+                    }
+                }
+                _ => return,
             }
+        }
+    }
+
+    /// Counts a client statement forwarded on the held connection in
+    /// `lagrouter_proxy_queries_total` (a unit's statements are counted
+    /// once, by `start_unit`, however often it is sent).
+    pub(super) fn count_statements(&self, class: &Classification) {
+        if !self.count {
+            return;
+        }
+        for k in &class.statements {
+            metrics::counter!(m::QUERIES_TOTAL, m::LABEL_NODE => self.node_name.clone(), m::LABEL_KIND => k.label())
+                .increment(1);
         }
     }
 
@@ -275,7 +310,7 @@ pub(super) fn terminates(kind: u8, tag: u8) -> bool {
 pub(super) fn fail_until_sync(h: &mut Held, actions: &mut Vec<Action>) {
     loop {
         match h.queue.front() {
-            Some(Expect::Client { kind: b'S', .. }) => return,
+            Some(Expect::Client { kind: b'S', .. } | Expect::ProxySync) => return,
             None => {
                 h.error = ErrorState::SkippingToSync;
                 return;

@@ -1,18 +1,27 @@
 //! Prepared statements: what the session knows about each
-//! ([`StmtInfo`]), their proxy-global names (the same SQL and parameter
-//! types get the same name on every backend connection), and re-parsing a
-//! statement on a connection that lacks it.
+//! ([`StmtInfo`]), their proxy-global names (the same SQL, parameter
+//! types and schema epoch get the same name on every backend connection),
+//! re-parsing a statement on a connection that lacks it, and `DEALLOCATE`.
+//!
+//! A client's statements are its own: `Close`, `DEALLOCATE name` and
+//! `DEALLOCATE ALL` forget the client's names only (the backend statements
+//! stay, shared by every client that prepares the same SQL). A statement
+//! prepared after a DDL gets a new global name (the schema epoch is part
+//! of it), so it never runs on a plan a backend cached before the DDL;
+//! one prepared before keeps its name, and the server revalidates it as it
+//! would on a direct connection (re-planned, or `cached plan must not
+//! change result type`).
 
 use std::sync::Arc;
 
 use postgres_protocol::message::frontend;
 
-use crate::classify::Classification;
+use crate::classify::{Classification, PinReason, StatementKind};
 use crate::wire::{self as protocol, PgError};
 
-use super::Session;
 use super::local::LocalStmt;
 use super::pipeline::{Expect, Held};
+use super::{Pooling, Session};
 
 /// What the session knows about one prepared statement.
 #[derive(Debug)]
@@ -24,16 +33,20 @@ pub(super) struct StmtInfo {
     pub(super) global: String,
     pub(super) class: Arc<Classification>,
     pub(super) local: Option<LocalStmt>,
+    /// A `DEALLOCATE ALL` the server runs (pinned session): it drops the
+    /// proxy's statements on that connection too.
+    pub(super) deallocates_all: bool,
 }
 
-pub(super) fn global_name(sql: &str, types: &[u32]) -> String {
+/// The name a statement has on backends: `lagrouter_s_<hash>_<len>_<epoch>`.
+pub(super) fn global_name(sql: &str, types: &[u32], epoch: u64) -> String {
     use std::hash::{Hash, Hasher};
     // SipHash with fixed keys: stable within the process, which is all the
     // names need (they live as long as backend connections).
     let mut h = std::hash::DefaultHasher::new();
     sql.hash(&mut h);
     types.hash(&mut h);
-    format!("lagrouter_s_{:016x}_{}", h.finish(), sql.len())
+    format!("lagrouter_s_{:016x}_{}_{epoch}", h.finish(), sql.len())
 }
 
 impl Session {
@@ -51,15 +64,123 @@ impl Session {
         types: &Arc<[u32]>,
     ) -> Result<Arc<StmtInfo>, PgError> {
         let class = self.classify(sql);
-        let local = Self::local_stmt(sql, &class)?;
+        reserved_prepare(sql, &class)?;
+        let mut local = Self::local_stmt(sql, &class)?;
+        if local.is_none() {
+            local = self
+                .local_deallocate(sql, &class)
+                .map(LocalStmt::Deallocate);
+        }
+        let deallocates_all = local.is_none() && deallocates_all(sql, &class);
         Ok(Arc::new(StmtInfo {
             sql: sql.clone(),
             types: types.clone(),
-            global: global_name(sql, types),
+            global: global_name(sql, types, self.shared.catalog.epoch()),
             class,
             local,
+            deallocates_all,
         }))
     }
+
+    /// The target of a `DEALLOCATE` the proxy answers itself: one of the
+    /// client's protocol-level statements, or all of them. In a pinned
+    /// session, `DEALLOCATE ALL` and names the client prepared with SQL
+    /// `PREPARE` go to the server.
+    pub(super) fn local_deallocate(
+        &self,
+        sql: &str,
+        class: &Classification,
+    ) -> Option<Option<String>> {
+        if !matches!(class.statements.as_slice(), [StatementKind::Other]) {
+            return None;
+        }
+        let target = deallocate_target(sql)?;
+        let by_server = match &target {
+            None => self.pooling == Pooling::Pinned,
+            Some(name) => !self.prepared.contains_key(name) && self.pooling == Pooling::Pinned,
+        };
+        (!by_server).then_some(target)
+    }
+
+    /// Forgets the client's statement `name` (or all of them); returns the
+    /// command tag.
+    pub(super) fn run_deallocate(&mut self, name: Option<&str>) -> Result<&'static str, PgError> {
+        match name {
+            None => {
+                self.prepared.clear();
+                Ok("DEALLOCATE ALL")
+            }
+            Some(n) if self.prepared.remove(n).is_some() => Ok("DEALLOCATE"),
+            Some(n) => Err(no_such_statement(n)),
+        }
+    }
+
+    /// The server dropped every prepared statement of the held connection
+    /// (`DEALLOCATE ALL` in a pinned session): the client's and the
+    /// proxy's own.
+    pub(super) fn deallocated_all(&mut self) {
+        self.prepared.clear();
+        if let Some(h) = &mut self.backend {
+            h.conn.prepared.clear();
+            h.conn.probe_prepared = false;
+            h.unnamed_ok = false;
+        }
+    }
+}
+
+/// Whether `sql` is a `DEALLOCATE ALL`.
+pub(super) fn deallocates_all(sql: &str, class: &Classification) -> bool {
+    matches!(class.statements.as_slice(), [StatementKind::Other])
+        && deallocate_target(sql) == Some(None)
+}
+
+/// SQL `PREPARE` of a name the proxy uses itself (`lagrouter_…`): refused
+/// (42939), so that the client's and the proxy's statements never collide.
+pub(super) fn reserved_prepare(sql: &str, class: &Classification) -> Result<(), PgError> {
+    if class.pin_reason() != Some(PinReason::SqlPrepare) {
+        return Ok(());
+    }
+    let mut words = sql.split_whitespace();
+    let reserved = words
+        .find(|w| w.eq_ignore_ascii_case("prepare"))
+        .and_then(|_| words.next())
+        .is_some_and(|name| {
+            name.trim_matches('"')
+                .to_ascii_lowercase()
+                .starts_with("lagrouter_")
+        });
+    if reserved {
+        return Err(PgError::error(
+            "42939",
+            "prepared statement names starting with \"lagrouter_\" are reserved by lagrouter-proxy",
+        ));
+    }
+    Ok(())
+}
+
+/// `DEALLOCATE [PREPARE] name | ALL` → `Some(Some(name))` / `Some(None)`.
+pub(super) fn deallocate_target(sql: &str) -> Option<Option<String>> {
+    let s = sql.trim().trim_end_matches(';').trim();
+    let mut words = s.split_whitespace();
+    if !words.next()?.eq_ignore_ascii_case("deallocate") {
+        return None;
+    }
+    let mut w = words.next()?;
+    if w.eq_ignore_ascii_case("prepare") {
+        w = words.next()?;
+    }
+    if words.next().is_some() {
+        return None;
+    }
+    if w.eq_ignore_ascii_case("all") {
+        return Some(None);
+    }
+    let name = if w.starts_with('"') && w.ends_with('"') && w.len() >= 2 {
+        w[1..w.len() - 1].replace("\"\"", "\"")
+    } else {
+        w.to_ascii_lowercase()
+    };
+    Some(Some(name))
 }
 
 /// Makes sure the held backend has `info` prepared (as the unnamed
@@ -117,13 +238,31 @@ mod tests {
     #[test]
     fn global_names_depend_on_sql_and_types() {
         assert_eq!(
-            global_name("SELECT $1", &[23]),
-            global_name("SELECT $1", &[23])
+            global_name("SELECT $1", &[23], 0),
+            global_name("SELECT $1", &[23], 0)
         );
         assert_ne!(
-            global_name("SELECT $1", &[23]),
-            global_name("SELECT $1", &[25])
+            global_name("SELECT $1", &[23], 0),
+            global_name("SELECT $1", &[25], 0)
         );
-        assert_ne!(global_name("SELECT 1", &[]), global_name("SELECT 2", &[]));
+        assert_ne!(
+            global_name("SELECT 1", &[], 0),
+            global_name("SELECT 2", &[], 0)
+        );
+        assert_ne!(
+            global_name("SELECT 1", &[], 0),
+            global_name("SELECT 1", &[], 1)
+        );
+    }
+
+    #[test]
+    fn deallocate_is_recognised() {
+        assert_eq!(deallocate_target("DEALLOCATE s1"), Some(Some("s1".into())));
+        assert_eq!(
+            deallocate_target("deallocate prepare \"S1\";"),
+            Some(Some("S1".into()))
+        );
+        assert_eq!(deallocate_target("DEALLOCATE ALL"), Some(None));
+        assert_eq!(deallocate_target("SELECT 1"), None);
     }
 }

@@ -23,7 +23,7 @@ use crate::metrics as m;
 use crate::wire::{ClientMessage, PgError};
 
 use super::pipeline::ProbeKind;
-use super::pipeline::{Expect, Held, Mode};
+use super::pipeline::{ErrorState, Expect, Held, Mode};
 use super::probe::poll_position;
 use super::unit::Send;
 use super::{Flow, Pooling, Session};
@@ -184,12 +184,7 @@ impl Session {
         };
         let h = self.backend.as_mut().expect("held");
         match step {
-            Step::Proceed => {
-                if h.unit_state.take_flush_pending() {
-                    h.commit_output();
-                    h.unit = None;
-                }
-            }
+            Step::Proceed => {}
             next => {
                 h.mode = Mode::Discard;
                 h.retry = Some(next);
@@ -212,7 +207,16 @@ impl Session {
             return;
         };
         match step {
-            Step::Fail(None) => self.plan = None,
+            Step::Fail(None) => {
+                // The error stands: it goes to the client now (a unit the
+                // client left open with Flush gets no ReadyForQuery that
+                // would release it).
+                self.plan = None;
+                if let Some(h) = self.backend.as_mut() {
+                    h.commit_output();
+                    h.unit = None;
+                }
+            }
             next => {
                 debug!(
                     ?failure,
@@ -273,6 +277,10 @@ impl Session {
         };
         *self.cancel.lock().expect("cancel slot") = None;
         let unit = h.unit.take().unwrap_or_default();
+        if h.unit_state.is_open() || h.error == ErrorState::SkippingToSync {
+            // Left mid-unit (the client's Sync never came): not reusable.
+            h.conn.broken = true;
+        }
         let conn = take_conn(h);
         self.drive(step, unit, conn).await
     }

@@ -5,6 +5,7 @@
 
 use tracing::warn;
 
+use crate::server::catalog::is_ddl_tag;
 use crate::wire::{self as protocol, Frame, TxnStatus};
 
 use super::pipeline::{Action, CopyState, ErrorState, fail_until_sync, terminates};
@@ -26,9 +27,11 @@ impl Session {
         let mut committed = false;
         // A server error while a read's replies are held back.
         let mut read_failure: Option<Failure> = None;
+        let mut proxy_sync: Option<TxnStatus> = None;
         let pinned = self.pooling == super::Pooling::Pinned;
         {
             let h = self.backend.as_mut().expect("held");
+            h.drain_synth();
             if f.tag == b'E' && !pinned {
                 let e = protocol::error_fields(&f);
                 if matches!(e.severity.as_str(), "FATAL" | "PANIC") {
@@ -77,6 +80,15 @@ impl Session {
                 Expect::Synth(_) => {
                     warn!("internal: synthesized reply at the head of the queue");
                     h.drain_synth();
+                }
+                Expect::ProxySync => {
+                    if f.tag == b'Z' {
+                        h.queue.pop_front();
+                        proxy_sync = Some(TxnStatus::of_ready_for_query(&f));
+                    }
+                }
+                Expect::FlushPoint => {
+                    warn!("internal: flush point at the head of the queue");
                 }
                 Expect::Prelude => match f.tag {
                     b'E' => {
@@ -180,6 +192,7 @@ impl Session {
                             match protocol::command_tag(&f) {
                                 b"ROLLBACK" => h.txn_failed = true,
                                 b"COMMIT" => committed = true,
+                                tag if is_ddl_tag(tag) => self.shared.catalog.schema_changed(),
                                 _ => {}
                             }
                             if kind == b'E' {
@@ -213,6 +226,9 @@ impl Session {
         }
         if let Some(z) = client_z {
             self.on_client_ready(z);
+        }
+        if let Some(status) = proxy_sync {
+            self.on_proxy_sync(status);
         }
         if let Some((kind, lost_parse, result)) = probe_done {
             self.on_probe(kind, lost_parse, result);
@@ -265,6 +281,19 @@ impl Session {
         }
     }
 
+    /// The `ReadyForQuery` of a Sync the proxy sent to end a unit arrived:
+    /// the unit's replies go to the client (without it).
+    fn on_proxy_sync(&mut self, status: TxnStatus) {
+        let h = self.backend.as_mut().expect("held");
+        if !h.has_client_entries() {
+            h.predicted = status;
+        }
+        if !matches!(h.mode, Mode::Discard) {
+            h.commit_output();
+            h.unit = None;
+        }
+    }
+
     pub(super) fn apply_actions(&mut self, actions: Vec<Action>) {
         for a in actions {
             match a {
@@ -277,6 +306,7 @@ impl Session {
                     }
                 }
                 Action::Setting(kind) => self.apply_setting(kind),
+                Action::DeallocatedAll => self.deallocated_all(),
             }
         }
     }

@@ -16,7 +16,7 @@ use crate::backend::{PoolError, PooledConn};
 use crate::classify::{Classification, RouteHint, StatementKind};
 use crate::config::parse_consistency;
 use crate::metrics as m;
-use crate::wire::{self as protocol, ClientMessage, Frame, PgError};
+use crate::wire::{self as protocol, ClientMessage, Frame, PgError, TxnStatus};
 use lagrouter::routing::Run;
 
 use super::pipeline::ProbeKind;
@@ -96,7 +96,11 @@ impl Session {
             self.skip = Skip::No;
         }
         if self.backend.is_some() {
-            self.forward(msg);
+            if self.starts_new_unit(&msg) {
+                self.end_open_unit(msg);
+            } else {
+                self.forward(msg);
+            }
             return Ok(());
         }
 
@@ -124,6 +128,43 @@ impl Session {
                 Ok(())
             }
         }
+    }
+
+    /// Whether `msg`, sent while a unit the client left open with `Flush`
+    /// runs on a replica outside a transaction, must start a unit of its
+    /// own: a `Query` (which ends the implicit transaction anyway), or a
+    /// `Bind` of a statement that may write. The replica is then left, and
+    /// the message routed like any other, with the retries that gives.
+    fn starts_new_unit(&self, msg: &ClientMessage) -> bool {
+        let Some(h) = &self.backend else { return false };
+        if !h.on_replica
+            || !h.unit_state.is_open()
+            || h.error != ErrorState::None
+            || h.copy.is_in()
+            || self.pooling != Pooling::Transaction
+            || h.predicted != TxnStatus::Idle
+            || self.txn_status != TxnStatus::Idle
+        {
+            return false;
+        }
+        match msg {
+            ClientMessage::Query { .. } => true,
+            ClientMessage::Bind { stmt, .. } => self
+                .stmt_info(stmt)
+                .is_some_and(|i| !i.class.is_read_only()),
+            _ => false,
+        }
+    }
+
+    /// Ends the open unit with a Sync of the proxy's own; `next` waits
+    /// until the connection is given back, then is routed.
+    fn end_open_unit(&mut self, next: ClientMessage) {
+        let h = self.backend.as_mut().expect("held");
+        frontend::sync(&mut h.conn.wbuf);
+        h.queue.push_back(Expect::ProxySync);
+        h.unit_state = UnitState::Ended;
+        h.unit_has_portal = false;
+        self.deferred = Some(next);
     }
 
     /// Routes and starts a unit (one `Query`, or a batch up to `Sync` /
@@ -187,19 +228,38 @@ impl Session {
         if self.shared.pause.is_paused(&self.database) {
             self.wait_resumed().await?;
         }
-        // Classify the unit.
+        // Classify the unit. A Bind or Describe of a statement the batch
+        // itself parses refers to that one (the unnamed statement of
+        // psycopg, node-postgres, pgjdbc), not to what the session had.
         let mut classes: Vec<Arc<Classification>> = Vec::new();
+        let mut parsed: Vec<(&str, Arc<Classification>)> = Vec::new();
+        let mut kinds: Vec<&'static str> = Vec::new();
         for msg in &batch {
             match msg {
-                ClientMessage::Query { sql, .. } | ClientMessage::Parse { sql, .. } => {
-                    classes.push(self.classify(sql))
+                ClientMessage::Query { sql, .. } => {
+                    let c = self.classify(sql);
+                    kinds.extend(c.statements.iter().map(StatementKind::label));
+                    classes.push(c);
+                }
+                ClientMessage::Parse { name, sql, .. } => {
+                    let c = self.classify(sql);
+                    parsed.push((name, c.clone()));
+                    classes.push(c);
                 }
                 ClientMessage::Bind { stmt: name, .. }
                 | ClientMessage::Describe {
                     kind: b'S', name, ..
                 } => {
-                    if let Some(i) = self.stmt_info(name) {
-                        classes.push(i.class.clone());
+                    let class = match parsed.iter().rev().find(|(n, _)| n == name) {
+                        Some((_, c)) => Some(c.clone()),
+                        None => self.stmt_info(name).map(|i| i.class.clone()),
+                    };
+                    if let Some(c) = class {
+                        // Each execution counts once: at its Bind.
+                        if matches!(msg, ClientMessage::Bind { .. }) {
+                            kinds.extend(c.statements.iter().map(StatementKind::label));
+                        }
+                        classes.push(c);
                     }
                 }
                 _ => {}
@@ -239,10 +299,7 @@ impl Session {
             Some(RouteHint::Replica) => pin.is_none(),
             None => read_only,
         };
-        self.unit_kinds = classes
-            .iter()
-            .flat_map(|c| c.statements.iter().map(StatementKind::label))
-            .collect();
+        self.unit_kinds = kinds;
         if !read && classes.iter().any(|c| c.has_write()) {
             self.last_write = Some(Instant::now());
         }
@@ -377,6 +434,7 @@ impl Session {
             self.unit_kinds.len(),
             matches!(send, Send::Write | Send::ReadAsWrite),
         );
+        // Counted once per unit, on the node it is first sent to.
         for kind in std::mem::take(&mut self.unit_kinds) {
             metrics::counter!(m::QUERIES_TOTAL, m::LABEL_NODE => node_name.clone(), m::LABEL_KIND => kind)
                 .increment(1);
@@ -404,6 +462,9 @@ impl Session {
             predicted: self.txn_status,
             unit_state: UnitState::Ended,
             unnamed_ok: false,
+            unit_has_portal: false,
+            node_name,
+            count: false,
             txn_failed: false,
             portal_class: HashMap::new(),
             server_fatal: None,
@@ -423,6 +484,9 @@ impl Session {
         }
         self.backend = Some(h);
         self.forward_all(batch);
+        if let Some(h) = &mut self.backend {
+            h.count = true;
+        }
     }
 }
 

@@ -84,6 +84,16 @@ impl Env {
             .sum()
     }
 
+    /// As [`Env::metric`], over the label sets whose line contains every
+    /// one of `labels`.
+    pub async fn metric_with(&self, name: &str, labels: &[&str]) -> f64 {
+        let (_, body) = http_get(self.proxy.admin_addr(), "/metrics").await;
+        body.lines()
+            .filter(|l| l.starts_with(name) && labels.iter().all(|s| l.contains(s)))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    }
+
     pub fn proxy_config(&self) -> Config {
         self.proxy.config()
     }
@@ -340,4 +350,96 @@ pub fn alone_in_process(test: &str) -> bool {
         "{test} did not run in its own process"
     );
     false
+}
+
+/// Waits until every replica has replayed what the primary has written so
+/// far (DDL a test is about to read on a replica).
+pub async fn replicas_caught_up(env: &Env) {
+    let lsn = env.cluster.current_lsn().await.expect("primary position");
+    for r in env.cluster.replicas() {
+        env.cluster
+            .wait_for_replay(r, lsn, Duration::from_secs(30))
+            .await
+            .expect("replica catches up");
+    }
+}
+
+/// Gives the nodes names of the test's own (`{prefix}_primary`,
+/// `{prefix}_replica1`, …), so that its metrics are told apart from those
+/// of tests running alongside in the same process.
+pub fn name_nodes(config: &mut Config, prefix: &str) {
+    for n in &mut config.nodes {
+        n.name = format!("{prefix}_{}", n.name);
+    }
+}
+
+/// Extended-protocol messages for raw-protocol tests (text parameters and
+/// results).
+pub mod ext {
+    use bytes::BytesMut;
+    use postgres_protocol::IsNull;
+    use postgres_protocol::message::frontend;
+
+    pub fn parse(b: &mut BytesMut, name: &str, sql: &str) {
+        frontend::parse(name, sql, std::iter::empty(), b).unwrap();
+    }
+
+    pub fn bind(b: &mut BytesMut, portal: &str, stmt: &str, params: &[&str]) {
+        let r = frontend::bind(
+            portal,
+            stmt,
+            std::iter::empty::<i16>(),
+            params.iter(),
+            |p, buf| {
+                buf.extend_from_slice(p.as_bytes());
+                Ok(IsNull::No)
+            },
+            std::iter::empty::<i16>(),
+            b,
+        );
+        assert!(r.is_ok(), "bind encodes");
+    }
+
+    pub fn describe(b: &mut BytesMut, kind: u8, name: &str) {
+        frontend::describe(kind, name, b).unwrap();
+    }
+
+    pub fn execute(b: &mut BytesMut, portal: &str) {
+        frontend::execute(portal, 0, b).unwrap();
+    }
+
+    pub fn flush(b: &mut BytesMut) {
+        frontend::flush(b);
+    }
+
+    pub fn sync(b: &mut BytesMut) {
+        frontend::sync(b);
+    }
+
+    /// Parse/Bind/Describe/Execute/Sync of `sql` through the unnamed
+    /// statement: what node-postgres, psycopg and pgjdbc send per query.
+    pub fn unnamed_query(sql: &str, params: &[&str]) -> BytesMut {
+        let mut b = BytesMut::new();
+        parse(&mut b, "", sql);
+        bind(&mut b, "", "", params);
+        describe(&mut b, b'P', "");
+        execute(&mut b, "");
+        sync(&mut b);
+        b
+    }
+}
+
+/// Message types of `msgs`, as a string (e.g. `"12TDCZ"`).
+pub fn tags(msgs: &[Msg]) -> String {
+    msgs.iter().map(|m| m.0 as char).collect()
+}
+
+/// The first column of the first `DataRow` among `msgs`, as text.
+pub fn first_value(msgs: &[Msg]) -> Option<String> {
+    let body = &msgs.iter().find(|m| m.0 == b'D')?.1;
+    let len = i32::from_be_bytes(body[2..6].try_into().ok()?);
+    if len < 0 {
+        return None;
+    }
+    Some(String::from_utf8_lossy(&body[6..6 + len as usize]).into_owned())
 }
