@@ -963,3 +963,18 @@ fn large_but_parseable_inputs_are_parsed() {
         .unwrap();
     assert_eq!(handle.join().unwrap(), vec![K::Read]);
 }
+
+#[test]
+fn standby_state_is_read_on_the_primary() {
+    for sql in [
+        "SHOW transaction_read_only",
+        "show TRANSACTION_READ_ONLY;",
+        "SELECT current_setting('transaction_read_only')",
+        "SHOW in_hot_standby",
+    ] {
+        let c = classify(sql);
+        assert_eq!(c.hint, Some(RouteHint::Primary), "{sql}");
+        assert!(!c.has_write(), "{sql}");
+    }
+    assert_eq!(classify("SHOW search_path").hint, None);
+}

@@ -15,7 +15,7 @@ use super::fallback::fallback_kind;
 use super::query::classify_query;
 use super::scan::scan;
 use super::set::{classify_set, guc_name};
-use super::types::{Classification, PinReason, StatementKind};
+use super::types::{Classification, PinReason, RouteHint, StatementKind};
 use super::{MAX_PARSE_BYTES, MAX_PARSE_STATEMENTS};
 
 /// Stack reserved for parsing, walking and dropping a statement tree, per
@@ -44,10 +44,29 @@ pub(super) fn classify_slow(sql: &str) -> Classification {
     };
     Classification {
         statements,
-        hint: scan.hint,
+        hint: if reads_standby_state(sql) {
+            Some(RouteHint::Primary)
+        } else {
+            scan.hint
+        },
         token: scan.token,
         consistency: scan.consistency,
     }
+}
+
+/// Settings a hot standby reports differently from the primary
+/// (`transaction_read_only` is always on there): a statement that names
+/// one (`SHOW transaction_read_only`, `current_setting('in_hot_standby')`,
+/// …) runs on the primary, so that an autocommit session sees what a
+/// direct connection would.
+const STANDBY_STATE: &[&str] = &["transaction_read_only", "in_hot_standby"];
+
+fn reads_standby_state(sql: &str) -> bool {
+    STANDBY_STATE.iter().any(|name| {
+        sql.as_bytes()
+            .windows(name.len())
+            .any(|w| w.eq_ignore_ascii_case(name.as_bytes()))
+    })
 }
 
 fn parse_all(sql: &str, pieces: &[Range<usize>]) -> Vec<StatementKind> {

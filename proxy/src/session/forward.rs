@@ -116,7 +116,7 @@ impl Session {
                 types,
                 frame,
             } => {
-                let info = match self.make_info(&sql, &types) {
+                let info = match self.make_info(&sql, &types, Some((&name, &frame))) {
                     Ok(i) => i,
                     Err(e) => return self.local_error(e),
                 };

@@ -346,7 +346,7 @@ impl Session {
             ClientMessage::Parse {
                 name, sql, types, ..
             } => {
-                let info = match self.make_info(sql, types) {
+                let info = match self.make_info(sql, types, None) {
                     Ok(i) => i,
                     Err(e) => return Some(Err(e)),
                 };

@@ -197,8 +197,11 @@ impl Session {
                     }
                 }
                 ClientMessage::Parse {
-                    name, sql, types, ..
-                } => match self.make_info(&sql, &types) {
+                    name,
+                    sql,
+                    types,
+                    frame,
+                } => match self.make_info(&sql, &types, Some((&name, &frame))) {
                     Ok(info) if ends_transaction(&info.class.statements) => {
                         if name.is_empty() {
                             self.unnamed = Some(info);

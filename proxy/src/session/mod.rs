@@ -219,6 +219,10 @@ struct Session {
     /// A transaction whose server connection died, answered as aborted
     /// until the client ends it (`lost.rs`).
     lost: Option<lost::LostTxn>,
+    /// Whether the client's encoding is UTF-8 (as the last `client_encoding`
+    /// parameter status it was sent says); if not, its SQL is classified
+    /// from a stand-in text (see `ClientMessage::decode_any_encoding`).
+    client_utf8: bool,
     /// A client message that starts a new unit, held while the open unit
     /// before it ends on the replica that ran it.
     deferred: Option<ClientMessage>,
@@ -267,6 +271,7 @@ pub async fn run(
         status,
         lost: None,
         deferred: None,
+        client_utf8: true,
     };
     let result = match s.setup(&info, secret).await {
         Ok(()) => s.main_loop().await,
@@ -372,6 +377,9 @@ impl Session {
         for (k, v) in &params {
             protocol::parameter_status(k, v, &mut self.client.wbuf);
         }
+        self.client_utf8 = params
+            .get("client_encoding")
+            .is_none_or(|e| e.eq_ignore_ascii_case("UTF8"));
         crate::frontend::backend_key_data(self.pid, secret, &mut self.client.wbuf);
         protocol::ready_for_query(TxnStatus::Idle, &mut self.client.wbuf);
         self.client.flush().await.map_err(ClientError::from)?;

@@ -14,10 +14,11 @@
 
 use std::sync::Arc;
 
+use bytes::{BufMut, Bytes};
 use postgres_protocol::message::frontend;
 
 use crate::classify::{Classification, PinReason, StatementKind};
-use crate::wire::{self as protocol, PgError};
+use crate::wire::{self as protocol, Frame, PgError};
 
 use super::local::LocalStmt;
 use super::pipeline::{Expect, Held};
@@ -36,6 +37,9 @@ pub(super) struct StmtInfo {
     /// A `DEALLOCATE ALL` the server runs (pinned session): it drops the
     /// proxy's statements on that connection too.
     pub(super) deallocates_all: bool,
+    /// The SQL as the client sent it, when its bytes differ from `sql` (a
+    /// client encoding other than UTF-8): what a re-parse sends.
+    pub(super) raw_sql: Option<Bytes>,
 }
 
 /// The name a statement has on backends: `lagrouter_s_<hash>_<len>_<epoch>`.
@@ -58,10 +62,13 @@ impl Session {
         }
     }
 
+    /// What the session knows about the statement of a `Parse` (`frame`:
+    /// the message, to keep SQL in a client encoding other than UTF-8).
     pub(super) fn make_info(
         &self,
         sql: &Arc<str>,
         types: &Arc<[u32]>,
+        frame: Option<(&str, &Frame)>,
     ) -> Result<Arc<StmtInfo>, PgError> {
         let class = self.classify(sql);
         reserved_prepare(sql, &class)?;
@@ -79,6 +86,7 @@ impl Session {
             class,
             local,
             deallocates_all,
+            raw_sql: frame.and_then(|(name, f)| raw_sql(name, sql, f)),
         }))
     }
 
@@ -195,18 +203,46 @@ pub(super) fn ensure_prepared(h: &mut Held, info: &StmtInfo, unnamed: bool) {
     }
 }
 
+/// The SQL bytes of a `Parse` frame for statement `name` when they
+/// differ from `sql` (the stand-in text of a non-UTF-8 client encoding,
+/// which has the same length).
+fn raw_sql(name: &str, sql: &str, frame: &Frame) -> Option<Bytes> {
+    let start = 5 + name.len() + 1;
+    let raw = frame.bytes.get(start..start + sql.len())?;
+    (raw != sql.as_bytes()).then(|| Bytes::copy_from_slice(raw))
+}
+
 /// Re-parses a client's statement on a backend that lacks it.
 pub(super) fn inject_parse(h: &mut Held, info: &StmtInfo, global: Option<String>) {
     let name = global.as_deref().unwrap_or("");
-    if frontend::parse(
-        name,
-        &info.sql,
-        info.types.iter().copied(),
-        &mut h.conn.wbuf,
-    )
-    .is_err()
-    {
-        return;
+    match &info.raw_sql {
+        Some(raw) => {
+            let w = &mut h.conn.wbuf;
+            let len = 4 + name.len() + 1 + raw.len() + 1 + 2 + 4 * info.types.len();
+            let Ok(len) = i32::try_from(len) else { return };
+            w.put_u8(b'P');
+            w.put_i32(len);
+            w.put_slice(name.as_bytes());
+            w.put_u8(0);
+            w.put_slice(raw);
+            w.put_u8(0);
+            w.put_i16(info.types.len() as i16);
+            for t in info.types.iter() {
+                w.put_u32(*t);
+            }
+        }
+        None => {
+            if frontend::parse(
+                name,
+                &info.sql,
+                info.types.iter().copied(),
+                &mut h.conn.wbuf,
+            )
+            .is_err()
+            {
+                return;
+            }
+        }
     }
     match &global {
         Some(g) => {

@@ -55,6 +55,9 @@ impl Session {
                     h.conn.note_parameter(&f);
                     if head_is_client {
                         h.emit(&f.bytes);
+                        if let Some(v) = f.body().strip_prefix(b"client_encoding\0") {
+                            self.client_utf8 = v.eq_ignore_ascii_case(b"UTF8\0");
+                        }
                     }
                     return;
                 }

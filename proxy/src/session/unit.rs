@@ -46,7 +46,12 @@ impl Session {
             }
             b'Q' | b'P' | b'B' | b'D' | b'E' | b'C' | b'S' | b'H' => {
                 let tag = frame.tag;
-                match ClientMessage::decode(frame) {
+                let decoded = if self.client_utf8 {
+                    ClientMessage::decode(frame)
+                } else {
+                    ClientMessage::decode_any_encoding(frame)
+                };
+                match decoded {
                     Ok(msg) => self.on_message(msg).await,
                     Err(e @ protocol::ProtocolError::InvalidUtf8(_)) => self.invalid_utf8(tag, e),
                     Err(e) => Err(SessionEnd::Fatal(PgError::fatal(

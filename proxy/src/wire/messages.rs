@@ -6,7 +6,7 @@
 use std::io;
 use std::sync::Arc;
 
-use bytes::{Buf, BytesMut};
+use bytes::{Buf, Bytes, BytesMut};
 use pgwire::messages::cancel::CancelRequest;
 use pgwire::messages::startup::{GssEncRequest, SslRequest, Startup};
 use pgwire::messages::{DecodeContext, Message, PgWireFrontendMessage, ProtocolVersion};
@@ -371,6 +371,41 @@ impl ClientMessage {
             PgWireFrontendMessage::Sync(_) => ClientMessage::Sync { frame },
             PgWireFrontendMessage::Flush(_) => ClientMessage::Flush { frame },
             _ => return Err(ProtocolError::UnknownType(frame.tag)),
+        })
+    }
+
+    /// As [`ClientMessage::decode`], for a session whose client encoding is
+    /// not UTF-8: in a `Query` or `Parse`, bytes from 0x80 up (characters
+    /// outside ASCII, in whatever encoding) are read as `_`, so that the
+    /// SQL can be classified (keywords, quotes and comments are ASCII in
+    /// every client encoding PostgreSQL offers). The frame is kept
+    /// unchanged for forwarding; the SQL text is then a stand-in whose
+    /// bytes differ from the frame's.
+    pub fn decode_any_encoding(frame: Frame) -> Result<ClientMessage, ProtocolError> {
+        if !matches!(frame.tag, b'Q' | b'P') || frame.body().is_ascii() {
+            return ClientMessage::decode(frame);
+        }
+        let mut copy = frame.bytes.to_vec();
+        for b in &mut copy[5..] {
+            if *b >= 0x80 {
+                *b = b'_';
+            }
+        }
+        let stand_in = Frame {
+            tag: frame.tag,
+            bytes: Bytes::from(copy),
+        };
+        Ok(match ClientMessage::decode(stand_in)? {
+            ClientMessage::Query { sql, .. } => ClientMessage::Query { sql, frame },
+            ClientMessage::Parse {
+                name, sql, types, ..
+            } => ClientMessage::Parse {
+                name,
+                sql,
+                types,
+                frame,
+            },
+            other => other,
         })
     }
 

@@ -23,6 +23,7 @@ mod ops;
 mod parity;
 mod prepared;
 mod session_policy;
+mod session_state;
 mod slow_client;
 mod status_page;
 mod tools;

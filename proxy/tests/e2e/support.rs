@@ -443,3 +443,48 @@ pub fn first_value(msgs: &[Msg]) -> Option<String> {
     }
     Some(String::from_utf8_lossy(&body[6..6 + len as usize]).into_owned())
 }
+
+impl Raw {
+    /// A simple query whose text is given as bytes (any client encoding).
+    pub async fn query_bytes(&mut self, sql: &[u8]) -> Vec<Msg> {
+        self.send(&raw_message(b'Q', &[sql, b"\0"])).await;
+        self.read_until(b'Z').await
+    }
+}
+
+/// A message of type `tag` whose body is `parts` concatenated.
+pub fn raw_message(tag: u8, parts: &[&[u8]]) -> Vec<u8> {
+    let body: Vec<u8> = parts.concat();
+    let mut m = vec![tag];
+    m.extend_from_slice(&(body.len() as i32 + 4).to_be_bytes());
+    m.extend_from_slice(&body);
+    m
+}
+
+/// A `Parse` of `sql` given as bytes, without parameter types.
+pub fn raw_parse(name: &str, sql: &[u8]) -> Vec<u8> {
+    raw_message(
+        b'P',
+        &[name.as_bytes(), b"\0", sql, b"\0", &0i16.to_be_bytes()],
+    )
+}
+
+/// The first column of the first `DataRow` among `msgs`, as bytes.
+pub fn first_bytes(msgs: &[Msg]) -> Option<Vec<u8>> {
+    let body = &msgs.iter().find(|m| m.0 == b'D')?.1;
+    let len = i32::from_be_bytes(body[2..6].try_into().ok()?);
+    (len >= 0).then(|| body[6..6 + len as usize].to_vec())
+}
+
+/// The `ParameterStatus` messages among `msgs`, as (name, value).
+pub fn parameter_statuses(msgs: &[Msg]) -> Vec<(String, String)> {
+    msgs.iter()
+        .filter(|m| m.0 == b'S')
+        .filter_map(|m| {
+            let mut it = m.1.split(|&b| b == 0);
+            let k = String::from_utf8_lossy(it.next()?).into_owned();
+            let v = String::from_utf8_lossy(it.next()?).into_owned();
+            Some((k, v))
+        })
+        .collect()
+}
