@@ -170,7 +170,9 @@ impl Error {
 /// [`Failure::classify`], so the library and the proxy agree on every code.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Failure {
-    /// 25006 on a replica: the statement writes.
+    /// 25006 on a replica: the statement writes; or 0A000 "… during
+    /// recovery": it reads what a hot standby cannot (unlogged or
+    /// temporary relations). Either way it runs on the primary.
     ReadOnly,
     /// Cancelled (or disconnected) by a hot-standby recovery conflict: the
     /// statement can run elsewhere.
@@ -194,6 +196,7 @@ impl Failure {
             || detail.is_some_and(|d| d.contains("conflict with recovery"));
         match code {
             "25006" => Failure::ReadOnly,
+            "0A000" if message.ends_with("during recovery") => Failure::ReadOnly,
             // Cancelled statements (40001, or 40P01 for a buffer-pin
             // deadlock) and sessions terminated for a conflict (57P01,
             // 57P04 when the database was dropped).

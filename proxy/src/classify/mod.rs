@@ -32,11 +32,13 @@ mod fast_path;
 mod lexer;
 mod parser;
 mod query;
+mod release;
 mod scan;
 mod set;
 mod types;
 
 pub use cache::Classifier;
+pub use release::may_release_session_state;
 pub use set::{reset_statement_sql, set_statement_sql};
 pub use types::{Classification, PinReason, RouteHint, StatementKind};
 

@@ -19,6 +19,14 @@ use super::{Pooling, Session, Skip};
 impl Session {
     pub(super) fn note_statements(&mut self, class: &Classification) {
         let Some(h) = &mut self.backend else { return };
+        if let Some(reason) = class.pin_reason() {
+            // Session state made on a replica (in a read-only transaction)
+            // cannot follow the session: it is not pinned there.
+            if !h.on_replica {
+                self.pin(reason);
+            }
+        }
+        let Some(h) = &mut self.backend else { return };
         if class.has_write() || class.pin_reason().is_some() {
             // Whatever the policy: a later one (after a reload) may read
             // with the token.
@@ -92,6 +100,7 @@ impl Session {
                     return;
                 }
                 self.note_statements(&class);
+                self.note_pinned_statement(&sql, &class.statements);
                 let mut actions = setting_actions(&class);
                 if self.pooling == Pooling::Pinned && deallocates_all(&sql, &class) {
                     actions.push(Action::DeallocatedAll);
@@ -166,6 +175,7 @@ impl Session {
                 };
                 let class = info.class.clone();
                 self.note_statements(&class);
+                self.note_pinned_statement(&info.sql, &class.statements);
                 let h = self.backend.as_mut().expect("held");
                 h.count_statements(&class);
                 h.unit_state.open();

@@ -36,7 +36,9 @@
 //! * `local`: statements the proxy answers itself;
 //! * `lost`: a server connection that died under the client: the error it
 //!   gets, and its transaction answered as aborted until it ends it;
-//! * `probe`: the position probes pipelined before and after statements.
+//! * `pin`: pinning to the server connection and unpinning;
+//! * `probe`: the position probes pipelined before and after statements;
+//! * `unlogged`: reads of unlogged relations go to the primary.
 #![warn(missing_docs)]
 
 use std::collections::{BTreeMap, HashMap};
@@ -57,6 +59,7 @@ use crate::wire::{self as protocol, ClientMessage, Frame, PgError, TxnStatus};
 mod forward;
 mod local;
 mod lost;
+mod pin;
 mod pipeline;
 mod prepared;
 mod probe;
@@ -64,6 +67,7 @@ mod read;
 mod replies;
 mod settings;
 mod unit;
+mod unlogged;
 
 pub use local::{MIN_TOKEN_SETTING, TOKEN_PARAMETER};
 pub use probe::PROBE_STATEMENT;
@@ -219,6 +223,11 @@ struct Session {
     /// A transaction whose server connection died, answered as aborted
     /// until the client ends it (`lost.rs`).
     lost: Option<lost::LostTxn>,
+    /// What keeps a pinned session pinned besides server-side objects.
+    sticky: pin::Sticky,
+    /// A statement that may have released session state ran on the pinned
+    /// connection: the server is asked what is left at the next idle moment.
+    pin_recheck: bool,
     /// Whether the client's encoding is UTF-8 (as the last `client_encoding`
     /// parameter status it was sent says); if not, its SQL is classified
     /// from a stand-in text (see `ClientMessage::decode_any_encoding`).
@@ -272,6 +281,8 @@ pub async fn run(
         lost: None,
         deferred: None,
         client_utf8: true,
+        sticky: pin::Sticky::No,
+        pin_recheck: false,
     };
     let result = match s.setup(&info, secret).await {
         Ok(()) => s.main_loop().await,
@@ -610,6 +621,15 @@ impl Session {
             }
             if let Some(step) = h.retry.take() {
                 self.resume_read(step).await?;
+                continue;
+            }
+            if self.pin_recheck
+                && self.pooling == Pooling::Pinned
+                && self.txn_status == TxnStatus::Idle
+                && !h.unit_state.is_open()
+                && h.held_rfq.is_none()
+            {
+                self.recheck_pin().await?;
                 continue;
             }
             if self.pooling == Pooling::Pinned

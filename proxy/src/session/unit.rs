@@ -308,8 +308,11 @@ impl Session {
         if !read && classes.iter().any(|c| c.has_write()) {
             self.last_write = Some(Instant::now());
         }
-        let pin_session = pin.is_some_and(|p| p.is_session_scoped());
         if read {
+            if self.reads_unlogged(&batch).await {
+                // A hot standby cannot read it: the engine's primary policy.
+                self.unit_policy = lagrouter::Consistency::Primary;
+            }
             self.start_read(batch).await?;
         } else {
             self.plan = None;
@@ -324,17 +327,6 @@ impl Session {
                 Ok(conn) => self.start_unit(primary, Send::Write, batch, conn),
                 Err(e) => self.unit_error(&batch, PgError::error(e.sqlstate(), e.to_string())),
             }
-        }
-        if pin_session && self.backend.is_some() {
-            if self.pooling == Pooling::Transaction {
-                info!(
-                    pid = self.pid,
-                    reason = pin.map(|p| p.as_str()),
-                    "session pinned to the primary"
-                );
-                metrics::counter!(m::PINNED_SESSIONS_TOTAL).increment(1);
-            }
-            self.pooling = Pooling::Pinned;
         }
         Ok(())
     }

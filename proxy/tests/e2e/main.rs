@@ -21,6 +21,7 @@ mod faults;
 mod lost_backend;
 mod ops;
 mod parity;
+mod pinning;
 mod prepared;
 mod session_policy;
 mod session_state;

@@ -580,6 +580,18 @@ fn failures_are_classified_once_for_everyone() {
         ),
         ("08006", "connection lost", None, Failure::Connection),
         (
+            "0A000",
+            "cannot access temporary or unlogged relations during recovery",
+            None,
+            Failure::ReadOnly,
+        ),
+        (
+            "0A000",
+            "cached plan must not change result type",
+            None,
+            Failure::Statement,
+        ),
+        (
             "57014",
             "canceling statement due to statement timeout",
             None,
