@@ -15,6 +15,7 @@ mod basic;
 mod consistency;
 mod console;
 mod dashboard;
+mod drivers;
 mod extended;
 mod failover;
 mod faults;
