@@ -73,7 +73,7 @@ public class JdbcCheck {
             }
             c.setAutoCommit(true);
             c.setReadOnly(false);
+            System.out.println("pgjdbc: ok (" + onReplica + "/20 of a writer's read-backs on replicas)");
         }
-        System.out.println("pgjdbc: ok");
     }
 }
