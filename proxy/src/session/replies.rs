@@ -308,7 +308,20 @@ impl Session {
                         h.conn.prepared.remove(&g);
                     }
                 }
-                Action::Setting(kind) => self.apply_setting(kind),
+                Action::Setting(kind) => {
+                    let discarded = self
+                        .backend
+                        .as_ref()
+                        .is_some_and(|h| matches!(h.mode, Mode::Discard));
+                    if discarded {
+                        // A run the read engine retries elsewhere: the
+                        // setting changed this connection only; the retry
+                        // makes it the session's.
+                        self.apply_setting_on_conn(kind);
+                    } else {
+                        self.apply_setting(kind);
+                    }
+                }
                 Action::DeallocatedAll => self.deallocated_all(),
             }
         }

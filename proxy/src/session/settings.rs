@@ -105,6 +105,37 @@ impl Session {
     }
 }
 
+impl Session {
+    /// Records what a setting change did to the held connection alone (its
+    /// run was discarded, to be retried elsewhere).
+    pub(super) fn apply_setting_on_conn(&mut self, kind: StatementKind) {
+        let Some(h) = self.backend.as_mut() else {
+            return;
+        };
+        match kind {
+            StatementKind::Set {
+                name,
+                value,
+                local: false,
+            } => {
+                h.conn
+                    .applied
+                    .insert(name.clone(), set_statement_sql(&name, &value));
+            }
+            StatementKind::Reset { name: Some(name) } => {
+                h.conn.applied.remove(&name);
+            }
+            StatementKind::Reset { name: None } => h.conn.applied.clear(),
+            StatementKind::Discard => {
+                h.conn.applied.clear();
+                h.conn.prepared.clear();
+                h.conn.probe_prepared = false;
+            }
+            _ => {}
+        }
+    }
+}
+
 /// Settings changes a statement makes, applied when it succeeds.
 pub(super) fn setting_actions(class: &Classification) -> Vec<Action> {
     class
