@@ -273,12 +273,19 @@ impl Held {
     }
 
     /// Counts a client statement forwarded on the held connection in
-    /// `lagrouter_proxy_queries_total` (a unit's statements are counted
+    /// `lagrouter_proxy_queries_total` and the console's `SHOW STATS` (a
+    /// unit's statements are counted
     /// once, by `start_unit`, however often it is sent).
-    pub(super) fn count_statements(&self, class: &Classification) {
+    pub(super) fn count_statements(
+        &self,
+        class: &Classification,
+        stats: &crate::stats::Stats,
+        policy: &lagrouter::Consistency,
+    ) {
         if !self.count {
             return;
         }
+        stats.sent(self.node, policy, class.statements.len(), false);
         for k in &class.statements {
             metrics::counter!(m::QUERIES_TOTAL, m::LABEL_NODE => self.node_name.clone(), m::LABEL_KIND => k.label())
                 .increment(1);

@@ -91,6 +91,14 @@ impl Session {
                                 held = Some(conn);
                                 Outcome::Polled(pos)
                             }
+                            Err(e @ BackendError::Unresponsive(_)) => {
+                                // Cut short by the read's own deadline: the
+                                // wait is over, not the node (the monitor's
+                                // probe timeout judges hung nodes).
+                                debug!(node, error = %e, "position poll cut short by max_wait");
+                                conn.broken = true;
+                                Outcome::Failed(Failure::Statement)
+                            }
                             Err(e) => {
                                 warn!(node, error = %e, "replica failed while waiting for it");
                                 conn.broken = true;
