@@ -36,7 +36,10 @@
 # POOL_SIZE (20, server connections per node in both poolers),
 # IDLE_CLIENTS (1000), PROXY_POLICIES ("read-your-writes"; e.g.
 # "read-your-writes eventual" adds a proxy per policy as a target), PG_BIN (pg_config --bindir), PROXY_BIN,
-# PGBOUNCER_BIN (default: the system's pgbouncer), SKIP_MEMORY=1.
+# PGBOUNCER_BIN (default: the system's pgbouncer), SKIP_MEMORY=1,
+# RYW_DURATION (DURATION; 0 skips the read-your-writes latency run),
+# CHARTS_DIR (unset; e.g. docs/bench: writes the results there and draws
+# them as SVG with benches/charts.sh).
 # Results are in BENCHMARKS.md.
 
 set -euo pipefail
@@ -322,7 +325,7 @@ cpu_ticks() { # user + system CPU ticks of pid $1 (0 without a pid)
   if [ -n "$1" ]; then awk '{print $14 + $15}' "/proc/$1/stat" 2>/dev/null || echo 0; else echo 0; fi
 }
 read -r -a MODE_LIST <<<"$MODES"
-RESULTS="$WORK/results.tsv" # round mode target ok tps latency_ms pooler_cpu_us_per_txn
+RESULTS="$WORK/results.tsv" # round mode target ok tps latency_ms pooler_cpu_us_per_txn clients
 : >"$RESULTS"
 LOAD_BEFORE=$(cut -d' ' -f1-3 /proc/loadavg)
 runs=$((ROUNDS * ${#MODE_LIST[@]} * ${#TARGETS[@]}))
@@ -362,7 +365,7 @@ for round in $(seq 1 "$ROUNDS"); do
     else
       log "run $n/$runs $mode $target: $tps tps, $lat ms"
     fi
-    printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$round" "$mode" "$target" "$ok" "${tps:-0}" "${lat:-0}" "$cpu_us" >>"$RESULTS"
+    printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$round" "$mode" "$target" "$ok" "${tps:-0}" "${lat:-0}" "$cpu_us" "$CLIENTS" >>"$RESULTS"
   done
 done
 LOAD_AFTER=$(cut -d' ' -f1-3 /proc/loadavg)
@@ -456,6 +459,47 @@ if [ "$SKIP_MEMORY" != 1 ]; then
     awk -v b="$RSS_BEFORE" -v a="$RSS_AFTER" -v c="$CONNECTED" -v n="$IDLE_CLIENTS" \
       'BEGIN {printf "| pgbouncer | – | %.1f | %.1f | %d | %.1f |\n", b/1024, a/1024, c, (a-b)/n}'
   fi
+fi
+# --- read-your-writes workload: read latency percentiles ----------------------
+# Each client writes a row and reads rows back (weights 1:2); a read-back
+# reads the row the client wrote last (pgbench keeps variables per client),
+# so through lagrouter-proxy it carries the write's token. Latencies from
+# pgbench's per-transaction log, reads only (script 1).
+LATENCY="$WORK/ryw-latency.tsv" # target p50_ms p90_ms p99_ms p999_ms
+: >"$LATENCY"
+if [ "${RYW_DURATION:-$DURATION}" != 0 ]; then
+  psql -X -q -p "$PRIMARY_PORT" -c "CREATE TABLE IF NOT EXISTS ryw_bench(id int PRIMARY KEY, n int NOT NULL)" >/dev/null
+  printf '\\set wid random(1, 100000)\nINSERT INTO ryw_bench VALUES (:wid, 0) ON CONFLICT (id) DO UPDATE SET n = ryw_bench.n + 1;\n' >"$WORK/ryw-write.sql"
+  printf 'SELECT n FROM ryw_bench WHERE id = :wid;\n' >"$WORK/ryw-read.sql"
+  echo
+  echo "## Read-your-writes workload: read-back latency (write:read 1:2, $CLIENTS clients, ${RYW_DURATION:-$DURATION}s)"
+  echo
+  echo "| target | reads | p50 ms | p90 ms | p99 ms | p99.9 ms |"
+  echo "|---|---:|---:|---:|---:|---:|"
+  for target in "${TARGETS[@]}"; do
+    prefix="$WORK/ryw-${target//\//_}"
+    (cd "$WORK" && timeout $((${RYW_DURATION:-$DURATION} + 60)) pgbench -n -c "$CLIENTS" -j "$THREADS" \
+      -T "${RYW_DURATION:-$DURATION}" -D wid=1 -f "$WORK/ryw-write.sql@1" -f "$WORK/ryw-read.sql@2" \
+      --log --log-prefix="$prefix" -p "$(port_of "$target")" >"$prefix.out" 2>&1) || {
+      log "ryw $target failed: $(grep -m1 -iE 'error|fatal|aborted' "$prefix.out" || true)"
+      continue
+    }
+    # Log lines: client transaction time_us script_no epoch epoch_us.
+    cat "$prefix".* 2>/dev/null | awk '$4 == 1 {print $3 / 1000}' | sort -g >"$prefix.reads"
+    awk -v t="$target" '{a[NR] = $1} END {
+        if (NR == 0) exit
+        q = "0.5 0.9 0.99 0.999"; split(q, qs, " ")
+        line = t; md = "| " t " | " NR
+        for (i = 1; i <= 4; i++) { k = int(qs[i] * NR); if (k < 1) k = 1; line = line "\t" a[k]; md = md " | " sprintf("%.3f", a[k]) }
+        print line >> "'"$LATENCY"'"; print md " |" }' "$prefix.reads"
+  done
+fi
+
+# Charts (SVG) from these results, when CHARTS_DIR is set.
+if [ -n "${CHARTS_DIR:-}" ]; then
+  cp "$RESULTS" "$CHARTS_DIR/results.tsv" 2>/dev/null || { mkdir -p "$CHARTS_DIR" && cp "$RESULTS" "$CHARTS_DIR/results.tsv"; }
+  cp "$LATENCY" "$CHARTS_DIR/ryw-latency.tsv"
+  CLIENTS=$CLIENTS bash "$(dirname "$0")/charts.sh" "$CHARTS_DIR/results.tsv" "$CHARTS_DIR/ryw-latency.tsv" "$CHARTS_DIR"
 fi
 echo
 log "done"
