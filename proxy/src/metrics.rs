@@ -44,6 +44,17 @@ pub const SERVER_CONNECTIONS_OPENED_TOTAL: &str = "lagrouter_proxy_server_connec
 pub const REPLICA_LAG_BYTES: &str = "lagrouter_proxy_replica_lag_bytes";
 /// Gauge: how stale each replica's data is, in seconds, by `node`.
 pub const REPLICA_LAG_SECONDS: &str = "lagrouter_proxy_replica_lag_seconds";
+/// Counter: transactions that were not `READ ONLY` and ran on a replica
+/// to their end (`routing.transactions = "optimistic"`).
+pub const TRANSACTIONS_OFFLOADED_TOTAL: &str = "lagrouter_proxy_transactions_offloaded_total";
+/// Counter: optimistic transactions moved from a replica to the primary,
+/// their statements replayed there with the same results, by `reason`
+/// (`write`, `unsafe`, `limit`).
+pub const TRANSACTIONS_REPLAYED_TOTAL: &str = "lagrouter_proxy_transactions_replayed_total";
+/// Counter: optimistic transactions whose replay on the primary gave
+/// different results (or failed): the client got 40001.
+pub const TRANSACTIONS_CHECKSUM_FAILED_TOTAL: &str =
+    "lagrouter_proxy_transactions_checksum_failed_total";
 
 /// Label: the node's configured name.
 pub const LABEL_NODE: &str = "node";
@@ -63,6 +74,11 @@ pub const TARGET_REPLICA: &str = "replica";
 pub const TARGET_REPLICA_CHECKED: &str = "replica_checked";
 /// Label: a pooled connection's state.
 pub const LABEL_STATE: &str = "state";
+
+/// The `reason` values of [`TRANSACTIONS_REPLAYED_TOTAL`]: the first
+/// write, a statement that cannot be replayed identically (volatile
+/// functions, COPY, session settings, …), or the recording limit.
+pub const REPLAY_REASONS: [&str; 3] = ["write", "unsafe", "limit"];
 
 /// Buckets (seconds) of the [`TOKEN_WAIT_SECONDS`] histogram.
 pub const TOKEN_WAIT_BUCKETS: &[f64] = &[
@@ -88,11 +104,16 @@ pub fn describe_metrics() {
         TOKENS_ACCEPTED_TOTAL,
         PINNED_SESSIONS_TOTAL,
         SERVER_CONNECTIONS_OPENED_TOTAL,
+        TRANSACTIONS_OFFLOADED_TOTAL,
+        TRANSACTIONS_CHECKSUM_FAILED_TOTAL,
     ] {
         metrics::counter!(c).increment(0);
     }
     for reason in crate::stats::FALLBACK_REASONS {
         metrics::counter!(FALLBACKS_TOTAL, LABEL_REASON => reason.label()).increment(0);
+    }
+    for reason in REPLAY_REASONS {
+        metrics::counter!(TRANSACTIONS_REPLAYED_TOTAL, LABEL_REASON => reason).increment(0);
     }
     for reason in ["idle", "idle_in_transaction", "write"] {
         metrics::counter!(CLIENT_TIMEOUTS_TOTAL, LABEL_REASON => reason).increment(0);
@@ -147,6 +168,21 @@ pub fn describe_metrics() {
         POOL_CONNECTIONS,
         Unit::Count,
         "Backend connections, by node and state (idle, active)."
+    );
+    describe_counter!(
+        TRANSACTIONS_OFFLOADED_TOTAL,
+        Unit::Count,
+        "Transactions (not READ ONLY) that ran on a replica to their end."
+    );
+    describe_counter!(
+        TRANSACTIONS_REPLAYED_TOTAL,
+        Unit::Count,
+        "Transactions moved from a replica to the primary with the same results on replay, by reason."
+    );
+    describe_counter!(
+        TRANSACTIONS_CHECKSUM_FAILED_TOTAL,
+        Unit::Count,
+        "Transactions whose replay on the primary gave different results: the client got 40001."
     );
     describe_gauge!(
         REPLICA_LAG_BYTES,

@@ -25,6 +25,7 @@ primary_window = "2s"              # primary-after-write only
 monitor_interval = "100ms"         # replica lag polling period
 probe_timeout = "2s"               # a node that does not answer a probe this long is ejected
 retry_on_replica_error = true      # retry reads on the primary after SQLSTATE 25006
+transactions = "optimistic"        # BEGIN (not READ ONLY): optimistic (on a replica until it writes) | primary
 
 # Optional: lets clients use TLS (sslmode=require).
 # [tls]

@@ -30,7 +30,7 @@ pub use example::EXAMPLE_TOML;
 pub use nodes::{NodeConfig, NodeRole};
 pub use pool::PoolConfig;
 pub use proxy::{ProxyConfig, TlsConfig};
-pub use routing::{Policy, RoutingConfig, format_consistency, parse_consistency};
+pub use routing::{Policy, RoutingConfig, Transactions, format_consistency, parse_consistency};
 pub use users::{AuthMethod, PasswordKind, UserConfig};
 
 /// The whole configuration file.

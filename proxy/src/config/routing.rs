@@ -30,6 +30,23 @@ pub enum Policy {
     PrimaryAfterWrite,
 }
 
+/// Where a transaction that is not `READ ONLY` runs
+/// (`routing.transactions`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Transactions {
+    /// `"optimistic"` (default): it starts on a replica (token-gated like
+    /// any read) while it only reads; at its first write (or a statement
+    /// that cannot be replayed) it moves to the primary, where its
+    /// statements are replayed and their results compared with what the
+    /// client received: equal, it goes on there; different, the client gets
+    /// 40001 (serialization failure) and retries.
+    #[default]
+    Optimistic,
+    /// `"primary"`: it runs on the primary from its `BEGIN`.
+    Primary,
+}
+
 /// `[routing]`: how reads are routed.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -63,6 +80,11 @@ pub struct RoutingConfig {
     /// Retry a read on the primary when a replica rejects it as a write
     /// (SQLSTATE 25006) or fails before returning rows. Default `true`.
     pub retry_on_replica_error: bool,
+    /// Where transactions that are not `READ ONLY` run: `"optimistic"`
+    /// (start on a replica, move to the primary at the first write) or
+    /// `"primary"`. Default `"optimistic"`. `BEGIN READ ONLY` always runs on
+    /// a replica.
+    pub transactions: Transactions,
 }
 
 impl Default for RoutingConfig {
@@ -76,6 +98,7 @@ impl Default for RoutingConfig {
             monitor_interval: Duration::from_millis(100),
             probe_timeout: Duration::from_secs(2),
             retry_on_replica_error: true,
+            transactions: Transactions::Optimistic,
         }
     }
 }

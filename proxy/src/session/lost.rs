@@ -40,6 +40,15 @@ pub(super) struct LostTxn {
 }
 
 impl LostTxn {
+    /// A transaction the proxy ended itself: `e` answers the client's next
+    /// statement (unless that ends the transaction).
+    pub(super) fn aborted(e: PgError) -> LostTxn {
+        LostTxn {
+            portals: HashMap::new(),
+            untold: Some(e),
+        }
+    }
+
     /// The answer to a statement that does not end the transaction.
     fn refusal(&mut self) -> PgError {
         self.untold.take().unwrap_or_else(|| {

@@ -36,6 +36,8 @@
 //! * `local`: statements the proxy answers itself;
 //! * `lost`: a server connection that died under the client: the error it
 //!   gets, and its transaction answered as aborted until it ends it;
+//! * `optimistic`: transactions that start on a replica and move to the
+//!   primary at their first write, replayed and checked;
 //! * `pin`: pinning to the server connection and unpinning;
 //! * `probe`: the position probes pipelined before and after statements;
 //! * `unlogged`: reads of unlogged relations go to the primary.
@@ -59,6 +61,7 @@ use crate::wire::{self as protocol, ClientMessage, Frame, PgError, TxnStatus};
 mod forward;
 mod local;
 mod lost;
+mod optimistic;
 mod pin;
 mod pipeline;
 mod prepared;
@@ -235,6 +238,8 @@ struct Session {
     /// A client message that starts a new unit, held while the open unit
     /// before it ends on the replica that ran it.
     deferred: Option<ClientMessage>,
+    /// The optimistic transaction running on a replica, if any.
+    optimistic: optimistic::OptState,
 }
 
 /// Runs an authenticated client session to its end.
@@ -280,6 +285,7 @@ pub async fn run(
         status,
         lost: None,
         deferred: None,
+        optimistic: optimistic::OptState::Off,
         client_utf8: true,
         sticky: pin::Sticky::No,
         pin_recheck: false,

@@ -16,6 +16,7 @@ use super::pipeline::ProbeKind;
 use super::probe::{encode_probe, position, probe};
 
 use super::Session;
+use super::optimistic::OptState;
 use super::pipeline::{Expect, Mode};
 
 impl Session {
@@ -45,6 +46,9 @@ impl Session {
                 }
             }
             let head_is_client = matches!(h.queue.front(), Some(Expect::Client { .. }) | None);
+            if let (true, OptState::Armed(rec)) = (head_is_client, &mut self.optimistic) {
+                rec.observe(&f, &h.mode);
+            }
             match f.tag {
                 b'A' => {
                     // Notifications are not part of any reply.

@@ -101,6 +101,9 @@ impl Session {
             self.skip = Skip::No;
         }
         if self.backend.is_some() {
+            let Some(msg) = self.optimistic_message(msg).await? else {
+                return Ok(());
+            };
             if self.starts_new_unit(&msg) {
                 self.end_open_unit(msg);
             } else {
@@ -175,6 +178,7 @@ impl Session {
     /// Routes and starts a unit (one `Query`, or a batch up to `Sync` /
     /// `Flush`) while no backend is held.
     pub(super) async fn dispatch(&mut self, batch: Vec<ClientMessage>) -> Flow {
+        self.optimistic_dispatch();
         if self.lost.is_some() {
             self.answer_in_lost_transaction(batch);
             return Ok(());
@@ -304,6 +308,9 @@ impl Session {
             Some(RouteHint::Replica) => pin.is_none(),
             None => read_only,
         };
+        // A transaction that is not READ ONLY may start on a replica
+        // (`optimistic.rs`).
+        let read = read || (hint.is_none() && self.optimistic_begin(&batch, &classes));
         self.unit_kinds = kinds;
         if !read && classes.iter().any(|c| c.has_write()) {
             self.last_write = Some(Instant::now());
@@ -469,6 +476,9 @@ impl Session {
             conn,
         };
         *self.cancel.lock().expect("cancel slot") = Some(h.conn.cancel_target());
+        if let super::optimistic::OptState::Armed(rec) = &mut self.optimistic {
+            rec.unit_restarted();
+        }
         if let Some(sql) = prelude_sql(&self.desired, &h.conn) {
             if frontend::query(&sql, &mut h.conn.wbuf).is_ok() {
                 h.queue.push_back(Expect::Prelude);

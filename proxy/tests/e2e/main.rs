@@ -21,6 +21,7 @@ mod failover;
 mod faults;
 mod lost_backend;
 mod ops;
+mod optimistic;
 mod parity;
 mod pinning;
 mod prepared;
