@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use lagrouter_proxy::config::{
-    AuthMethod, Config, ConfigError, EXAMPLE_TOML, NodeRole, PasswordKind, Policy,
+    AuthMethod, Config, ConfigError, EXAMPLE_TOML, NodeRole, PasswordKind, Policy, Transactions,
 };
 
 const MINIMAL: &str = r#"
@@ -96,6 +96,7 @@ max_lag = "1.5s"
 primary_window = "500ms"
 monitor_interval = "50ms"
 retry_on_replica_error = false
+transactions = "primary"
 
 [[nodes]]
 name = "r1"
@@ -140,6 +141,7 @@ auth = "trust"
     assert_eq!(c.routing.policy, Policy::BoundedStaleness);
     assert_eq!(c.routing.then, lagrouter::Fallback::Error);
     assert_eq!(c.routing.max_lag, Duration::from_millis(1500));
+    assert_eq!(c.routing.transactions, Transactions::Primary);
     assert_eq!(
         c.routing.consistency(),
         lagrouter::Consistency::BoundedStaleness(Duration::from_millis(1500))
@@ -182,6 +184,22 @@ fn policies_map_to_consistency() {
     assert_eq!(
         with("bounded-staleness"),
         C::BoundedStaleness(Duration::from_secs(1))
+    );
+}
+
+#[test]
+fn transactions_take_two_values() {
+    let c = Config::from_toml_str(MINIMAL).unwrap();
+    assert_eq!(c.routing.transactions, Transactions::Optimistic);
+    let c = Config::from_toml_str(&format!("[routing]\ntransactions = \"primary\"\n{MINIMAL}"))
+        .unwrap();
+    assert_eq!(c.routing.transactions, Transactions::Primary);
+    let msg = err_msg(&format!(
+        "[routing]\ntransactions = \"sometimes\"\n{MINIMAL}"
+    ));
+    assert!(
+        msg.contains("sometimes") && msg.contains("optimistic"),
+        "{msg}"
     );
 }
 

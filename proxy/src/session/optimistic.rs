@@ -287,10 +287,7 @@ impl Session {
             .get("default_transaction_isolation")
             .is_some_and(|s| snapshot_isolation(s));
         let size: usize = batch.iter().map(message_len).sum();
-        if !begins
-            || isolation
-            || size > MAX_RECORDED_BYTES
-            || batch.len() > MAX_RECORDED_MESSAGES
+        if !begins || isolation || size > MAX_RECORDED_BYTES || batch.len() > MAX_RECORDED_MESSAGES
         {
             return false;
         }
@@ -465,7 +462,10 @@ impl Session {
             return self.abort_moved(msg, e, true).await;
         }
         // 4. Same results: the transaction goes on on the primary.
-        debug!(pid = self.pid, reason, "optimistic transaction moved to the primary");
+        debug!(
+            pid = self.pid,
+            reason, "optimistic transaction moved to the primary"
+        );
         metrics::counter!(m::TRANSACTIONS_REPLAYED_TOTAL, m::LABEL_REASON => reason).increment(1);
         if let Some(h) = &mut self.backend {
             h.mode = Mode::Direct;
@@ -578,9 +578,7 @@ mod tests {
 
     #[test]
     fn snapshot_isolation_is_recognised() {
-        assert!(snapshot_isolation(
-            "BEGIN ISOLATION LEVEL REPEATABLE READ"
-        ));
+        assert!(snapshot_isolation("BEGIN ISOLATION LEVEL REPEATABLE READ"));
         assert!(snapshot_isolation("begin isolation level serializable"));
         assert!(!snapshot_isolation("BEGIN"));
         assert!(!snapshot_isolation("BEGIN ISOLATION LEVEL READ COMMITTED"));

@@ -65,7 +65,28 @@ def default_mode():
             check(v == "tx", "committed write visible")
             check(replica, "read-only transaction on a replica")
             c.commit()
-    print("psycopg default mode: ok")
+        # Plain transactions that only read start on replicas too
+        # (routing.transactions = "optimistic").
+        c.read_only = False
+        on_replica = 0
+        for _ in range(10):
+            v, replica = c.execute(
+                "SELECT v, pg_is_in_recovery() FROM py_t WHERE id = 100"
+            ).fetchone()
+            check(v == "tx", "committed write visible")
+            on_replica += replica
+            c.commit()
+        check(on_replica >= 9, f"default-mode read-only transactions on replicas: {on_replica}/10")
+        # Read, then write: the transaction moves to the primary with its
+        # read replayed there.
+        (v,) = c.execute("SELECT v FROM py_t WHERE id = 100").fetchone()
+        c.execute("UPDATE py_t SET v = %s WHERE id = 100", (v + "!",))
+        v, replica = c.execute(
+            "SELECT v, pg_is_in_recovery() FROM py_t WHERE id = 100"
+        ).fetchone()
+        check(v == "tx!" and not replica, f"read-then-write transaction: {v!r}, replica {replica}")
+        c.commit()
+    print(f"psycopg default mode: ok ({on_replica}/10 read-only transactions on replicas)")
 
 
 def pipeline_cursors_copy():

@@ -157,7 +157,10 @@ async fn show_commands_describe_the_proxy() {
     );
 
     // A client inside a transaction holds a server connection.
-    app.batch_execute("BEGIN; SELECT 1").await.unwrap();
+    // (It wrote: a transaction that only reads would be on a replica.)
+    app.batch_execute("BEGIN; SELECT txid_current()")
+        .await
+        .unwrap();
     let clients = rows(&admin, "SHOW CLIENTS").await;
     let shop = clients
         .iter()

@@ -64,7 +64,10 @@ async fn read_only_transactions_run_on_replicas_in_both_protocols() {
         // Extended protocol: BEGIN, then Parse/Bind/Execute/Sync.
         let t = c.transaction().await.unwrap();
         let row = t
-            .query_one("SELECT pg_is_in_recovery(), v FROM opt WHERE id = $1", &[&3i32])
+            .query_one(
+                "SELECT pg_is_in_recovery(), v FROM opt WHERE id = $1",
+                &[&3i32],
+            )
             .await
             .unwrap();
         assert!(row.get::<_, bool>(0), "an extended read ran on the primary");
@@ -101,24 +104,40 @@ async fn a_transaction_that_reads_then_writes_moves_to_the_primary() {
         value(&c, "UPDATE opt SET v = v + 1 WHERE id = 1 RETURNING v").await,
         "11"
     );
-    assert_eq!(in_recovery(&c).await, "f", "the write moved it to the primary");
+    assert_eq!(
+        in_recovery(&c).await,
+        "f",
+        "the write moved it to the primary"
+    );
     assert_eq!(value(&c, "SELECT v FROM opt WHERE id = 1").await, "11");
     c.batch_execute("COMMIT").await.unwrap();
     // Extended protocol, named statements prepared before the transaction
     // and the unnamed statement inside it.
     let read = c.prepare("SELECT v FROM opt WHERE id = $1").await.unwrap();
     let t = c.transaction().await.unwrap();
-    assert_eq!(t.query_one(&read, &[&2i32]).await.unwrap().get::<_, i32>(0), 20);
+    assert_eq!(
+        t.query_one(&read, &[&2i32]).await.unwrap().get::<_, i32>(0),
+        20
+    );
     let n = t
         .execute("UPDATE opt SET v = v + 5 WHERE id = $1", &[&2i32])
         .await
         .unwrap();
     assert_eq!(n, 1);
-    assert_eq!(t.query_one(&read, &[&2i32]).await.unwrap().get::<_, i32>(0), 25);
+    assert_eq!(
+        t.query_one(&read, &[&2i32]).await.unwrap().get::<_, i32>(0),
+        25
+    );
     t.commit().await.unwrap();
     // The session reads its writes afterwards.
-    assert_eq!(c.query_one(&read, &[&1i32]).await.unwrap().get::<_, i32>(0), 11);
-    assert_eq!(c.query_one(&read, &[&2i32]).await.unwrap().get::<_, i32>(0), 25);
+    assert_eq!(
+        c.query_one(&read, &[&1i32]).await.unwrap().get::<_, i32>(0),
+        11
+    );
+    assert_eq!(
+        c.query_one(&read, &[&2i32]).await.unwrap().get::<_, i32>(0),
+        25
+    );
     // A transaction that writes first never needed a replay of reads, and
     // one that rolls back after moving leaves nothing.
     c.batch_execute("BEGIN; UPDATE opt SET v = 0 WHERE id = 3")
@@ -199,9 +218,17 @@ async fn a_read_that_changed_on_the_primary_gets_40001_and_the_retry_succeeds() 
         .batch_execute("UPDATE opt SET v = v + 1 WHERE id = 2")
         .await
         .unwrap_err();
-    assert_eq!(e.as_db_error().map(|d| d.code().code()), Some("40001"), "{e}");
+    assert_eq!(
+        e.as_db_error().map(|d| d.code().code()),
+        Some("40001"),
+        "{e}"
+    );
     let e = c.batch_execute("SELECT 1").await.unwrap_err();
-    assert_eq!(e.as_db_error().map(|d| d.code().code()), Some("25P02"), "{e}");
+    assert_eq!(
+        e.as_db_error().map(|d| d.code().code()),
+        Some("25P02"),
+        "{e}"
+    );
     c.batch_execute("COMMIT").await.unwrap();
     c.batch_execute("BEGIN").await.unwrap();
     assert_eq!(value(&c, "SELECT v FROM opt WHERE id = 2").await, "200");
@@ -209,8 +236,14 @@ async fn a_read_that_changed_on_the_primary_gets_40001_and_the_retry_succeeds() 
         .await
         .unwrap();
     c.batch_execute("COMMIT").await.unwrap();
-    assert_eq!(value(&direct, "SELECT v FROM opt WHERE id = 2").await, "201");
-    assert_eq!(value(&direct, "SELECT v FROM opt WHERE id = 1").await, "101");
+    assert_eq!(
+        value(&direct, "SELECT v FROM opt WHERE id = 2").await,
+        "201"
+    );
+    assert_eq!(
+        value(&direct, "SELECT v FROM opt WHERE id = 1").await,
+        "101"
+    );
     let failed = env.metric(FAILED, "").await - failed_before;
     assert!(failed >= 2.0, "{failed} checksum failures");
     for r in env.cluster.replicas() {
@@ -225,7 +258,10 @@ async fn volatile_functions_and_row_locks_move_the_transaction_at_that_statement
     let before = env.metric(REPLAYED, "reason=\"unsafe\"").await;
     let c = env.connect().await;
     for (stmt, expect) in [
-        ("SELECT pg_is_in_recovery() FROM opt WHERE id = 1 FOR UPDATE", "f"),
+        (
+            "SELECT pg_is_in_recovery() FROM opt WHERE id = 1 FOR UPDATE",
+            "f",
+        ),
         ("SELECT pg_is_in_recovery() AND now() IS NOT NULL", "f"),
         ("SELECT pg_is_in_recovery() AND random() >= 0", "f"),
     ] {
