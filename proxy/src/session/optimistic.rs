@@ -22,7 +22,7 @@
 //! | `BEGIN` / `START TRANSACTION` (READ COMMITTED), reads only | a replica, to its end |
 //! | … then a write, `FOR UPDATE`, a pinning statement | moves at that statement (replay + checksum) |
 //! | … then a volatile function (`now()`, `random()`, …), `COPY`, a session `SET`, an isolation change, more than [`MAX_RECORDED_MESSAGES`] messages or [`MAX_RECORDED_BYTES`] bytes | moves at that statement |
-//! | `ISOLATION LEVEL REPEATABLE READ` / `SERIALIZABLE` (or that default), a `BEGIN` batched with a write, the `primary` policy, `then = "error"`, a pinned session | the primary from its `BEGIN` |
+//! | `ISOLATION LEVEL REPEATABLE READ` / `SERIALIZABLE` (or that default), `READ WRITE` (a replica refuses it), a `BEGIN` batched with a write, the `primary` policy, `then = "error"`, a pinned session | the primary from its `BEGIN` |
 //! | `BEGIN READ ONLY` | a replica, as any read (never moves) |
 
 use std::time::Duration;
@@ -204,6 +204,17 @@ fn replica_start_allowed(policy: &lagrouter::Consistency) -> bool {
     )
 }
 
+/// Whether `sql` asks for `READ WRITE` explicitly, which a replica refuses
+/// (psycopg sends it when `read_only` is `False` rather than `None`).
+fn read_write(sql: &str) -> bool {
+    let words: Vec<String> = sql
+        .split(|c: char| !c.is_ascii_alphabetic())
+        .filter(|w| !w.is_empty())
+        .map(str::to_ascii_lowercase)
+        .collect();
+    words.windows(2).any(|w| w[0] == "read" && w[1] == "write")
+}
+
 fn message_len(m: &ClientMessage) -> usize {
     match m {
         ClientMessage::Query { frame, .. }
@@ -278,7 +289,7 @@ impl Session {
             _ => None,
         });
         for sql in texts {
-            if snapshot_isolation(sql) || unsafe_text(sql) {
+            if snapshot_isolation(sql) || read_write(sql) || unsafe_text(sql) {
                 return false;
             }
         }
@@ -582,5 +593,10 @@ mod tests {
         assert!(snapshot_isolation("begin isolation level serializable"));
         assert!(!snapshot_isolation("BEGIN"));
         assert!(!snapshot_isolation("BEGIN ISOLATION LEVEL READ COMMITTED"));
+        assert!(read_write("BEGIN READ  WRITE"));
+        assert!(read_write(
+            "start transaction isolation level read committed, read write"
+        ));
+        assert!(!read_write("BEGIN READ ONLY"));
     }
 }

@@ -66,8 +66,9 @@ def default_mode():
             check(replica, "read-only transaction on a replica")
             c.commit()
         # Plain transactions that only read start on replicas too
-        # (routing.transactions = "optimistic").
-        c.read_only = False
+        # (routing.transactions = "optimistic"). `None`: a plain BEGIN
+        # (`False` sends BEGIN READ WRITE, which a replica refuses).
+        c.read_only = None
         on_replica = 0
         for _ in range(10):
             v, replica = c.execute(
