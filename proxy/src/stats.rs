@@ -96,6 +96,7 @@ pub struct StatsRow {
 /// The counters of one proxy.
 pub struct Stats {
     cells: Vec<Cell>,
+    tokens_ahead: AtomicU64,
 }
 
 impl Stats {
@@ -105,6 +106,7 @@ impl Stats {
             cells: (0..nodes * POLICIES.len())
                 .map(|_| Cell::default())
                 .collect(),
+            tokens_ahead: AtomicU64::new(0),
         }
     }
 
@@ -155,6 +157,16 @@ impl Stats {
             c.token_wait_us
                 .fetch_add(waited.as_micros() as u64, Ordering::Relaxed);
         }
+    }
+
+    /// Counts a read refused with 55000 (its token is ahead of the primary).
+    pub fn token_ahead(&self) {
+        self.tokens_ahead.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Reads refused with 55000 since start.
+    pub fn tokens_ahead(&self) -> u64 {
+        self.tokens_ahead.load(Ordering::Relaxed)
     }
 
     /// Every row with at least one count, by node then policy.

@@ -227,6 +227,8 @@ impl Shared {
             history: Vec<super::history::NodeHistory>,
             /// Reads, fallbacks and token waits per node and policy.
             stats: Vec<StatsRow>,
+            /// Reads refused with 55000 (token ahead of the primary).
+            tokens_ahead: u64,
         }
         #[derive(Serialize)]
         struct StatsRow {
@@ -275,6 +277,7 @@ impl Shared {
             uptime_seconds: self.started.elapsed().as_secs_f64(),
             history: self.history.lock().expect("history").per_node(),
             stats,
+            tokens_ahead: self.stats.tokens_ahead(),
         })
         .unwrap_or_default()
     }

@@ -131,7 +131,12 @@ impl Session {
                 Step::Fail(e) => {
                     self.plan = None;
                     let e = match e {
-                        Some(e) => plan_error(e),
+                        Some(e) => {
+                            if matches!(e, PlanError::TokenAhead { .. }) {
+                                self.shared.stats.token_ahead();
+                            }
+                            plan_error(e)
+                        }
                         None => error.take().unwrap_or_else(|| {
                             PgError::error("08006", "no server could run the read")
                         }),
