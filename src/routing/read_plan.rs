@@ -86,6 +86,81 @@ pub struct ReadRequest {
     /// First interval between position polls while waiting (doubles up to
     /// eight times this).
     pub first_poll: Duration,
+    /// Where the session's previous read ran (monotonic reads, for policies
+    /// that use a token): see [`LastRead`].
+    pub last_read: Option<LastRead>,
+}
+
+/// Where a session's previous read ran: what keeps its next read from
+/// going back in time without reading the node's position after every
+/// read.
+///
+/// Drivers record it when a read's result stands (at the end of its last
+/// statement) and drop it when a write's token is captured (a commit
+/// position read on the primary after the read covers whatever the read
+/// saw). The engine then decides (see ARCHITECTURE.md, "Monotonic reads"):
+///
+/// * once the monitor has sampled the node with a probe sent after
+///   `ended`, in the same `epoch`, that sample is a **floor**: a position
+///   at or after everything the read saw. The next read may go to any node
+///   known (or checked) to have reached it;
+/// * before that, the read **stays** on the same node, whose replay only
+///   moves forward within an epoch; if that node cannot serve it, the
+///   primary does.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LastRead {
+    /// The node that served it.
+    pub node: usize,
+    /// The node's [`epoch`](crate::model::topology::NodeState::epoch) when
+    /// the read was routed.
+    pub epoch: u64,
+    /// An instant after the read's last statement took its snapshot (when
+    /// the driver saw its end).
+    pub ended: Instant,
+}
+
+impl LastRead {
+    /// The read served as `served`, ended at `ended`.
+    pub fn new(served: &Served, ended: Instant) -> Self {
+        LastRead {
+            node: served.node,
+            epoch: served.epoch,
+            ended,
+        }
+    }
+
+    /// The floor for the session's next read, when `topo` has one: the
+    /// node's position from a monitor probe sent after the read ended, in
+    /// the read's epoch (replay only moves forward within one, so that
+    /// position is at or after the read's snapshot).
+    pub fn floor(&self, topo: &Topology) -> Option<Lsn> {
+        let n = topo.nodes.get(self.node)?;
+        if n.epoch != self.epoch || n.sampled_at.is_none_or(|s| s <= self.ended) {
+            return None;
+        }
+        n.lsn
+    }
+
+    /// [`LastRead::floor`] as a token (labelled with the node's timeline
+    /// when the monitor knows it, else the cluster's).
+    pub fn floor_token(&self, topo: &Topology) -> Option<ConsistencyToken> {
+        let lsn = self.floor(topo)?;
+        Position {
+            in_recovery: topo.primary != Some(self.node),
+            lsn: Some(lsn),
+            timeline: topo.nodes[self.node].timeline,
+        }
+        .token(topo)
+    }
+
+    /// Whether a position read on the node now still bounds what the read
+    /// saw: the node is in the read's epoch (replay only moves forward
+    /// within one).
+    pub fn same_epoch(&self, topo: &Topology) -> bool {
+        topo.nodes
+            .get(self.node)
+            .is_some_and(|n| n.epoch == self.epoch)
+    }
 }
 
 impl ReadRequest {
@@ -99,6 +174,7 @@ impl ReadRequest {
             retry_on_empty: false,
             retry_replica_errors: true,
             first_poll: Duration::from_millis(2),
+            last_read: None,
         }
     }
 }
@@ -208,6 +284,9 @@ pub struct Served {
     /// True when the read waited for a replica to reach its token (polled
     /// at least once): count it as a token wait of `waited`.
     pub token_wait: bool,
+    /// The node's epoch in the snapshot the run was routed by (for
+    /// [`LastRead`]).
+    pub epoch: u64,
 }
 
 /// What happened to the last step.
@@ -247,6 +326,14 @@ pub struct ReadPlan {
     req: ReadRequest,
     /// The token, when the policy uses one.
     token: Option<ConsistencyToken>,
+    /// The position the read must see: the token's, or the floor of the
+    /// session's last read when that is newer.
+    need: Option<Lsn>,
+    /// The node the read stays on: the session's last read ran there and
+    /// no floor is known yet.
+    stay: Option<usize>,
+    /// The epoch of the node of the last run, as routed.
+    run_epoch: u64,
     max_wait: Duration,
     then: Fallback,
     start: Instant,
@@ -270,8 +357,12 @@ impl ReadPlan {
             Consistency::ReadYourWrites { max_wait, then } => (max_wait, then),
             _ => (Duration::ZERO, Fallback::Primary),
         };
+        let token = req.token.filter(|_| req.policy.uses_token());
         ReadPlan {
-            token: req.token.filter(|_| req.policy.uses_token()),
+            token,
+            need: token.map(|t| t.lsn),
+            stay: None,
+            run_epoch: 0,
             req,
             max_wait,
             then,
@@ -306,6 +397,12 @@ impl ReadPlan {
                     token: t.lsn,
                     primary: survived,
                 }));
+            }
+        }
+        if let Some(last) = self.req.last_read.filter(|_| self.req.policy.uses_token()) {
+            match last.floor(topo) {
+                Some(floor) => self.need = self.need.max(Some(floor)),
+                None => self.stay = Some(last.node),
             }
         }
         self.route(topo, router, now)
@@ -357,9 +454,9 @@ impl ReadPlan {
     }
 
     fn reached(&self, pos: Option<Position>) -> bool {
-        match (self.token, pos) {
+        match (self.need, pos) {
             (None, _) => true,
-            (Some(t), Some(Position { lsn: Some(l), .. })) => l >= t.lsn,
+            (Some(need), Some(Position { lsn: Some(l), .. })) => l >= need,
             _ => false,
         }
     }
@@ -429,6 +526,7 @@ impl ReadPlan {
             fallback: self.fallback,
             waited: self.waited(now),
             token_wait: self.polled,
+            epoch: self.run_epoch,
         })
     }
 
@@ -466,7 +564,7 @@ impl ReadPlan {
     fn route(&mut self, topo: &Topology, router: &Router, now: Instant) -> Step {
         if let Some(v) = self.verified {
             if topo.nodes.get(v).is_some_and(|n| n.is_serving_replica()) {
-                return self.run(Run {
+                return self.run(topo, Run {
                     node: v,
                     primary: false,
                     check: None,
@@ -476,39 +574,42 @@ impl ReadPlan {
             }
             self.verified = None;
         }
+        if let Some(node) = self.stay {
+            return self.stay_on(topo, node, now);
+        }
         let cx = ReadContext {
-            token: self.token.map(|t| t.lsn),
+            token: self.need,
             last_write: self.req.last_write,
             exclude: &self.exclude,
         };
         match router.route(topo, &self.req.policy, &cx) {
-            Route::Replica(i) => self.run(Run {
+            Route::Replica(i) => self.run(topo, Run {
                 node: i,
                 primary: false,
                 check: None,
                 verify: None,
                 retryable: true,
             }),
-            Route::ReplicaIfCaughtUp(i) => match self.token {
+            Route::ReplicaIfCaughtUp(i) => match self.need {
                 // Without a token there is nothing to check.
-                None => self.run(Run {
+                None => self.run(topo, Run {
                     node: i,
                     primary: false,
                     check: None,
                     verify: None,
                     retryable: true,
                 }),
-                Some(t) if !self.checked => {
+                Some(need) if !self.checked => {
                     self.checked = true;
-                    self.run(Run {
+                    self.run(topo, Run {
                         node: i,
                         primary: false,
-                        check: Some(t.lsn),
+                        check: Some(need),
                         verify: None,
                         retryable: true,
                     })
                 }
-                Some(t) => self.wait(topo, i, t.lsn, now),
+                Some(need) => self.wait(topo, i, need, now),
             },
             Route::Primary => {
                 let window = matches!(self.req.policy, Consistency::PrimaryAfterWrite(w)
@@ -558,9 +659,66 @@ impl ReadPlan {
         Step::Poll { node, after }
     }
 
+    /// Routes a read that stays on `node`, where the session's last read
+    /// ran and whose floor is not known yet: there when it can serve the
+    /// read in the same epoch (checked or waited for when the token is
+    /// ahead of it), else on the primary, which has everything any replica
+    /// has replayed.
+    fn stay_on(&mut self, topo: &Topology, node: usize, now: Instant) -> Step {
+        let same_epoch = self
+            .req
+            .last_read
+            .zip(topo.nodes.get(node))
+            .is_some_and(|(last, n)| last.epoch == n.epoch);
+        let Some(n) = topo.nodes.get(node).filter(|_| same_epoch) else {
+            return self.leave_stay(topo);
+        };
+        let usable = !self.exclude.contains(&node);
+        if usable && topo.primary == Some(node) && n.healthy {
+            return self.on_primary(topo);
+        }
+        let fresh = match self.req.policy {
+            Consistency::BoundedStaleness(max_lag) => n.lag.is_some_and(|l| l <= max_lag),
+            _ => true,
+        };
+        if usable && fresh && n.is_serving_replica() {
+            let run = Run {
+                node,
+                primary: false,
+                check: None,
+                verify: None,
+                retryable: true,
+            };
+            return match self.need {
+                Some(need) if n.lsn.is_none_or(|l| l < need) => {
+                    if self.checked {
+                        self.wait(topo, node, need, now)
+                    } else {
+                        self.checked = true;
+                        self.run(topo, Run {
+                            check: Some(need),
+                            ..run
+                        })
+                    }
+                }
+                _ => self.run(topo, run),
+            };
+        }
+        self.leave_stay(topo)
+    }
+
+    /// The node of the last read cannot serve this one and no floor is
+    /// known: the primary.
+    fn leave_stay(&mut self, topo: &Topology) -> Step {
+        if self.fallback.is_none() {
+            self.fallback = Some(FallbackReason::NoReplica);
+        }
+        self.on_primary(topo)
+    }
+
     fn on_primary(&mut self, topo: &Topology) -> Step {
         match topo.primary {
-            Some(p) => self.run(Run {
+            Some(p) => self.run(topo, Run {
                 node: p,
                 primary: true,
                 check: None,
@@ -571,7 +729,8 @@ impl ReadPlan {
         }
     }
 
-    fn run(&mut self, run: Run) -> Step {
+    fn run(&mut self, topo: &Topology, run: Run) -> Step {
+        self.run_epoch = topo.nodes.get(run.node).map_or(0, |n| n.epoch);
         self.pending = Pending::Run(run);
         Step::Run(run)
     }

@@ -42,7 +42,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use lagrouter::TokenHolder;
-use lagrouter::routing::ReadPlan;
+use lagrouter::routing::{LastRead, ReadPlan, Served};
 use tracing::{debug, warn};
 
 use crate::backend::BackendError;
@@ -167,6 +167,12 @@ struct Session {
     token: TokenHolder,
     /// The read engine's plan for the read unit in flight, if any.
     plan: Option<ReadPlan>,
+    /// The read unit whose result stands, recorded as the session's last
+    /// read when its server connection is released.
+    read_served: Option<Served>,
+    /// Where the session's last read ran (monotonic reads), until a write
+    /// token covers it.
+    last_read: Option<LastRead>,
     /// The session's own read policy (`SET lagrouter.consistency`, else the
     /// user's `consistency` from the configuration).
     consistency: Option<lagrouter::Consistency>,
@@ -229,6 +235,8 @@ pub async fn run(shared: Arc<Shared>, client: ClientConn, info: StartupInfo) {
         cancel,
         token: TokenHolder::default(),
         plan: None,
+        read_served: None,
+        last_read: None,
         consistency: entry.consistency,
         user_consistency: entry.consistency,
         max_wait: None,
@@ -583,6 +591,10 @@ impl Session {
 
     fn release(&mut self) {
         if let Some(mut h) = self.backend.take() {
+            if let Some(served) = self.read_served.take() {
+                // After the unit's last statement took its snapshot.
+                self.last_read = Some(LastRead::new(&served, Instant::now()));
+            }
             *self.cancel.lock().expect("cancel slot") = None;
             if !h.out.is_empty() {
                 self.client.wbuf.extend_from_slice(&h.out);

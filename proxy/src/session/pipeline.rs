@@ -32,8 +32,6 @@ pub(super) enum Action {
 pub(super) enum ProbeKind {
     /// Before a read: the read engine's `check` or `verify`.
     Before,
-    /// After a replica read: monotonic reads.
-    After,
     /// After a write committed: read-your-writes.
     Write,
 }

@@ -39,6 +39,7 @@ impl Session {
         let req = ReadRequest {
             last_write: self.last_write,
             retry_replica_errors: settings.config.routing.retry_on_replica_error,
+            last_read: self.last_read,
             ..ReadRequest::new(self.unit_policy, self.token.get())
         };
         let now = Instant::now();
@@ -254,11 +255,46 @@ impl Session {
 
     fn read_served(&mut self, served: Served) {
         self.plan = None;
+        self.read_served = Some(served);
         if let Some(f) = served.fallback {
             count_fallback(f);
         }
         if served.token_wait {
             count_wait(served.waited);
+        }
+    }
+
+    /// Before the session's token leaves it (`SHOW lagrouter.token`): makes
+    /// it cover the last read, from the monitor's sample after the read or
+    /// else from the node's position read now (in the read's epoch).
+    pub(super) async fn settle_last_read(&mut self) {
+        let Some(last) = self.last_read else { return };
+        let topo = self.shared.monitor.snapshot();
+        let token = match last.floor_token(&topo) {
+            Some(t) => Some(t),
+            None if last.same_epoch(&topo) => match self.checkout(last.node).await {
+                Ok(mut conn) => {
+                    let limit = self.settings().config.routing.probe_timeout;
+                    let r = poll_position(&mut conn, limit).await;
+                    match r {
+                        Ok(pos) => {
+                            conn.release();
+                            pos.token(&topo)
+                        }
+                        Err(e) => {
+                            conn.broken = true;
+                            self.backend_failure(last.node, &e);
+                            None
+                        }
+                    }
+                }
+                Err(_) => None,
+            },
+            None => None,
+        };
+        if token.is_some() {
+            self.token.observe(token);
+            self.last_read = None;
         }
     }
 

@@ -129,6 +129,9 @@ impl Session {
     /// Routes and starts a unit (one `Query`, or a batch up to `Sync` /
     /// `Flush`) while no backend is held.
     pub(super) async fn dispatch(&mut self, batch: Vec<ClientMessage>) -> Flow {
+        if self.last_read.is_some() && batch.iter().any(shows_token) {
+            self.settle_last_read().await;
+        }
         // Simple query answered locally?
         if let [ClientMessage::Query { sql, .. }] = batch.as_slice() {
             let class = self.classify(sql);
@@ -391,4 +394,14 @@ pub(super) enum Send {
     /// A read that wrote on a replica (25006), re-run on the primary as a
     /// write so that its commit advances the token.
     ReadAsWrite,
+}
+
+/// Whether `msg` asks for the session's token (`SHOW lagrouter.token`).
+fn shows_token(msg: &ClientMessage) -> bool {
+    match msg {
+        ClientMessage::Query { sql, .. } | ClientMessage::Parse { sql, .. } => {
+            super::local::show_lagrouter(sql).is_some()
+        }
+        _ => false,
+    }
 }

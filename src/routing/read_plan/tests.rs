@@ -80,6 +80,7 @@ fn done(node: usize, fallback: Option<FallbackReason>, waited_ms: u64, token_wai
         fallback,
         waited: ms(waited_ms),
         token_wait,
+        epoch: 0,
     })
 }
 
@@ -610,3 +611,5 @@ fn failures_are_classified_once_for_everyone() {
         assert!(!f.ejects_node(), "{f:?}");
     }
 }
+
+mod monotonic;
