@@ -112,7 +112,7 @@ pub struct NodePool {
     idle: Mutex<Vec<BackendConn>>,
     sem: Arc<Semaphore>,
     size: Mutex<usize>,
-    settings: Mutex<PoolSettings>,
+    settings: Mutex<Arc<PoolSettings>>,
     created: AtomicU64,
     open: Arc<AtomicUsize>,
 }
@@ -147,27 +147,36 @@ impl NodePool {
             idle: Mutex::new(Vec::new()),
             sem: Arc::new(Semaphore::new(size)),
             size: Mutex::new(size),
-            settings: Mutex::new(settings),
+            settings: Mutex::new(Arc::new(settings)),
             created: AtomicU64::new(0),
             open: Arc::new(AtomicUsize::new(0)),
         }
     }
 
-    fn settings(&self) -> PoolSettings {
+    fn settings(&self) -> Arc<PoolSettings> {
         self.settings.lock().expect("pool lock").clone()
     }
 
     /// Takes a connection, opening one if none is idle.
     pub async fn checkout(self: &Arc<Self>) -> Result<PooledConn, PoolError> {
         let settings = self.settings();
-        let permit =
-            match tokio::time::timeout(settings.checkout_timeout, self.sem.clone().acquire_owned())
+        // A free slot is the common case: no timer for it.
+        let permit = match self.sem.clone().try_acquire_owned() {
+            Ok(p) => p,
+            Err(tokio::sync::TryAcquireError::Closed) => return Err(PoolError::Closed),
+            Err(tokio::sync::TryAcquireError::NoPermits) => {
+                match Box::pin(tokio::time::timeout(
+                    settings.checkout_timeout,
+                    self.sem.clone().acquire_owned(),
+                ))
                 .await
-            {
-                Ok(Ok(p)) => p,
-                Ok(Err(_)) => return Err(PoolError::Closed),
-                Err(_) => return Err(PoolError::Timeout(settings.checkout_timeout)),
-            };
+                {
+                    Ok(Ok(p)) => p,
+                    Ok(Err(_)) => return Err(PoolError::Closed),
+                    Err(_) => return Err(PoolError::Timeout(settings.checkout_timeout)),
+                }
+            }
+        };
         let now = Instant::now();
         loop {
             let candidate = self.idle.lock().expect("pool lock").pop();
@@ -183,7 +192,9 @@ impl NodePool {
                 pool: self.clone(),
             });
         }
-        let conn = self.open_conn(&settings).await?;
+        // Rare, and large (authentication): boxed so that every future that
+        // checks out a connection stays small.
+        let conn = Box::pin(self.open_conn(&settings)).await?;
         Ok(PooledConn {
             conn: Some(conn),
             _permit: permit,
@@ -221,7 +232,7 @@ impl NodePool {
 
     fn resize(&self, settings: PoolSettings) {
         let new = settings.size_for(self.key.node);
-        *self.settings.lock().expect("pool lock") = settings;
+        *self.settings.lock().expect("pool lock") = Arc::new(settings);
         let mut size = self.size.lock().expect("pool lock");
         let old = *size;
         *size = new;

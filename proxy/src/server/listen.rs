@@ -121,6 +121,7 @@ impl Proxy {
             sessions: Mutex::new(HashMap::new()),
             next_session: AtomicU64::new(1),
             started: Instant::now(),
+            route_counters: std::sync::OnceLock::new(),
         });
 
         // Admin endpoint.
@@ -234,7 +235,10 @@ impl Shared {
 
 /// Runs one client connection: its startup phase, then its session.
 async fn serve_client(shared: Arc<Shared>, tcp: tokio::net::TcpStream, peer: SocketAddr) {
-    if let Some((conn, info)) = crate::frontend::accept(&shared, tcp, peer).await {
+    // Boxed: the startup phase's future is large and done with before the
+    // session starts.
+    let accepted = Box::pin(crate::frontend::accept(&shared, tcp, peer)).await;
+    if let Some((conn, info)) = accepted {
         crate::session::run(shared, conn, info).await;
     }
 }

@@ -66,6 +66,9 @@ pub struct Shared {
     pub(super) next_session: AtomicU64,
     /// When the proxy started.
     pub(super) started: Instant,
+    /// The query path's counters, registered on first use (after the
+    /// metrics recorder is installed).
+    pub(super) route_counters: std::sync::OnceLock<crate::metrics::RouteCounters>,
 }
 
 /// Decrements the connection count when a client socket is closed.
@@ -91,6 +94,13 @@ impl Drop for ClientGuard {
 }
 
 impl Shared {
+    /// The query path's counters (see [`crate::metrics::RouteCounters`]).
+    pub fn route_counters(&self) -> &crate::metrics::RouteCounters {
+        self.route_counters.get_or_init(|| {
+            crate::metrics::RouteCounters::new(self.nodes.iter().map(|n| n.name.as_str()))
+        })
+    }
+
     /// The current settings.
     pub fn settings(&self) -> Arc<Settings> {
         self.settings.read().expect("settings lock").clone()

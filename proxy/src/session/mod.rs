@@ -217,6 +217,10 @@ struct Session {
     lifecycle: Lifecycle,
     /// Statement kinds of the unit being routed (for metrics).
     unit_kinds: Vec<&'static str>,
+    /// The last statement texts classified and prepared.
+    recent: prepared::Recent,
+    /// The session's pool of each node, once used.
+    pools: std::sync::Mutex<Vec<Option<Arc<crate::backend::NodePool>>>>,
 }
 
 /// Runs an authenticated client session to its end.
@@ -255,8 +259,10 @@ pub async fn run(shared: Arc<Shared>, client: ClientConn, info: StartupInfo) {
         txn_status: TxnStatus::Idle,
         lifecycle: Lifecycle::Running,
         unit_kinds: Vec::new(),
+        recent: prepared::Recent::default(),
+        pools: std::sync::Mutex::new(Vec::new()),
     };
-    let result = match s.setup(&info, secret).await {
+    let result = match Box::pin(s.setup(&info, secret)).await {
         Ok(()) => s.main_loop().await,
         Err(e) => Err(e),
     };
@@ -407,6 +413,10 @@ impl Session {
             // 4. Wait for something to happen.
             let accept = self.accepts_client_input();
             let has_backend = self.backend.is_some();
+            if !has_backend {
+                // Idle between transactions: hold no buffer memory.
+                self.client.release_buffers();
+            }
             let idle_timeout = self.idle_timeout();
             let idle = !idle_timeout.is_zero();
             let closing = self.lifecycle == Lifecycle::Closing;

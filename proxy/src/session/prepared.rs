@@ -3,7 +3,7 @@
 //! types get the same name on every backend connection), and re-parsing a
 //! statement on a connection that lacks it.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use postgres_protocol::message::frontend;
 
@@ -24,6 +24,29 @@ pub(super) struct StmtInfo {
     pub(super) global: String,
     pub(super) class: Arc<Classification>,
     pub(super) local: Option<LocalStmt>,
+}
+
+/// The statement texts a session classified last, so that the messages of
+/// one batch (and the next batches of a client repeating itself) are
+/// classified once.
+#[derive(Debug, Default)]
+pub(super) struct Recent {
+    /// The last text classified, and its classification.
+    pub(super) class: Mutex<Option<(Arc<str>, Arc<Classification>)>>,
+    /// The last statement prepared.
+    pub(super) info: Mutex<Option<Arc<StmtInfo>>>,
+}
+
+impl Recent {
+    /// The last text classified (the lock is never contended: one task).
+    pub(super) fn class(&self) -> std::sync::MutexGuard<'_, Option<(Arc<str>, Arc<Classification>)>> {
+        self.class.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The last statement prepared.
+    pub(super) fn info(&self) -> std::sync::MutexGuard<'_, Option<Arc<StmtInfo>>> {
+        self.info.lock().unwrap_or_else(|p| p.into_inner())
+    }
 }
 
 pub(super) fn global_name(sql: &str, types: &[u32]) -> String {
@@ -50,15 +73,24 @@ impl Session {
         sql: &Arc<str>,
         types: &Arc<[u32]>,
     ) -> Result<Arc<StmtInfo>, PgError> {
+        // Clients re-parse the same text over and over (the unnamed
+        // statement above all): the last one is reused.
+        if let Some(last) = self.recent.info().as_ref() {
+            if *last.sql == **sql && *last.types == **types {
+                return Ok(last.clone());
+            }
+        }
         let class = self.classify(sql);
         let local = Self::local_stmt(sql, &class)?;
-        Ok(Arc::new(StmtInfo {
+        let info = Arc::new(StmtInfo {
             sql: sql.clone(),
             types: types.clone(),
             global: global_name(sql, types),
             class,
             local,
-        }))
+        });
+        *self.recent.info() = Some(info.clone());
+        Ok(info)
     }
 }
 

@@ -81,12 +81,14 @@ impl Session {
                 },
                 Step::Poll { node, after } => match self.conn_for(node, &mut held).await {
                     Ok(mut conn) => {
-                        tokio::time::sleep(after).await;
+                        // Boxed, as the other rare paths below: the session's
+                        // future stays small while it idles.
+                        Box::pin(tokio::time::sleep(after)).await;
                         let left = self
                             .plan
                             .as_ref()
                             .map_or(POLL_SLACK, |p| p.wait_left(Instant::now()) + POLL_SLACK);
-                        let r = poll_position(&mut conn, left).await;
+                        let r = Box::pin(poll_position(&mut conn, left)).await;
                         match r {
                             Ok(pos) => {
                                 held = Some(conn);
@@ -275,7 +277,7 @@ impl Session {
             None if last.same_epoch(&topo) => match self.checkout(last.node).await {
                 Ok(mut conn) => {
                     let limit = self.settings().config.routing.probe_timeout;
-                    let r = poll_position(&mut conn, limit).await;
+                    let r = Box::pin(poll_position(&mut conn, limit)).await;
                     match r {
                         Ok(pos) => {
                             conn.release();

@@ -12,7 +12,7 @@ use bytes::BytesMut;
 use postgres_protocol::message::frontend;
 use tracing::info;
 
-use crate::backend::{PoolError, PooledConn};
+use crate::backend::{NodePool, PoolError, PooledConn};
 use crate::classify::{Classification, RouteHint, StatementKind};
 use crate::config::parse_consistency;
 use crate::metrics as m;
@@ -130,7 +130,7 @@ impl Session {
     /// `Flush`) while no backend is held.
     pub(super) async fn dispatch(&mut self, batch: Vec<ClientMessage>) -> Flow {
         if self.last_read.is_some() && batch.iter().any(shows_token) {
-            self.settle_last_read().await;
+            Box::pin(self.settle_last_read()).await;
         }
         // Simple query answered locally?
         if let [ClientMessage::Query { sql, .. }] = batch.as_slice() {
@@ -283,6 +283,21 @@ impl Session {
     }
 
     pub(super) async fn checkout(&self, node: usize) -> Result<PooledConn, PoolError> {
+        let pool = self.pool(node);
+        let r = pool.checkout().await;
+        if let Err(PoolError::Connect(e)) = &r {
+            self.backend_failure(node, e);
+        }
+        r
+    }
+
+    /// The pool of `node` for the session's server user and database
+    /// (looked up once per node: pools are never removed).
+    fn pool(&self, node: usize) -> Arc<NodePool> {
+        let mut cache = self.pools.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(Some(p)) = cache.get(node) {
+            return p.clone();
+        }
         let key = crate::backend::PoolKey {
             node,
             user: self.server_user.clone(),
@@ -297,11 +312,11 @@ impl Session {
                 &self.database,
             )
         });
-        let r = pool.checkout().await;
-        if let Err(PoolError::Connect(e)) = &r {
-            self.backend_failure(node, e);
+        if cache.len() <= node {
+            cache.resize(node + 1, None);
         }
-        r
+        cache[node] = Some(pool.clone());
+        pool
     }
 
     /// Sends the unit on `conn`, a connection to `node`: the settings
@@ -314,7 +329,6 @@ impl Session {
         batch: Vec<ClientMessage>,
         conn: PooledConn,
     ) {
-        let topo = self.shared.monitor.snapshot();
         let (on_replica, retryable, checked) = match send {
             Send::Read(run) => (
                 !run.primary,
@@ -329,16 +343,10 @@ impl Session {
             Send::Read(_) => m::TARGET_REPLICA,
             Send::Write | Send::ReadAsWrite => m::TARGET_PRIMARY,
         };
-        let node_name = topo
-            .nodes
-            .get(node)
-            .map(|n| n.name.clone())
-            .unwrap_or_default();
-        metrics::counter!(m::ROUTED_TOTAL, m::LABEL_TARGET => label, m::LABEL_NODE => node_name.clone())
-            .increment(1);
-        for kind in std::mem::take(&mut self.unit_kinds) {
-            metrics::counter!(m::QUERIES_TOTAL, m::LABEL_NODE => node_name.clone(), m::LABEL_KIND => kind)
-                .increment(1);
+        let counters = self.shared.route_counters();
+        counters.routed(node, label);
+        for kind in self.unit_kinds.drain(..) {
+            counters.query(node, kind);
         }
         let mut h = Held {
             node,
