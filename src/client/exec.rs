@@ -302,7 +302,7 @@ impl Cluster {
         loop {
             let outcome = match step {
                 Step::Run(run) => {
-                    let capture = opts.capture || run.verify.is_some();
+                    let capture = opts.capture || run.verify.is_some() || run.capture;
                     match self
                         .run_on(run.node, stmt, run.check.is_some(), capture)
                         .await
@@ -357,9 +357,10 @@ impl Cluster {
                         .filter(|_| opts.capture)
                         .and_then(|p| p.token(&topo));
                     return Ok(Outcome {
-                        last_read: token
-                            .is_none()
-                            .then(|| LastRead::new(&served, Instant::now())),
+                        last_read: token.is_none().then(|| {
+                            LastRead::new(&served, Instant::now())
+                                .with_floor(r.after.and_then(|p| p.token(&topo)).map(|t| t.lsn))
+                        }),
                         token,
                         rows: r.rows,
                         rows_affected: r.rows_affected,

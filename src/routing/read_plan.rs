@@ -117,6 +117,12 @@ pub struct LastRead {
     /// An instant after the read's last statement took its snapshot (when
     /// the driver saw its end).
     pub ended: Instant,
+    /// The node's position read on the read's connection after it
+    /// ([`Run::capture`]): a floor at once.
+    pub captured: Option<Lsn>,
+    /// Where the next read should go once the floor is known
+    /// ([`Served::next`]).
+    pub next: Option<usize>,
 }
 
 impl LastRead {
@@ -126,7 +132,15 @@ impl LastRead {
             node: served.node,
             epoch: served.epoch,
             ended,
+            captured: None,
+            next: served.next,
         }
+    }
+
+    /// With the position the driver read after the statement on the same
+    /// connection (`None`: none was read).
+    pub fn with_floor(self, captured: Option<Lsn>) -> Self {
+        LastRead { captured, ..self }
     }
 
     /// The floor for the session's next read, when `topo` has one: the
@@ -134,6 +148,9 @@ impl LastRead {
     /// the read's epoch (replay only moves forward within one, so that
     /// position is at or after the read's snapshot).
     pub fn floor(&self, topo: &Topology) -> Option<Lsn> {
+        if self.captured.is_some() {
+            return self.captured;
+        }
         let n = topo.nodes.get(self.node)?;
         if n.epoch != self.epoch || n.sampled_at.is_none_or(|s| s <= self.ended) {
             return None;
@@ -267,6 +284,12 @@ pub struct Run {
     /// an error that moves the read elsewhere). Drivers that stream replies
     /// hold them back until the first row or the end.
     pub retryable: bool,
+    /// Pipeline the position probe *after* the statement and keep its
+    /// answer as the floor of the session's next read
+    /// ([`LastRead::with_floor`]): the read stays on its last node while the
+    /// router would rather use a more advanced one, which the next read
+    /// then moves to ([`Served::next`]).
+    pub capture: bool,
 }
 
 /// How a read was served, for [`ServedBy`](crate::ServedBy), metrics and logs.
@@ -287,6 +310,9 @@ pub struct Served {
     /// The node's epoch in the snapshot the run was routed by (for
     /// [`LastRead`]).
     pub epoch: u64,
+    /// The run captured its position ([`Run::capture`]) so that the
+    /// session's next read can move to this node.
+    pub next: Option<usize>,
 }
 
 /// What happened to the last step.
@@ -334,6 +360,11 @@ pub struct ReadPlan {
     stay: Option<usize>,
     /// The epoch of the node of the last run, as routed.
     run_epoch: u64,
+    /// Where the session wanted to move when its last read captured a
+    /// floor: tried first.
+    prefer: Option<usize>,
+    /// Where a capturing run (staying) would rather have gone.
+    next: Option<usize>,
     max_wait: Duration,
     then: Fallback,
     start: Instant,
@@ -363,6 +394,8 @@ impl ReadPlan {
             need: token.map(|t| t.lsn),
             stay: None,
             run_epoch: 0,
+            prefer: None,
+            next: None,
             req,
             max_wait,
             then,
@@ -401,7 +434,10 @@ impl ReadPlan {
         }
         if let Some(last) = self.req.last_read.filter(|_| self.req.policy.uses_token()) {
             match last.floor(topo) {
-                Some(floor) => self.need = self.need.max(Some(floor)),
+                Some(floor) => {
+                    self.need = self.need.max(Some(floor));
+                    self.prefer = last.next;
+                }
                 None => self.stay = Some(last.node),
             }
         }
@@ -527,6 +563,7 @@ impl ReadPlan {
             waited: self.waited(now),
             token_wait: self.polled,
             epoch: self.run_epoch,
+            next: if run.capture { self.next } else { None },
         })
     }
 
@@ -570,12 +607,28 @@ impl ReadPlan {
                     check: None,
                     verify: None,
                     retryable: true,
+                    capture: false,
                 });
             }
             self.verified = None;
         }
         if let Some(node) = self.stay {
-            return self.stay_on(topo, node, now);
+            return self.stay_on(topo, router, node, now);
+        }
+        if let Some(m) = self.prefer.take() {
+            let has_need = topo.nodes.get(m).is_some_and(|n| {
+                self.need.is_none_or(|need| n.lsn.is_some_and(|l| l >= need))
+            });
+            if has_need && self.usable_replica(topo, m) {
+                return self.run(topo, Run {
+                    node: m,
+                    primary: false,
+                    check: None,
+                    verify: None,
+                    retryable: true,
+                    capture: false,
+                });
+            }
         }
         let cx = ReadContext {
             token: self.need,
@@ -589,6 +642,7 @@ impl ReadPlan {
                 check: None,
                 verify: None,
                 retryable: true,
+                capture: false,
             }),
             Route::ReplicaIfCaughtUp(i) => match self.need {
                 // Without a token there is nothing to check.
@@ -598,6 +652,7 @@ impl ReadPlan {
                     check: None,
                     verify: None,
                     retryable: true,
+                    capture: false,
                 }),
                 Some(need) if !self.checked => {
                     self.checked = true;
@@ -607,6 +662,7 @@ impl ReadPlan {
                         check: Some(need),
                         verify: None,
                         retryable: true,
+                        capture: false,
                     })
                 }
                 Some(need) => self.wait(topo, i, need, now),
@@ -664,7 +720,7 @@ impl ReadPlan {
     /// read in the same epoch (checked or waited for when the token is
     /// ahead of it), else on the primary, which has everything any replica
     /// has replayed.
-    fn stay_on(&mut self, topo: &Topology, node: usize, now: Instant) -> Step {
+    fn stay_on(&mut self, topo: &Topology, router: &Router, node: usize, now: Instant) -> Step {
         let same_epoch = self
             .req
             .last_read
@@ -677,17 +733,30 @@ impl ReadPlan {
         if usable && topo.primary == Some(node) && n.healthy {
             return self.on_primary(topo);
         }
-        let fresh = match self.req.policy {
-            Consistency::BoundedStaleness(max_lag) => n.lag.is_some_and(|l| l <= max_lag),
-            _ => true,
-        };
-        if usable && fresh && n.is_serving_replica() {
+        if self.usable_replica(topo, node) {
+            // Would the router rather use a replica that is further ahead?
+            // Then read the position here after the statement, so that the
+            // next read can move there.
+            let cx = ReadContext {
+                token: self.need,
+                last_write: self.req.last_write,
+                exclude: &self.exclude,
+            };
+            self.next = match router.route(topo, &self.req.policy, &cx) {
+                Route::Replica(m) | Route::ReplicaIfCaughtUp(m)
+                    if m != node && n.lsn.is_some() && topo.nodes[m].lsn > n.lsn =>
+                {
+                    Some(m)
+                }
+                _ => None,
+            };
             let run = Run {
                 node,
                 primary: false,
                 check: None,
                 verify: None,
                 retryable: true,
+                capture: self.next.is_some(),
             };
             return match self.need {
                 Some(need) if n.lsn.is_none_or(|l| l < need) => {
@@ -707,6 +776,19 @@ impl ReadPlan {
         self.leave_stay(topo)
     }
 
+    /// Whether replica `node` may serve this read: healthy, not failed for
+    /// it, and fresh enough for bounded staleness.
+    fn usable_replica(&self, topo: &Topology, node: usize) -> bool {
+        topo.nodes.get(node).is_some_and(|n| {
+            n.is_serving_replica()
+                && !self.exclude.contains(&node)
+                && match self.req.policy {
+                    Consistency::BoundedStaleness(max_lag) => n.lag.is_some_and(|l| l <= max_lag),
+                    _ => true,
+                }
+        })
+    }
+
     /// The node of the last read cannot serve this one and no floor is
     /// known: the primary.
     fn leave_stay(&mut self, topo: &Topology) -> Step {
@@ -724,6 +806,7 @@ impl ReadPlan {
                 check: None,
                 verify: self.token.map(|t| t.lsn),
                 retryable: false,
+                capture: false,
             }),
             None => Step::Fail(Some(PlanError::NoPrimary)),
         }

@@ -173,6 +173,8 @@ struct Session {
     /// Where the session's last read ran (monotonic reads), until a write
     /// token covers it.
     last_read: Option<LastRead>,
+    /// The position read after the last read unit, when the engine asked.
+    read_capture: Option<lagrouter::Lsn>,
     /// The session's own read policy (`SET lagrouter.consistency`, else the
     /// user's `consistency` from the configuration).
     consistency: Option<lagrouter::Consistency>,
@@ -241,6 +243,7 @@ pub async fn run(shared: Arc<Shared>, client: ClientConn, info: StartupInfo) {
         plan: None,
         read_served: None,
         last_read: None,
+        read_capture: None,
         consistency: entry.consistency,
         user_consistency: entry.consistency,
         max_wait: None,
@@ -603,7 +606,9 @@ impl Session {
         if let Some(mut h) = self.backend.take() {
             if let Some(served) = self.read_served.take() {
                 // After the unit's last statement took its snapshot.
-                self.last_read = Some(LastRead::new(&served, Instant::now()));
+                self.last_read = Some(
+                    LastRead::new(&served, Instant::now()).with_floor(self.read_capture.take()),
+                );
             }
             *self.cancel.lock().expect("cancel slot") = None;
             if !h.out.is_empty() {

@@ -32,6 +32,9 @@ pub(super) enum Action {
 pub(super) enum ProbeKind {
     /// Before a read: the read engine's `check` or `verify`.
     Before,
+    /// After a replica read the engine asked to capture (a floor for the
+    /// session's next read, which moves to another replica).
+    After,
     /// After a write committed: read-your-writes.
     Write,
 }
@@ -215,6 +218,9 @@ pub(super) struct Held {
     /// Classification of each portal bound on this connection (for the
     /// settings changes its `Execute` makes).
     pub(super) portal_class: HashMap<String, Arc<Classification>>,
+    /// The read engine asked for the position after the unit
+    /// ([`lagrouter::routing::Run::capture`]).
+    pub(super) capture: bool,
     /// Counts the unit in the router's per-node in-flight figures.
     pub(super) _inflight: InFlight<'static>,
 }

@@ -24,7 +24,8 @@ impl Session {
     /// Pipelines a position probe behind the statement just forwarded:
     /// after every committed write (read-your-writes, whatever the policy:
     /// a later one may use the token). Reads need none: monotonic reads
-    /// follow the session's last read ([`lagrouter::routing::LastRead`]).
+    /// follow the session's last read ([`lagrouter::routing::LastRead`]),
+    /// unless the engine asks for the position to move the next read.
     pub(super) fn attach_probe(&mut self) {
         let Some(h) = &mut self.backend else { return };
         if std::mem::take(&mut h.no_pipelined_probe) || h.predicted != TxnStatus::Idle {
@@ -32,7 +33,10 @@ impl Session {
             // data; the fallback probe runs after ReadyForQuery instead.
             return;
         }
-        if !h.on_replica && h.wrote_since_probe {
+        if h.on_replica && h.capture {
+            let parsed = encode_probe(&mut h.conn);
+            h.queue.push_back(probe(ProbeKind::After, parsed));
+        } else if !h.on_replica && h.wrote_since_probe {
             let parsed = encode_probe(&mut h.conn);
             h.queue.push_back(probe(ProbeKind::Write, parsed));
             h.wrote_since_probe = false;
@@ -60,6 +64,11 @@ impl Session {
             }
             (ProbeKind::Write, _) => {
                 h.wrote_since_probe = true;
+                None
+            }
+            (ProbeKind::After, pos) => {
+                let topo = self.shared.monitor.snapshot();
+                self.read_capture = pos.and_then(|p| p.token(&topo)).map(|t| t.lsn);
                 None
             }
         };

@@ -367,6 +367,7 @@ impl Session {
             error: ErrorState::None,
             // A read that turned out to write: capture its commit.
             wrote_since_probe: matches!(send, Send::ReadAsWrite),
+            capture: matches!(send, Send::Read(run) if run.capture),
             no_pipelined_probe: false,
             predicted: self.txn_status,
             unit_state: UnitState::Ended,

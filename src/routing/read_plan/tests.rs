@@ -43,6 +43,7 @@ fn replica(node: usize) -> Step {
         check: None,
         verify: None,
         retryable: true,
+        capture: false,
     })
 }
 
@@ -53,6 +54,7 @@ fn checked(node: usize, lsn: u64) -> Step {
         check: Some(Lsn(lsn)),
         verify: None,
         retryable: true,
+        capture: false,
     })
 }
 
@@ -63,6 +65,7 @@ fn primary(verify: Option<u64>) -> Step {
         check: None,
         verify: verify.map(Lsn),
         retryable: false,
+        capture: false,
     })
 }
 
@@ -81,6 +84,7 @@ fn done(node: usize, fallback: Option<FallbackReason>, waited_ms: u64, token_wai
         waited: ms(waited_ms),
         token_wait,
         epoch: 0,
+        next: None,
     })
 }
 

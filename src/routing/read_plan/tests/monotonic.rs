@@ -14,11 +14,26 @@ fn sampled(replicas: &[(u64, u64, bool)], sampled: Instant) -> Topology {
 }
 
 /// The last read ran on `node` in epoch 0 and ended at `ended`.
-fn last(node: usize, ended: Instant) -> Option<LastRead> {
-    Some(LastRead {
+fn last(node: usize, ended: Instant) -> LastRead {
+    LastRead {
         node,
         epoch: 0,
         ended,
+        captured: None,
+        next: None,
+    }
+}
+
+/// A replica run on `node` that captures its position for a move to
+/// `next`.
+fn capturing(node: usize) -> Step {
+    Step::Run(Run {
+        node,
+        primary: false,
+        check: None,
+        verify: None,
+        retryable: true,
+        capture: true,
     })
 }
 
@@ -33,6 +48,8 @@ struct Mono {
     replicas: &'static [(u64, u64, bool)],
     /// Changes to the topology (e.g. a new epoch).
     adjust: fn(&mut Topology),
+    /// The last read captured this position and wanted to move here.
+    captured: Option<(u64, usize)>,
     first: Step,
     script: Vec<(u64, Outcome, Step)>,
 }
@@ -48,8 +65,13 @@ fn run_mono(c: Mono) {
     let mut t = sampled(c.replicas, at);
     (c.adjust)(&mut t);
     let router = Router::new(t.nodes.len(), LoadBalance::RoundRobin);
+    let mut last_read = last(c.last_node, ended);
+    if let Some((lsn, next)) = c.captured {
+        last_read.captured = Some(Lsn(lsn));
+        last_read.next = Some(next);
+    }
     let request = ReadRequest {
-        last_read: last(c.last_node, ended),
+        last_read: Some(last_read),
         ..req(c.policy, c.token)
     };
     let mut plan = ReadPlan::new(request, t0);
@@ -61,6 +83,20 @@ fn run_mono(c: Mono) {
 }
 
 fn no_change(_: &mut Topology) {}
+
+fn run_of(step: Step) -> Run {
+    match step {
+        Step::Run(r) => r,
+        _ => unreachable!(),
+    }
+}
+
+fn served(node: usize) -> Served {
+    match done(node, None, 0, false) {
+        Step::Done(s) => s,
+        _ => unreachable!(),
+    }
+}
 
 #[test]
 fn monotonic_reads_table() {
@@ -76,6 +112,7 @@ fn monotonic_reads_table() {
             sample_ms: -1,
             replicas: two,
             adjust: no_change,
+            captured: None,
             first: replica(2),
             script: vec![(1, ran(None), done(2, None, 0, false))],
         },
@@ -87,7 +124,13 @@ fn monotonic_reads_table() {
             sample_ms: -1,
             replicas: two,
             adjust: no_change,
-            first: checked(1, 995),
+            captured: None,
+            // Replica 2 is further ahead: this run also captures the
+            // position, for a move there.
+            first: Step::Run(Run {
+                capture: true,
+                ..run_of(checked(1, 995))
+            }),
             script: vec![
                 (1, ran(at(990, true)), poll(1, 0)),
                 (2, polled(995), replica(1)),
@@ -101,6 +144,7 @@ fn monotonic_reads_table() {
             sample_ms: -1,
             replicas: &[(980, 5, true), (990, 5, false)],
             adjust: no_change,
+            captured: None,
             first: primary(None),
             script: vec![(1, ran(None), done(0, Some(NoReplica), 0, false))],
         },
@@ -112,6 +156,7 @@ fn monotonic_reads_table() {
             sample_ms: 5,
             replicas: two,
             adjust: |t| t.nodes[2].epoch = 1,
+            captured: None,
             first: primary(None),
             script: vec![],
         },
@@ -123,6 +168,7 @@ fn monotonic_reads_table() {
             sample_ms: -1,
             replicas: two,
             adjust: no_change,
+            captured: None,
             first: replica(1),
             script: vec![
                 (1, failed(Failure::Connection), primary(None)),
@@ -137,6 +183,7 @@ fn monotonic_reads_table() {
             sample_ms: 1,
             replicas: two,
             adjust: |t| t.nodes[2].lsn = Some(Lsn(985)),
+            captured: None,
             first: replica(2),
             script: vec![],
         },
@@ -148,6 +195,7 @@ fn monotonic_reads_table() {
             sample_ms: 1,
             replicas: &[(990, 5, true), (990, 5, true)],
             adjust: no_change,
+            captured: None,
             first: replica(1),
             script: vec![],
         },
@@ -159,6 +207,7 @@ fn monotonic_reads_table() {
             sample_ms: 1,
             replicas: &[(980, 5, true), (990, 5, true)],
             adjust: |t| t.nodes[2].healthy = false,
+            captured: None,
             first: checked(1, 990),
             script: vec![(1, ran(at(980, true)), poll(1, 0))],
         },
@@ -170,6 +219,7 @@ fn monotonic_reads_table() {
             sample_ms: 1,
             replicas: two,
             adjust: no_change,
+            captured: None,
             first: checked(2, 1000),
             script: vec![],
         },
@@ -181,6 +231,7 @@ fn monotonic_reads_table() {
             sample_ms: -1,
             replicas: two,
             adjust: no_change,
+            captured: None,
             first: primary(None),
             script: vec![(1, ran(None), done(0, None, 0, false))],
         },
@@ -192,6 +243,7 @@ fn monotonic_reads_table() {
             sample_ms: 1,
             replicas: &[(1000, 0, true), (990, 5, true)],
             adjust: no_change,
+            captured: None,
             first: replica(1),
             script: vec![],
         },
@@ -203,6 +255,7 @@ fn monotonic_reads_table() {
             sample_ms: -1,
             replicas: &[(980, 5, true), (990, 50, true)],
             adjust: no_change,
+            captured: None,
             first: primary(None),
             script: vec![],
         },
@@ -214,6 +267,7 @@ fn monotonic_reads_table() {
             sample_ms: -1,
             replicas: two,
             adjust: no_change,
+            captured: None,
             first: primary(None),
             script: vec![],
         },
@@ -225,7 +279,51 @@ fn monotonic_reads_table() {
             sample_ms: -1,
             replicas: two,
             adjust: no_change,
+            captured: None,
             first: replica(1),
+            script: vec![],
+        },
+        Mono {
+            name: "the router prefers a replica further ahead: stay, capture, move next",
+            policy: rr,
+            token: None,
+            last_node: 2,
+            sample_ms: -1,
+            replicas: &[(990, 5, true), (980, 5, true)],
+            adjust: no_change,
+            captured: None,
+            first: capturing(2),
+            script: vec![(
+                1,
+                ran(None),
+                Step::Done(Served {
+                    next: Some(1),
+                    ..served(2)
+                }),
+            )],
+        },
+        Mono {
+            name: "the captured floor: the next read moves where it wanted to",
+            policy: rr,
+            token: None,
+            last_node: 2,
+            sample_ms: -1,
+            replicas: &[(990, 5, true), (980, 5, true)],
+            adjust: no_change,
+            captured: Some((985, 1)),
+            first: replica(1),
+            script: vec![],
+        },
+        Mono {
+            name: "a captured floor the wanted replica lacks: routed by it",
+            policy: rr,
+            token: None,
+            last_node: 2,
+            sample_ms: -1,
+            replicas: &[(990, 5, true), (995, 5, true)],
+            adjust: no_change,
+            captured: Some((995, 1)),
+            first: replica(2),
             script: vec![],
         },
     ];
@@ -249,6 +347,11 @@ fn served_carries_the_epoch_it_was_routed_by() {
         Step::Done(served) => {
             assert_eq!(served.epoch, 7);
             let last = LastRead::new(&served, t0 + MS);
+            assert_eq!(
+                last.with_floor(Some(Lsn(991))).floor(&later),
+                Some(Lsn(991)),
+                "a position captured on the read's connection needs no sample"
+            );
             assert_eq!(last.floor(&later), None, "another epoch");
             let mut resampled = t.clone();
             resampled.nodes[1].sampled_at = Some(t0 + ms(2));
