@@ -601,14 +601,17 @@ impl ReadPlan {
     fn route(&mut self, topo: &Topology, router: &Router, now: Instant) -> Step {
         if let Some(v) = self.verified {
             if topo.nodes.get(v).is_some_and(|n| n.is_serving_replica()) {
-                return self.run(topo, Run {
-                    node: v,
-                    primary: false,
-                    check: None,
-                    verify: None,
-                    retryable: true,
-                    capture: false,
-                });
+                return self.run(
+                    topo,
+                    Run {
+                        node: v,
+                        primary: false,
+                        check: None,
+                        verify: None,
+                        retryable: true,
+                        capture: false,
+                    },
+                );
             }
             self.verified = None;
         }
@@ -617,17 +620,21 @@ impl ReadPlan {
         }
         if let Some(m) = self.prefer.take() {
             let has_need = topo.nodes.get(m).is_some_and(|n| {
-                self.need.is_none_or(|need| n.lsn.is_some_and(|l| l >= need))
+                self.need
+                    .is_none_or(|need| n.lsn.is_some_and(|l| l >= need))
             });
             if has_need && self.usable_replica(topo, m) {
-                return self.run(topo, Run {
-                    node: m,
-                    primary: false,
-                    check: None,
-                    verify: None,
-                    retryable: true,
-                    capture: false,
-                });
+                return self.run(
+                    topo,
+                    Run {
+                        node: m,
+                        primary: false,
+                        check: None,
+                        verify: None,
+                        retryable: true,
+                        capture: false,
+                    },
+                );
             }
         }
         let cx = ReadContext {
@@ -636,34 +643,43 @@ impl ReadPlan {
             exclude: &self.exclude,
         };
         match router.route(topo, &self.req.policy, &cx) {
-            Route::Replica(i) => self.run(topo, Run {
-                node: i,
-                primary: false,
-                check: None,
-                verify: None,
-                retryable: true,
-                capture: false,
-            }),
-            Route::ReplicaIfCaughtUp(i) => match self.need {
-                // Without a token there is nothing to check.
-                None => self.run(topo, Run {
+            Route::Replica(i) => self.run(
+                topo,
+                Run {
                     node: i,
                     primary: false,
                     check: None,
                     verify: None,
                     retryable: true,
                     capture: false,
-                }),
-                Some(need) if !self.checked => {
-                    self.checked = true;
-                    self.run(topo, Run {
+                },
+            ),
+            Route::ReplicaIfCaughtUp(i) => match self.need {
+                // Without a token there is nothing to check.
+                None => self.run(
+                    topo,
+                    Run {
                         node: i,
                         primary: false,
-                        check: Some(need),
+                        check: None,
                         verify: None,
                         retryable: true,
                         capture: false,
-                    })
+                    },
+                ),
+                Some(need) if !self.checked => {
+                    self.checked = true;
+                    self.run(
+                        topo,
+                        Run {
+                            node: i,
+                            primary: false,
+                            check: Some(need),
+                            verify: None,
+                            retryable: true,
+                            capture: false,
+                        },
+                    )
                 }
                 Some(need) => self.wait(topo, i, need, now),
             },
@@ -764,10 +780,13 @@ impl ReadPlan {
                         self.wait(topo, node, need, now)
                     } else {
                         self.checked = true;
-                        self.run(topo, Run {
-                            check: Some(need),
-                            ..run
-                        })
+                        self.run(
+                            topo,
+                            Run {
+                                check: Some(need),
+                                ..run
+                            },
+                        )
                     }
                 }
                 _ => self.run(topo, run),
@@ -800,14 +819,17 @@ impl ReadPlan {
 
     fn on_primary(&mut self, topo: &Topology) -> Step {
         match topo.primary {
-            Some(p) => self.run(topo, Run {
-                node: p,
-                primary: true,
-                check: None,
-                verify: self.token.map(|t| t.lsn),
-                retryable: false,
-                capture: false,
-            }),
+            Some(p) => self.run(
+                topo,
+                Run {
+                    node: p,
+                    primary: true,
+                    check: None,
+                    verify: self.token.map(|t| t.lsn),
+                    retryable: false,
+                    capture: false,
+                },
+            ),
             None => Step::Fail(Some(PlanError::NoPrimary)),
         }
     }

@@ -569,8 +569,13 @@ impl Session {
     fn move_output(&mut self) {
         if let Some(h) = &mut self.backend {
             if !h.out.is_empty() {
-                self.client.wbuf.extend_from_slice(&h.out);
-                h.out.clear();
+                if self.client.wbuf.is_empty() {
+                    // Hand the buffer over instead of copying it.
+                    std::mem::swap(&mut self.client.wbuf, &mut h.out);
+                } else {
+                    self.client.wbuf.extend_from_slice(&h.out);
+                    h.out.clear();
+                }
             }
         }
     }

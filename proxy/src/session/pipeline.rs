@@ -238,7 +238,11 @@ impl Held {
     pub(super) fn commit_output(&mut self) {
         if let Mode::Buffer(b) = &mut self.mode {
             let b = std::mem::take(b);
-            self.out.extend_from_slice(&b);
+            if self.out.is_empty() {
+                self.out = b;
+            } else {
+                self.out.extend_from_slice(&b);
+            }
             self.mode = Mode::Direct;
         }
     }

@@ -39,7 +39,9 @@ pub(super) struct Recent {
 
 impl Recent {
     /// The last text classified (the lock is never contended: one task).
-    pub(super) fn class(&self) -> std::sync::MutexGuard<'_, Option<(Arc<str>, Arc<Classification>)>> {
+    pub(super) fn class(
+        &self,
+    ) -> std::sync::MutexGuard<'_, Option<(Arc<str>, Arc<Classification>)>> {
         self.class.lock().unwrap_or_else(|p| p.into_inner())
     }
 
