@@ -132,6 +132,13 @@ impl ClientConn {
     /// [`ClientError::Closed`] at end of stream.
     pub async fn fill(&mut self) -> Result<(), ClientError> {
         if self.rbuf.capacity() - self.rbuf.len() < 1024 {
+            if let ClientStream::Plain(s) = &self.stream {
+                if self.rbuf.capacity() == 0 {
+                    // An idle client holds no buffer: wait for its bytes
+                    // first (cancel-safe, as the read below).
+                    s.readable().await?;
+                }
+            }
             self.rbuf.reserve(READ_CHUNK);
         }
         let n = self.stream.read_buf(&mut self.rbuf).await?;

@@ -166,7 +166,7 @@ struct Session {
     /// read, or was given.
     token: TokenHolder,
     /// The read engine's plan for the read unit in flight, if any.
-    plan: Option<ReadPlan>,
+    plan: Option<Box<ReadPlan>>,
     /// The read unit whose result stands, recorded as the session's last
     /// read when its server connection is released.
     read_served: Option<Served>,
@@ -210,7 +210,8 @@ struct Session {
     /// error the proxy reported itself).
     skip: Skip,
     /// The server connection held for the current unit or transaction.
-    backend: Option<Held>,
+    /// (Boxed, as the plan: an idle session's task stays small.)
+    backend: Option<Box<Held>>,
     /// Whether the server connection is given back between transactions.
     pooling: Pooling,
     /// The transaction status last reported to the client.
@@ -266,7 +267,11 @@ pub async fn run(shared: Arc<Shared>, client: ClientConn, info: StartupInfo) {
         pools: std::sync::Mutex::new(Vec::new()),
     };
     let result = match Box::pin(s.setup(&info, secret)).await {
-        Ok(()) => s.main_loop().await,
+        Ok(()) => {
+            // Not needed past the startup: an idle session keeps less.
+            drop(info);
+            s.main_loop().await
+        }
         Err(e) => Err(e),
     };
     match result {

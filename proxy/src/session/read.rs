@@ -45,7 +45,7 @@ impl Session {
         let now = Instant::now();
         let mut plan = ReadPlan::new(req, now);
         let step = plan.start(&self.shared.monitor.snapshot(), self.shared.router(), now);
-        self.plan = Some(plan);
+        self.plan = Some(Box::new(plan));
         self.drive(step, batch, None).await
     }
 
@@ -308,7 +308,7 @@ impl Session {
         *self.cancel.lock().expect("cancel slot") = None;
         let unit = h.unit.take().unwrap_or_default();
         let conn = take_conn(h);
-        self.drive(step, unit, conn).await
+        Box::pin(self.drive(step, unit, conn)).await
     }
 
     /// The held backend failed: a read whose replies were held back goes
@@ -333,7 +333,7 @@ impl Session {
             if let Some(step) = step {
                 let unit = h.unit.take().unwrap_or_default();
                 drop(h);
-                return self.drive(step, unit, None).await;
+                return Box::pin(self.drive(step, unit, None)).await;
             }
         }
         self.plan = None;
@@ -357,8 +357,8 @@ fn failure_of(e: &BackendError) -> Failure {
 }
 
 /// The held run's connection, kept for the next step unless broken.
-fn take_conn(h: Held) -> Option<PooledConn> {
-    let Held { conn, .. } = h;
+fn take_conn(h: Box<Held>) -> Option<PooledConn> {
+    let Held { conn, .. } = *h;
     (!conn.broken).then_some(conn)
 }
 

@@ -100,8 +100,10 @@ impl Session {
             return Ok(());
         }
 
+        // Routing and checkout are boxed: their futures are large, and
+        // would otherwise be part of every idle session's task.
         match msg {
-            ClientMessage::Query { .. } => self.dispatch(vec![msg]).await,
+            ClientMessage::Query { .. } => Box::pin(self.dispatch(vec![msg])).await,
             ClientMessage::Sync { .. } | ClientMessage::Flush { .. } => {
                 if self.pending.is_empty() {
                     if matches!(msg, ClientMessage::Sync { .. }) {
@@ -111,7 +113,7 @@ impl Session {
                 }
                 self.pending.push(msg);
                 let batch = std::mem::take(&mut self.pending);
-                self.dispatch(batch).await
+                Box::pin(self.dispatch(batch)).await
             }
             other => {
                 if self.pending.len() >= MAX_PENDING {
@@ -388,7 +390,7 @@ impl Session {
             let parsed = encode_probe(&mut h.conn);
             h.queue.push_back(probe(ProbeKind::Before, parsed));
         }
-        self.backend = Some(h);
+        self.backend = Some(Box::new(h));
         self.forward_all(batch);
     }
 }
