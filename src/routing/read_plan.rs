@@ -827,7 +827,9 @@ impl ReadPlan {
                     check: None,
                     verify: self.token.map(|t| t.lsn),
                     retryable: false,
-                    capture: false,
+                    // The primary's position after the read bounds what it
+                    // saw: the floor of the session's next read.
+                    capture: self.req.policy.uses_token(),
                 },
             ),
             None => Step::Fail(Some(PlanError::NoPrimary)),

@@ -33,7 +33,7 @@ impl Session {
             // data; the fallback probe runs after ReadyForQuery instead.
             return;
         }
-        if h.on_replica && h.capture {
+        if h.capture {
             let parsed = encode_probe(&mut h.conn);
             h.queue.push_back(probe(ProbeKind::After, parsed));
         } else if !h.on_replica && h.wrote_since_probe {
