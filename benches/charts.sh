@@ -5,8 +5,7 @@
 #   bash benches/charts.sh RESULTS.tsv [LATENCY.tsv] [OUTDIR]
 #
 # RESULTS.tsv: proxy.sh's per-run rows, tab-separated:
-#   round mode target ok tps latency_ms pooler_cpu_us_per_txn [clients]
-# (without the clients column, CLIENTS from the environment, default 8).
+#   round clients mode target ok tps latency_ms pooler_cpu_us_per_txn
 # For each mode it writes OUTDIR/tps-<mode>.svg and OUTDIR/cpu-<mode>.svg:
 # the median over rounds of TPS, and of the pooler's CPU per transaction,
 # against the client count, one line per target (direct, PgBouncer,
@@ -35,11 +34,10 @@ TMP=$(mktemp -d)
 trap 'rm -rf "$TMP"' EXIT
 
 # Medians per (mode, target, clients) of successful runs.
-awk -F'\t' -v dflt="${CLIENTS:-8}" '
-  $4 == 1 {
-    c = (NF >= 8 && $8 != "") ? $8 : dflt
-    k = $2 "\t" $3 "\t" c
-    n[k]++; tps[k, n[k]] = $5; cpu[k, n[k]] = $7
+awk -F'\t' '
+  $5 == 1 {
+    k = $3 "\t" $4 "\t" $2
+    n[k]++; tps[k, n[k]] = $6; cpu[k, n[k]] = $8
   }
   function median(arr, k, cnt,   i, j, t, v) {
     m = 0
@@ -56,9 +54,10 @@ for mode in $(cut -f1 "$TMP/medians.tsv" | sort -u); do
   plots_tps=()
   plots_cpu=()
   for t in $targets; do
-    awk -F'\t' -v m="$mode" -v t="$t" '$1 == m && $2 == t {print $3, $4, $5}' "$TMP/medians.tsv" >"$TMP/$mode-$t.dat"
-    plots_tps+=("'$TMP/$mode-$t.dat' using 1:2 with linespoints lw 2 pt 7 title '$t'")
-    plots_cpu+=("'$TMP/$mode-$t.dat' using 1:(\$3 == \$3 ? \$3 : 1/0) with linespoints lw 2 pt 7 title '$t'")
+    dat="$TMP/$mode-${t//\//_}.dat"
+    awk -F'\t' -v m="$mode" -v t="$t" '$1 == m && $2 == t {print $3, $4, $5}' "$TMP/medians.tsv" >"$dat"
+    plots_tps+=("'$dat' using 1:2 with linespoints lw 2 pt 7 title '$t'")
+    plots_cpu+=("'$dat' using 1:(\$3 == \$3 ? \$3 : 1/0) with linespoints lw 2 pt 7 title '$t'")
   done
   xs=$(awk -F'\t' -v m="$mode" '$1 == m {print $3}' "$TMP/medians.tsv" | sort -un | wc -l)
   logx=""

@@ -19,19 +19,26 @@
 #      root) and lagrouter-proxy (generated TOML config over the primary
 #      and the replicas; one instance per policy in PROXY_POLICIES, default
 #      read-your-writes);
-#   4. runs `pgbench -n -S -M <mode> -c CLIENTS -j THREADS -T DURATION` for
-#      modes simple, extended, prepared against: the primary directly,
-#      PgBouncer, lagrouter-proxy. ROUNDS rounds; within a round every
-#      mode x target runs once, the order rotating from round to round, so
-#      slow phases of a shared machine hit every target alike;
-#   5. prints a markdown table of medians over rounds: TPS, average latency,
-#      TPS relative to direct, and how many runs succeeded;
+#   4. runs `pgbench -n -S -M <mode> -c <clients> -j THREADS -T DURATION` for
+#      modes simple, extended, prepared and each client count in CLIENTS
+#      against: the primary directly, PgBouncer, lagrouter-proxy (and the
+#      BASELINE_BIN build of it, when given). ROUNDS rounds; within a round
+#      every mode x target runs once per client count, the order rotating
+#      from round to round, so slow phases of a shared machine hit every
+#      target alike. Pooler CPU is read once every client is connected (so
+#      that 1,000 logins do not count as query work) and divided by the
+#      transactions of that window (TPS x its length);
+#   5. prints a markdown table per client count of medians over rounds:
+#      TPS, average latency, TPS relative to direct and to PgBouncer,
+#      pooler CPU per transaction and how many runs succeeded;
 #   6. opens IDLE_CLIENTS (1,000) idle client connections (pgbench clients
 #      sleeping in `\sleep`) to the proxy and then to PgBouncer and reads each
 #      one's VmRSS from /proc/<pid>/status.
 # Every process it starts is stopped by an EXIT/INT/TERM trap.
 #
-# Environment: ROUNDS (3), DURATION (10, seconds per run), CLIENTS (8),
+# Environment: ROUNDS (3), DURATION (10, seconds per run), CLIENTS ("8";
+# e.g. "8 100 1000"), BASELINE_BIN (another lagrouter-proxy binary, run as
+# "baseline" targets for before/after comparisons),
 # THREADS (2), SCALE (10), MODES ("simple extended prepared"), REPLICAS (2),
 # POOL_SIZE (20, server connections per node in both poolers),
 # IDLE_CLIENTS (1000), PROXY_POLICIES ("read-your-writes"; e.g.
@@ -312,6 +319,25 @@ EOF
   T_ADMIN[$name]=$admin
   T_RSS_START[$name]=$(rss_kb "$pid")
   PROXY_TARGETS+=("$name")
+  if [ -n "${BASELINE_BIN:-}" ]; then
+    bname="baseline"
+    [ "$policy" != read-your-writes ] && bname="baseline/$policy"
+    bport=$(free_port)
+    badmin=$(free_port)
+    sed -e "s/127.0.0.1:$port/127.0.0.1:$bport/" -e "s/127.0.0.1:$admin/127.0.0.1:$badmin/" "$cfg" >"$WORK/baseline-$policy.toml"
+    RUST_LOG=${RUST_LOG:-warn} "$BASELINE_BIN" --config "$WORK/baseline-$policy.toml" >"$WORK/baseline-$policy.log" 2>&1 &
+    bpid=$!
+    PIDS+=("$bpid")
+    for _ in $(seq 1 100); do
+      psql -X -At -p "$bport" -c "SELECT 1" >/dev/null 2>&1 && break
+      sleep 0.1
+    done
+    T_PORT[$bname]=$bport
+    T_PID[$bname]=$bpid
+    T_ADMIN[$bname]=$badmin
+    T_RSS_START[$bname]=$(rss_kb "$bpid")
+    PROXY_TARGETS+=("$bname")
+  fi
 done
 
 # --- pgbench rounds -----------------------------------------------------------
@@ -324,76 +350,99 @@ CLK_TCK=$(getconf CLK_TCK)
 cpu_ticks() { # user + system CPU ticks of pid $1 (0 without a pid)
   if [ -n "$1" ]; then awk '{print $14 + $15}' "/proc/$1/stat" 2>/dev/null || echo 0; else echo 0; fi
 }
+established() { # connections in state ESTABLISHED whose local port is $1
+  local hex
+  hex=$(printf '%04X' "$1")
+  cat /proc/net/tcp /proc/net/tcp6 2>/dev/null | awk -v p=":$hex" '$4 == "01" && substr($2, length($2) - 4) == p {n++} END {print n + 0}'
+}
+now_ms() { date +%s%3N; }
 read -r -a MODE_LIST <<<"$MODES"
-RESULTS="$WORK/results.tsv" # round mode target ok tps latency_ms pooler_cpu_us_per_txn clients
+read -r -a CLIENT_LIST <<<"$CLIENTS"
+RESULTS="$WORK/results.tsv" # round clients mode target ok tps latency_ms pooler_cpu_us_per_txn
 : >"$RESULTS"
 LOAD_BEFORE=$(cut -d' ' -f1-3 /proc/loadavg)
-runs=$((ROUNDS * ${#MODE_LIST[@]} * ${#TARGETS[@]}))
-log "pgbench: $ROUNDS rounds x ${#MODE_LIST[@]} modes x ${#TARGETS[@]} targets x ${DURATION}s (~$((runs * (DURATION + 1)))s)"
+runs=$((ROUNDS * ${#CLIENT_LIST[@]} * ${#MODE_LIST[@]} * ${#TARGETS[@]}))
+log "pgbench: $ROUNDS rounds x ${#CLIENT_LIST[@]} client counts x ${#MODE_LIST[@]} modes x ${#TARGETS[@]} targets x ${DURATION}s (~$((runs * (DURATION + 2)))s)"
 n=0
 for round in $(seq 1 "$ROUNDS"); do
-  combos=()
-  for mode in "${MODE_LIST[@]}"; do
-    for target in "${TARGETS[@]}"; do
-      combos+=("$mode $target")
+  for clients in "${CLIENT_LIST[@]}"; do
+    combos=()
+    for mode in "${MODE_LIST[@]}"; do
+      for target in "${TARGETS[@]}"; do
+        combos+=("$mode $target")
+      done
     done
-  done
-  # Rotate the order by round.
-  k=$(((round - 1) * (${#TARGETS[@]} + 1) % ${#combos[@]}))
-  ordered=("${combos[@]:k}" "${combos[@]:0:k}")
-  for combo in "${ordered[@]}"; do
-    read -r mode target <<<"$combo"
-    n=$((n + 1))
-    out="$WORK/pgbench-$round-$mode-${target//\//_}.log"
-    pid=$(pid_of "$target")
-    cpu0=$(cpu_ticks "$pid")
-    timeout $((DURATION + 60)) pgbench -n -S -M "$mode" -c "$CLIENTS" -j "$THREADS" -T "$DURATION" \
-      -p "$(port_of "$target")" >"$out" 2>&1 && rc=0 || rc=$?
-    cpu1=$(cpu_ticks "$pid")
-    tps=$(awk -F'[ =]+' '/^tps = .*without initial connection time/ {print $2}' "$out")
-    txns=$(awk '/^number of transactions actually processed: / {print $6}' "$out")
-    cpu_us=$(awk -v d=$((cpu1 - cpu0)) -v t="${txns:-0}" -v hz="$CLK_TCK" -v p="$pid" \
-      'BEGIN {if (p == "" || t == 0) print "-"; else printf "%.1f", d / hz * 1e6 / t}')
-    lat=$(awk '/^latency average = / {print $4}' "$out")
-    failed=$(awk '/^number of failed transactions: / {print $5}' "$out")
-    aborted=$(grep -c 'client [0-9]* aborted' "$out" || true)
-    ok=1
-    if [ "$rc" != 0 ] || [ -z "$tps" ] || [ "${failed:-0}" != 0 ] || [ "$aborted" != 0 ]; then
-      ok=0
-      err=$(grep -m1 -iE 'error|aborted|fatal' "$out" || true)
-      log "run $n/$runs $mode $target FAILED (exit $rc): ${err:-see $out}"
-    else
-      log "run $n/$runs $mode $target: $tps tps, $lat ms"
-    fi
-    printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$round" "$mode" "$target" "$ok" "${tps:-0}" "${lat:-0}" "$cpu_us" "$CLIENTS" >>"$RESULTS"
+    # Rotate the order by round.
+    k=$(((round - 1) * (${#TARGETS[@]} + 1) % ${#combos[@]}))
+    ordered=("${combos[@]:k}" "${combos[@]:0:k}")
+    for combo in "${ordered[@]}"; do
+      read -r mode target <<<"$combo"
+      n=$((n + 1))
+      out="$WORK/pgbench-$round-$clients-$mode-${target//\//_}.log"
+      pid=$(pid_of "$target")
+      port=$(port_of "$target")
+      threads=$THREADS
+      [ "$clients" -lt "$threads" ] && threads=$clients
+      timeout $((DURATION + 120)) pgbench -n -S -M "$mode" -c "$clients" -j "$threads" -T "$DURATION" \
+        -p "$port" >"$out" 2>&1 &
+      pb=$!
+      # Pooler CPU from the moment every client is connected.
+      while kill -0 "$pb" 2>/dev/null && [ "$(established "$port")" -lt "$clients" ]; do
+        sleep 0.05
+      done
+      cpu0=$(cpu_ticks "$pid")
+      t0=$(now_ms)
+      wait "$pb" && rc=0 || rc=$?
+      cpu1=$(cpu_ticks "$pid")
+      t1=$(now_ms)
+      tps=$(awk -F'[ =]+' '/^tps = .*without initial connection time/ {print $2}' "$out")
+      cpu_us=$(awk -v d=$((cpu1 - cpu0)) -v tps="${tps:-0}" -v ms=$((t1 - t0)) -v hz="$CLK_TCK" -v p="$pid" \
+        'BEGIN {if (p == "" || tps == 0 || ms <= 0) print "-"; else printf "%.1f", d / hz * 1e6 / (tps * ms / 1000)}')
+      lat=$(awk '/^latency average = / {print $4}' "$out")
+      failed=$(awk '/^number of failed transactions: / {print $5}' "$out")
+      aborted=$(grep -c 'client [0-9]* aborted' "$out" || true)
+      ok=1
+      if [ "$rc" != 0 ] || [ -z "$tps" ] || [ "${failed:-0}" != 0 ] || [ "$aborted" != 0 ]; then
+        ok=0
+        err=$(grep -m1 -iE 'error|aborted|fatal' "$out" || true)
+        log "run $n/$runs c=$clients $mode $target FAILED (exit $rc): ${err:-see $out}"
+      else
+        log "run $n/$runs c=$clients $mode $target: $tps tps, $lat ms, ${cpu_us} us/txn"
+      fi
+      printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$round" "$clients" "$mode" "$target" "$ok" "${tps:-0}" "${lat:-0}" "$cpu_us" >>"$RESULTS"
+    done
   done
 done
 LOAD_AFTER=$(cut -d' ' -f1-3 /proc/loadavg)
 
 median() { sort -g | awk '{a[NR]=$1} END {if (NR==0) print ""; else if (NR%2) print a[(NR+1)/2]; else print (a[NR/2]+a[NR/2+1])/2}'; }
 
-echo
-echo "## pgbench -S, $CLIENTS clients, $THREADS threads, ${DURATION}s per run, $ROUNDS rounds (medians), scale $SCALE"
-echo
-echo "$(nproc) CPUs, loopback; PostgreSQL $("$PG_BIN/postgres" --version | awk '{print $3}'), $("${PGBOUNCER_BIN:-pgbouncer}" --version 2>/dev/null | head -1 || echo 'no PgBouncer'), lagrouter-proxy over 1 primary + $REPLICAS replicas; loadavg $LOAD_BEFORE -> $LOAD_AFTER"
-echo
-echo "| mode | target | TPS | latency avg ms | TPS vs direct | TPS vs PgBouncer | pooler CPU µs/txn | runs ok |"
-echo "|---|---|---:|---:|---:|---:|---:|---:|"
-for mode in "${MODE_LIST[@]}"; do
-  direct_tps=$(awk -F'\t' -v m="$mode" '$2==m && $3=="direct" && $4==1 {print $5}' "$RESULTS" | median)
-  pgb_tps=$(awk -F'\t' -v m="$mode" '$2==m && $3=="pgbouncer" && $4==1 {print $5}' "$RESULTS" | median)
-  for target in "${TARGETS[@]}"; do
-    tps=$(awk -F'\t' -v m="$mode" -v t="$target" '$2==m && $3==t && $4==1 {print $5}' "$RESULTS" | median)
-    lat=$(awk -F'\t' -v m="$mode" -v t="$target" '$2==m && $3==t && $4==1 {print $6}' "$RESULTS" | median)
-    cpu=$(awk -F'\t' -v m="$mode" -v t="$target" '$2==m && $3==t && $4==1 && $7!="-" {print $7}' "$RESULTS" | median)
-    oks=$(awk -F'\t' -v m="$mode" -v t="$target" '$2==m && $3==t {n++; ok+=$4} END {printf "%d/%d", ok, n}' "$RESULTS")
-    if [ -z "$tps" ]; then
-      echo "| $mode | $target | failed | – | – | – | – | $oks |"
-      continue
-    fi
-    vs_direct=$(awk -v a="$tps" -v b="${direct_tps:-0}" 'BEGIN {if (b > 0) printf "%.2f", a / b; else print "–"}')
-    vs_pgb=$(awk -v a="$tps" -v b="${pgb_tps:-0}" 'BEGIN {if (b > 0) printf "%.2f", a / b; else print "–"}')
-    printf '| %s | %s | %.0f | %.3f | %s | %s | %s | %s |\n' "$mode" "$target" "$tps" "$lat" "$vs_direct" "$vs_pgb" "${cpu:-–}" "$oks"
+for clients in "${CLIENT_LIST[@]}"; do
+  echo
+  echo "## pgbench -S, $clients clients, $THREADS threads, ${DURATION}s per run, $ROUNDS rounds (medians), scale $SCALE"
+  echo
+  echo "$(nproc) CPUs, loopback; PostgreSQL $("$PG_BIN/postgres" --version | awk '{print $3}'), $("${PGBOUNCER_BIN:-pgbouncer}" --version 2>/dev/null | head -1 || echo 'no PgBouncer'), lagrouter-proxy over 1 primary + $REPLICAS replicas; loadavg $LOAD_BEFORE -> $LOAD_AFTER"
+  echo
+  echo "| mode | target | TPS | latency avg ms | TPS vs direct | TPS vs PgBouncer | pooler CPU µs/txn | CPU vs PgBouncer | runs ok |"
+  echo "|---|---|---:|---:|---:|---:|---:|---:|---:|"
+  for mode in "${MODE_LIST[@]}"; do
+    sel() { awk -F'\t' -v c="$clients" -v m="$mode" -v t="$1" -v col="$2" '$2==c && $3==m && $4==t && $5==1 && $col!="-" {print $col}' "$RESULTS" | median; }
+    direct_tps=$(sel direct 6)
+    pgb_tps=$(sel pgbouncer 6)
+    pgb_cpu=$(sel pgbouncer 8)
+    for target in "${TARGETS[@]}"; do
+      tps=$(sel "$target" 6)
+      lat=$(sel "$target" 7)
+      cpu=$(sel "$target" 8)
+      oks=$(awk -F'\t' -v c="$clients" -v m="$mode" -v t="$target" '$2==c && $3==m && $4==t {n++; ok+=$5} END {printf "%d/%d", ok, n}' "$RESULTS")
+      if [ -z "$tps" ]; then
+        echo "| $mode | $target | failed | – | – | – | – | – | $oks |"
+        continue
+      fi
+      ratio() { awk -v a="$1" -v b="${2:-0}" 'BEGIN {if (a != "" && b > 0) printf "%.2f", a / b; else print "–"}'; }
+      printf '| %s | %s | %.0f | %.3f | %s | %s | %s | %s | %s |\n' "$mode" "$target" "$tps" "$lat" \
+        "$(ratio "$tps" "$direct_tps")" "$(ratio "$tps" "$pgb_tps")" "${cpu:-–}" "$(ratio "$cpu" "$pgb_cpu")" "$oks"
+    done
   done
 done
 
@@ -402,7 +451,7 @@ echo
 for name in "${PROXY_TARGETS[@]}"; do
   admin=${T_ADMIN[$name]}
   metrics=$(curl -s --max-time 5 "http://127.0.0.1:$admin/metrics" 2>/dev/null || true)
-  routed=$(printf '%s\n' "$metrics" | awk '/^lagrouter_proxy_routed_total\{/ {
+  routed=$(printf '%s\n' "$metrics" | awk '/^lagrouter_proxy_routed_total\{/ && $NF > 0 {
       t = $0; sub(/.*target="/, "", t); sub(/".*/, "", t);
       n = $0; sub(/.*node="/, "", n); sub(/".*/, "", n);
       printf "%s%s/%s=%d", sep, t, n, $NF; sep = ", " }')
@@ -411,11 +460,6 @@ for name in "${PROXY_TARGETS[@]}"; do
 done
 
 # --- memory with idle clients -------------------------------------------------
-established() { # connections in state ESTABLISHED whose local port is $1
-  local hex
-  hex=$(printf '%04X' "$1")
-  cat /proc/net/tcp /proc/net/tcp6 2>/dev/null | awk -v p=":$hex" '$4 == "01" && substr($2, length($2) - 4) == p {n++} END {print n + 0}'
-}
 # Opens IDLE_CLIENTS idle connections to port $1 and measures VmRSS of pid
 # $2 before and with them; sets RSS_BEFORE, RSS_AFTER (KiB) and CONNECTED.
 idle_rss() {
@@ -472,13 +516,14 @@ if [ "${RYW_DURATION:-$DURATION}" != 0 ]; then
   printf '\\set wid random(1, 100000)\nINSERT INTO ryw_bench VALUES (:wid, 0) ON CONFLICT (id) DO UPDATE SET n = ryw_bench.n + 1;\n' >"$WORK/ryw-write.sql"
   printf 'SELECT n FROM ryw_bench WHERE id = :wid;\n' >"$WORK/ryw-read.sql"
   echo
-  echo "## Read-your-writes workload: read-back latency (write:read 1:2, $CLIENTS clients, ${RYW_DURATION:-$DURATION}s)"
+  RYW_CLIENTS=${CLIENT_LIST[0]}
+  echo "## Read-your-writes workload: read-back latency (write:read 1:2, $RYW_CLIENTS clients, ${RYW_DURATION:-$DURATION}s)"
   echo
   echo "| target | reads | p50 ms | p90 ms | p99 ms | p99.9 ms |"
   echo "|---|---:|---:|---:|---:|---:|"
   for target in "${TARGETS[@]}"; do
     prefix="$WORK/ryw-${target//\//_}"
-    (cd "$WORK" && timeout $((${RYW_DURATION:-$DURATION} + 60)) pgbench -n -c "$CLIENTS" -j "$THREADS" \
+    (cd "$WORK" && timeout $((${RYW_DURATION:-$DURATION} + 60)) pgbench -n -c "$RYW_CLIENTS" -j "$THREADS" \
       -T "${RYW_DURATION:-$DURATION}" -D wid=1 -f "$WORK/ryw-write.sql@1" -f "$WORK/ryw-read.sql@2" \
       --log --log-prefix="$prefix" -p "$(port_of "$target")" >"$prefix.out" 2>&1) || {
       log "ryw $target failed: $(grep -m1 -iE 'error|fatal|aborted' "$prefix.out" || true)"
@@ -499,7 +544,7 @@ fi
 if [ -n "${CHARTS_DIR:-}" ]; then
   cp "$RESULTS" "$CHARTS_DIR/results.tsv" 2>/dev/null || { mkdir -p "$CHARTS_DIR" && cp "$RESULTS" "$CHARTS_DIR/results.tsv"; }
   cp "$LATENCY" "$CHARTS_DIR/ryw-latency.tsv"
-  CLIENTS=$CLIENTS bash "$(dirname "$0")/charts.sh" "$CHARTS_DIR/results.tsv" "$CHARTS_DIR/ryw-latency.tsv" "$CHARTS_DIR"
+  bash "$(dirname "$0")/charts.sh" "$CHARTS_DIR/results.tsv" "$CHARTS_DIR/ryw-latency.tsv" "$CHARTS_DIR"
 fi
 echo
 log "done"

@@ -86,7 +86,7 @@ async fn get_item(
         // (sign tokens to rule that out) or lost in a failover. Forget it and
         // read the current data.
         cell.clear();
-        session = cluster.session();
+        session = cell.session(&cluster);
         result = session.query_opt(SQL, &[&id]).await;
     }
     cell.absorb(&session);

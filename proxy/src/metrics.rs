@@ -195,3 +195,66 @@ pub fn describe_metrics() {
         "Upper bound on how stale each replica's data is."
     );
 }
+
+/// The per-unit counters ([`ROUTED_TOTAL`] by target, [`QUERIES_TOTAL`] by
+/// statement kind) of every node, registered once: the query path only
+/// increments them, with no label building or registry lookup.
+pub struct RouteCounters {
+    nodes: Vec<NodeCounters>,
+}
+
+struct NodeCounters {
+    routed: [metrics::Counter; 4],
+    queries: Vec<(&'static str, metrics::Counter)>,
+}
+
+/// The `target` labels of [`ROUTED_TOTAL`].
+const TARGETS: [&str; 4] = [
+    TARGET_PRIMARY,
+    TARGET_PRIMARY_READ,
+    TARGET_REPLICA,
+    TARGET_REPLICA_CHECKED,
+];
+
+impl RouteCounters {
+    /// Registers the counters of nodes named `names` (call once the
+    /// recorder is installed).
+    pub fn new<'a>(names: impl IntoIterator<Item = &'a str>) -> Self {
+        let nodes = names
+            .into_iter()
+            .map(|name| NodeCounters {
+                routed: TARGETS.map(|t| {
+                    metrics::counter!(ROUTED_TOTAL, LABEL_TARGET => t, LABEL_NODE => name.to_string())
+                }),
+                queries: crate::classify::StatementKind::LABELS
+                    .iter()
+                    .map(|&k| {
+                        let c = metrics::counter!(QUERIES_TOTAL, LABEL_NODE => name.to_string(), LABEL_KIND => k);
+                        (k, c)
+                    })
+                    .collect(),
+            })
+            .collect();
+        RouteCounters { nodes }
+    }
+
+    /// Counts a unit routed to `node` as `target` (one of the `TARGET_*`
+    /// labels).
+    pub fn routed(&self, node: usize, target: &'static str) {
+        if let Some(n) = self.nodes.get(node) {
+            if let Some(i) = TARGETS.iter().position(|t| *t == target) {
+                n.routed[i].increment(1);
+            }
+        }
+    }
+
+    /// Counts a statement of kind `kind` (a `StatementKind` label) sent to
+    /// `node`.
+    pub fn query(&self, node: usize, kind: &'static str) {
+        if let Some(n) = self.nodes.get(node) {
+            if let Some((_, c)) = n.queries.iter().find(|(k, _)| *k == kind) {
+                c.increment(1);
+            }
+        }
+    }
+}

@@ -202,6 +202,8 @@ mod tests {
             fallback,
             waited: Duration::from_millis(3),
             token_wait: fallback == Some(FallbackReason::WaitTimeout),
+            epoch: 0,
+            next: None,
         }
     }
 

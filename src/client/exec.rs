@@ -20,7 +20,7 @@ use crate::model::policy::Consistency;
 use crate::model::token::ConsistencyToken;
 use crate::model::topology::{Role, Topology};
 use crate::probe::{POSITION_SQL, Position};
-use crate::routing::read_plan::{Outcome as PlanOutcome, ReadPlan, ReadRequest, Step};
+use crate::routing::read_plan::{LastRead, Outcome as PlanOutcome, ReadPlan, ReadRequest, Step};
 
 pub use crate::routing::read_plan::FallbackReason;
 
@@ -57,6 +57,10 @@ pub(crate) struct Outcome {
     /// Position at or after what the statement saw or wrote, when captured.
     pub token: Option<ConsistencyToken>,
     pub served: ServedBy,
+    /// Where the read ran, for the next read's monotonic routing (`None`
+    /// for writes, and for reads whose position was captured: the token
+    /// covers them).
+    pub last_read: Option<LastRead>,
 }
 
 /// A statement and its parameters.
@@ -72,7 +76,10 @@ pub(crate) struct ReadOpts {
     pub policy: Consistency,
     pub token: Option<ConsistencyToken>,
     pub last_write: Option<Instant>,
-    /// Capture the position the read saw (monotonic reads).
+    /// Where the session's previous read ran (monotonic reads).
+    pub last_read: Option<LastRead>,
+    /// Capture the position the read saw into the token (for a token that
+    /// leaves the session); without it monotonic reads use `last_read`.
     pub capture: bool,
     /// Retry on the primary when the replica returns no row.
     pub expect_row: bool,
@@ -260,6 +267,7 @@ impl Cluster {
                 rows_affected: r.rows_affected,
                 token,
                 served: self.served(primary, Role::Primary, Duration::ZERO, None),
+                last_read: None,
             })
         }
         .instrument(span)
@@ -300,6 +308,7 @@ impl Cluster {
             last_write: opts.last_write,
             retry_on_empty: opts.expect_row && self.inner.retry_on_empty,
             first_poll: self.inner.wait_poll,
+            last_read: opts.last_read,
             ..ReadRequest::new(opts.policy, opts.token)
         };
         let router = &self.inner.router;
@@ -312,7 +321,7 @@ impl Cluster {
         loop {
             let outcome = match step {
                 Step::Run(run) => {
-                    let capture = opts.capture || run.verify.is_some();
+                    let capture = opts.capture || run.verify.is_some() || run.capture;
                     match self
                         .run_on(run.node, stmt, run.check.is_some(), capture)
                         .await
@@ -377,11 +386,16 @@ impl Cluster {
                         None if served.primary => Role::Primary,
                         None => Role::Replica,
                     };
+                    let token = r
+                        .after
+                        .filter(|_| opts.capture)
+                        .and_then(|p| p.token(&topo));
                     return Ok(Outcome {
-                        token: r
-                            .after
-                            .filter(|_| opts.capture)
-                            .and_then(|p| p.token(&topo)),
+                        last_read: token.is_none().then(|| {
+                            LastRead::new(&served, Instant::now())
+                                .with_floor(r.after.and_then(|p| p.token(&topo)).map(|t| t.lsn))
+                        }),
+                        token,
                         rows: r.rows,
                         rows_affected: r.rows_affected,
                         served: self.served(served.node, role, served.waited, served.fallback),

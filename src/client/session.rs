@@ -14,7 +14,7 @@ use crate::model::policy::Consistency;
 use crate::model::token::{ConsistencyToken, TokenHolder};
 use crate::model::topology::Role;
 use crate::probe::{POSITION_SQL, Position};
-use crate::routing::read_plan::{Outcome, ReadPlan, ReadRequest, Step};
+use crate::routing::read_plan::{LastRead, Outcome, ReadPlan, ReadRequest, Step};
 
 impl Cluster {
     /// A new session with the cluster's default policy and no token.
@@ -27,10 +27,14 @@ impl Cluster {
 /// in time, whichever nodes serve them.
 ///
 /// The session keeps a [`ConsistencyToken`]: after each write it advances to
-/// the commit's WAL position (read in the same round trip as the write), and
-/// after each read to the position of the node that served it. Hand
-/// [`Session::token`] to another process and resume with
-/// [`Session::with_token`] to carry the guarantees across requests.
+/// the commit's WAL position (read in the same round trip as the write).
+/// Reads cost no extra statement: the session remembers where its last read
+/// ran and stays there until the lag monitor has sampled that node after
+/// the read, whose position then bounds what the read saw (see
+/// ARCHITECTURE.md, "Monotonic reads"). Hand [`Session::token`] to another
+/// process and resume with [`Session::with_token`] to carry the guarantees
+/// across requests; a session whose token leaves it after reads should
+/// [capture read positions](Session::capture_read_positions).
 ///
 /// `query*` calls are reads (routed by the policy); `execute` and
 /// [`Session::write_query`] are writes (the primary). A "read" that turns out
@@ -42,6 +46,11 @@ pub struct Session {
     last_write: Option<Instant>,
     policy: Consistency,
     last_served: Option<ServedBy>,
+    /// Where the last read ran, until a captured position covers it.
+    last_read: Option<LastRead>,
+    /// Read each read's position into the token (one more statement, in
+    /// the read's round trip).
+    capture_reads: bool,
 }
 
 impl Session {
@@ -53,7 +62,20 @@ impl Session {
             last_write: None,
             policy,
             last_served: None,
+            last_read: None,
+            capture_reads: false,
         }
+    }
+
+    /// Reads the position of the node after each read, in the read's round
+    /// trip, so that [`Session::token`] covers every read at once (for a
+    /// token handed to another process right after a read, as
+    /// [`TokenCell::session`](crate::TokenCell) does). Without it a read's
+    /// position enters the token once the lag monitor has sampled its node
+    /// after it (within about one monitor interval).
+    pub fn capture_read_positions(mut self, on: bool) -> Self {
+        self.capture_reads = on;
+        self
     }
 
     /// Resumes from a token handed back by a client (e.g. from a cookie).
@@ -73,9 +95,16 @@ impl Session {
         self.policy = policy;
     }
 
-    /// The session's token: at or after its last write and last read.
+    /// The session's token: at or after its last write, and at or after
+    /// its last read once that read's position is known (captured with
+    /// [`Session::capture_read_positions`], or sampled by the lag monitor
+    /// after the read).
     pub fn token(&self) -> Option<ConsistencyToken> {
-        self.token.get()
+        let mut token = self.token;
+        if let Some(last) = self.last_read {
+            token.observe(last.floor_token(&self.cluster.topology()));
+        }
+        token.get()
     }
 
     /// Merges a token into the session's (keeps the newer one).
@@ -103,13 +132,15 @@ impl Session {
             policy: self.policy,
             token: self.token.get(),
             last_write: self.last_write,
-            capture: true,
+            last_read: self.last_read,
+            capture: self.capture_reads,
             expect_row,
         };
         let out = self.cluster.run_read(Stmt { sql, params }, opts).await?;
         if out.served.fallback == Some(FallbackReason::ReadOnly) {
             self.last_write = Some(Instant::now());
         }
+        self.last_read = out.last_read;
         self.observe(out.token);
         self.last_served = Some(out.served);
         Ok(out.rows)
@@ -159,6 +190,11 @@ impl Session {
     ) -> Result<(Vec<Row>, u64)> {
         let out = self.cluster.run_write(Stmt { sql, params }).await?;
         self.last_write = Some(Instant::now());
+        if out.token.is_some() {
+            // Read on the primary after the commit: at or after everything
+            // any earlier read saw.
+            self.last_read = None;
+        }
         self.observe(out.token);
         self.last_served = Some(out.served);
         Ok((out.rows, out.rows_affected))
@@ -194,6 +230,7 @@ impl Session {
         let req = ReadRequest {
             last_write: self.last_write,
             first_poll: self.cluster.inner.wait_poll,
+            last_read: self.last_read,
             ..ReadRequest::new(self.policy, self.token.get())
         };
         let router = &self.cluster.inner.router;
@@ -382,7 +419,13 @@ impl Transaction<'_> {
         commit.map_err(|e| Error::db(&name, e))?;
         let pos = Position::from_row(&pos.map_err(|e| Error::db(&name, e))?);
         let in_recovery = pos.in_recovery;
-        self.session.observe(pos.token(&topo));
+        let token = pos.token(&topo);
+        if token.is_some() {
+            // Read after the commit on the transaction's node: covers the
+            // transaction and every earlier read.
+            self.session.last_read = None;
+        }
+        self.session.observe(token);
         if !self.read_only {
             self.session.last_write = Some(Instant::now());
         }

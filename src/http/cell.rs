@@ -28,8 +28,10 @@ pub type TokenCell = SharedToken;
 impl SharedToken {
     /// A new session of `cluster` resuming from the cell's token: its reads
     /// see everything this client wrote or read before.
+    /// Its reads capture their positions, so that the token handed back to
+    /// the client covers them.
     pub fn session(&self, cluster: &Cluster) -> Session {
-        let session = cluster.session();
+        let session = cluster.session().capture_read_positions(true);
         match self.get() {
             Some(t) => session.with_token(t),
             None => session,

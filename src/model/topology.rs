@@ -41,6 +41,15 @@ pub struct NodeState {
     pub timeline: Option<u32>,
     /// The last probe or query error while unhealthy.
     pub last_error: Option<String>,
+    /// When the monitor sent the probe that read [`NodeState::lsn`]: the
+    /// node's position was at least `lsn` at some instant after this one.
+    #[serde(skip)]
+    pub sampled_at: Option<Instant>,
+    /// Increases whenever the node is seen failing (a failed probe, or a
+    /// failure a query reported): positions observed in one epoch say
+    /// nothing about the node after a restart, which can bring a replica
+    /// back at an earlier replay position.
+    pub epoch: u64,
 }
 
 fn ser_opt_duration<S: serde::Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
@@ -62,6 +71,8 @@ impl NodeState {
             lag: None,
             timeline: None,
             last_error: None,
+            sampled_at: None,
+            epoch: 0,
         }
     }
 

@@ -159,6 +159,7 @@ impl LagMonitor {
             let mut next = (**topo).clone();
             next.nodes[index].healthy = false;
             next.nodes[index].last_error = Some(error.to_string());
+            next.nodes[index].epoch += 1;
             next.generation += 1;
             *topo = Arc::new(next);
             ejected = true;

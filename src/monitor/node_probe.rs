@@ -17,6 +17,9 @@ pub(super) struct Probe {
     pub(super) in_recovery: bool,
     pub(super) lsn: Option<Lsn>,
     pub(super) timeline: Option<u32>,
+    /// When the probe query was sent: the position is the node's at some
+    /// instant after this one.
+    pub(super) sent: Instant,
 }
 
 const PROBE_SQL: &str = "SELECT pg_is_in_recovery(), \
@@ -130,6 +133,7 @@ impl NodeProbe {
             self.client = Some(client);
         }
         let client = self.client.as_ref().expect("connected above");
+        let sent = Instant::now();
         let row = client
             .query_one(PROBE_SQL, &[])
             .await
@@ -179,6 +183,7 @@ impl NodeProbe {
             in_recovery,
             lsn,
             timeline,
+            sent,
         })
     }
 }

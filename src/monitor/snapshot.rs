@@ -40,6 +40,7 @@ pub(super) fn build_snapshot(
                     Role::Primary
                 };
                 node.lsn = p.lsn;
+                node.sampled_at = Some(p.sent);
                 if p.timeline.is_some() {
                     node.timeline = p.timeline;
                 }
@@ -52,6 +53,7 @@ pub(super) fn build_snapshot(
                 node.healthy = false;
                 node.role = Role::Unknown;
                 node.last_error = Some(e.clone());
+                node.epoch += 1;
             }
         }
     }
@@ -225,6 +227,7 @@ mod tests {
             in_recovery: false,
             lsn: Some(Lsn(lsn)),
             timeline: Some(timeline),
+            sent: Instant::now(),
         })
     }
 
@@ -233,6 +236,7 @@ mod tests {
             in_recovery: true,
             lsn: Some(Lsn(lsn)),
             timeline: None,
+            sent: Instant::now(),
         })
     }
 
@@ -267,6 +271,20 @@ mod tests {
             &MonitorConfig::default(),
             Instant::now(),
         )
+    }
+
+    #[test]
+    fn a_failed_probe_starts_a_new_epoch_and_positions_keep_their_sample_time() {
+        let (probes, t1) = three_nodes();
+        let before = Instant::now();
+        let t2 = round(&t1, &probes, vec![primary(300, 1), replica(300), down()]);
+        assert_eq!(t2.nodes[2].epoch, t1.nodes[2].epoch + 1);
+        assert_eq!(t2.nodes[1].epoch, t1.nodes[1].epoch);
+        assert!(t2.nodes[1].sampled_at.is_some_and(|s| s >= before));
+        // A probe still running keeps the last sample and its time.
+        let t3 = round_pending(&t2, &probes, vec![Some(primary(400, 1)), None, None]);
+        assert_eq!(t3.nodes[1].sampled_at, t2.nodes[1].sampled_at);
+        assert_eq!(t3.nodes[2].epoch, t2.nodes[2].epoch);
     }
 
     #[test]

@@ -6,6 +6,6 @@ pub mod read_plan;
 mod router;
 
 pub use read_plan::{
-    Failure, FallbackReason, Outcome, PlanError, ReadPlan, ReadRequest, Run, Served, Step,
+    Failure, FallbackReason, LastRead, Outcome, PlanError, ReadPlan, ReadRequest, Run, Served, Step,
 };
 pub use router::{InFlight, LoadBalance, ReadContext, Route, Router};

@@ -86,6 +86,9 @@ pub struct ReadRequest {
     /// First interval between position polls while waiting (doubles up to
     /// eight times this).
     pub first_poll: Duration,
+    /// Where the session's previous read ran (monotonic reads, for policies
+    /// that use a token): see [`LastRead`].
+    pub last_read: Option<LastRead>,
 }
 
 impl ReadRequest {
@@ -99,6 +102,7 @@ impl ReadRequest {
             retry_on_empty: false,
             retry_replica_errors: true,
             first_poll: Duration::from_millis(2),
+            last_read: None,
         }
     }
 }
@@ -191,6 +195,12 @@ pub struct Run {
     /// an error that moves the read elsewhere). Drivers that stream replies
     /// hold them back until the first row or the end.
     pub retryable: bool,
+    /// Pipeline the position probe *after* the statement and keep its
+    /// answer as the floor of the session's next read
+    /// ([`LastRead::with_floor`]): the read stays on its last node while the
+    /// router would rather use a more advanced one, which the next read
+    /// then moves to ([`Served::next`]).
+    pub capture: bool,
 }
 
 /// How a read was served, for [`ServedBy`](crate::ServedBy), metrics and logs.
@@ -208,6 +218,12 @@ pub struct Served {
     /// True when the read waited for a replica to reach its token (polled
     /// at least once): count it as a token wait of `waited`.
     pub token_wait: bool,
+    /// The node's epoch in the snapshot the run was routed by (for
+    /// [`LastRead`]).
+    pub epoch: u64,
+    /// The run captured its position ([`Run::capture`]) so that the
+    /// session's next read can move to this node.
+    pub next: Option<usize>,
 }
 
 /// What happened to the last step.
@@ -247,6 +263,19 @@ pub struct ReadPlan {
     req: ReadRequest,
     /// The token, when the policy uses one.
     token: Option<ConsistencyToken>,
+    /// The position the read must see: the token's, or the floor of the
+    /// session's last read when that is newer.
+    need: Option<Lsn>,
+    /// The node the read stays on: the session's last read ran there and
+    /// no floor is known yet.
+    stay: Option<usize>,
+    /// The epoch of the node of the last run, as routed.
+    run_epoch: u64,
+    /// Where the session wanted to move when its last read captured a
+    /// floor: tried first.
+    prefer: Option<usize>,
+    /// Where a capturing run (staying) would rather have gone.
+    next: Option<usize>,
     max_wait: Duration,
     then: Fallback,
     start: Instant,
@@ -270,8 +299,14 @@ impl ReadPlan {
             Consistency::ReadYourWrites { max_wait, then } => (max_wait, then),
             _ => (Duration::ZERO, Fallback::Primary),
         };
+        let token = req.token.filter(|_| req.policy.uses_token());
         ReadPlan {
-            token: req.token.filter(|_| req.policy.uses_token()),
+            token,
+            need: token.map(|t| t.lsn),
+            stay: None,
+            run_epoch: 0,
+            prefer: None,
+            next: None,
             req,
             max_wait,
             then,
@@ -306,6 +341,15 @@ impl ReadPlan {
                     token: t.lsn,
                     primary: survived,
                 }));
+            }
+        }
+        if let Some(last) = self.req.last_read.filter(|_| self.req.policy.uses_token()) {
+            match last.floor(topo) {
+                Some(floor) => {
+                    self.need = self.need.max(Some(floor));
+                    self.prefer = last.next;
+                }
+                None => self.stay = Some(last.node),
             }
         }
         self.route(topo, router, now)
@@ -357,9 +401,9 @@ impl ReadPlan {
     }
 
     fn reached(&self, pos: Option<Position>) -> bool {
-        match (self.token, pos) {
+        match (self.need, pos) {
             (None, _) => true,
-            (Some(t), Some(Position { lsn: Some(l), .. })) => l >= t.lsn,
+            (Some(need), Some(Position { lsn: Some(l), .. })) => l >= need,
             _ => false,
         }
     }
@@ -429,6 +473,8 @@ impl ReadPlan {
             fallback: self.fallback,
             waited: self.waited(now),
             token_wait: self.polled,
+            epoch: self.run_epoch,
+            next: if run.capture { self.next } else { None },
         })
     }
 
@@ -466,49 +512,87 @@ impl ReadPlan {
     fn route(&mut self, topo: &Topology, router: &Router, now: Instant) -> Step {
         if let Some(v) = self.verified {
             if topo.nodes.get(v).is_some_and(|n| n.is_serving_replica()) {
-                return self.run(Run {
-                    node: v,
-                    primary: false,
-                    check: None,
-                    verify: None,
-                    retryable: true,
-                });
+                return self.run(
+                    topo,
+                    Run {
+                        node: v,
+                        primary: false,
+                        check: None,
+                        verify: None,
+                        retryable: true,
+                        capture: false,
+                    },
+                );
             }
             self.verified = None;
         }
+        if let Some(node) = self.stay {
+            return self.stay_on(topo, router, node, now);
+        }
+        if let Some(m) = self.prefer.take() {
+            let has_need = topo.nodes.get(m).is_some_and(|n| {
+                self.need
+                    .is_none_or(|need| n.lsn.is_some_and(|l| l >= need))
+            });
+            if has_need && self.usable_replica(topo, m) {
+                return self.run(
+                    topo,
+                    Run {
+                        node: m,
+                        primary: false,
+                        check: None,
+                        verify: None,
+                        retryable: true,
+                        capture: false,
+                    },
+                );
+            }
+        }
         let cx = ReadContext {
-            token: self.token.map(|t| t.lsn),
+            token: self.need,
             last_write: self.req.last_write,
             exclude: &self.exclude,
         };
         match router.route(topo, &self.req.policy, &cx) {
-            Route::Replica(i) => self.run(Run {
-                node: i,
-                primary: false,
-                check: None,
-                verify: None,
-                retryable: true,
-            }),
-            Route::ReplicaIfCaughtUp(i) => match self.token {
-                // Without a token there is nothing to check.
-                None => self.run(Run {
+            Route::Replica(i) => self.run(
+                topo,
+                Run {
                     node: i,
                     primary: false,
                     check: None,
                     verify: None,
                     retryable: true,
-                }),
-                Some(t) if !self.checked => {
-                    self.checked = true;
-                    self.run(Run {
+                    capture: false,
+                },
+            ),
+            Route::ReplicaIfCaughtUp(i) => match self.need {
+                // Without a token there is nothing to check.
+                None => self.run(
+                    topo,
+                    Run {
                         node: i,
                         primary: false,
-                        check: Some(t.lsn),
+                        check: None,
                         verify: None,
                         retryable: true,
-                    })
+                        capture: false,
+                    },
+                ),
+                Some(need) if !self.checked => {
+                    self.checked = true;
+                    self.run(
+                        topo,
+                        Run {
+                            node: i,
+                            primary: false,
+                            check: Some(need),
+                            verify: None,
+                            retryable: true,
+                            capture: false,
+                        },
+                    )
                 }
-                Some(t) => self.wait(topo, i, t.lsn, now),
+                Some(need) => self.wait(topo, i, need, now),
             },
             Route::Primary => {
                 let window = matches!(self.req.policy, Consistency::PrimaryAfterWrite(w)
@@ -560,22 +644,32 @@ impl ReadPlan {
 
     fn on_primary(&mut self, topo: &Topology) -> Step {
         match topo.primary {
-            Some(p) => self.run(Run {
-                node: p,
-                primary: true,
-                check: None,
-                verify: self.token.map(|t| t.lsn),
-                retryable: false,
-            }),
+            Some(p) => self.run(
+                topo,
+                Run {
+                    node: p,
+                    primary: true,
+                    check: None,
+                    verify: self.token.map(|t| t.lsn),
+                    retryable: false,
+                    // The primary's position after the read bounds what it
+                    // saw: the floor of the session's next read.
+                    capture: self.req.policy.uses_token(),
+                },
+            ),
             None => Step::Fail(Some(PlanError::NoPrimary)),
         }
     }
 
-    fn run(&mut self, run: Run) -> Step {
+    fn run(&mut self, topo: &Topology, run: Run) -> Step {
+        self.run_epoch = topo.nodes.get(run.node).map_or(0, |n| n.epoch);
         self.pending = Pending::Run(run);
         Step::Run(run)
     }
 }
 
+mod monotonic;
 #[cfg(test)]
 mod tests;
+
+pub use monotonic::LastRead;

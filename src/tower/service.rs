@@ -208,6 +208,7 @@ impl tower::Service<Request> for RouterService {
                             policy: req.consistency.unwrap_or(cluster.policy()),
                             token: req.token,
                             last_write: None::<Instant>,
+                            last_read: None,
                             capture: req.capture_token,
                             expect_row: req.intent == Intent::ReadExpectingRow,
                         };

@@ -112,7 +112,7 @@ pub struct NodePool {
     idle: Mutex<Vec<BackendConn>>,
     sem: Arc<Semaphore>,
     size: Mutex<usize>,
-    settings: Mutex<PoolSettings>,
+    settings: Mutex<Arc<PoolSettings>>,
     created: AtomicU64,
     open: Arc<AtomicUsize>,
     /// Checkouts waiting for a free slot.
@@ -170,29 +170,30 @@ impl NodePool {
             idle: Mutex::new(Vec::new()),
             sem: Arc::new(Semaphore::new(size)),
             size: Mutex::new(size),
-            settings: Mutex::new(settings),
+            settings: Mutex::new(Arc::new(settings)),
             created: AtomicU64::new(0),
             open: Arc::new(AtomicUsize::new(0)),
             waiting: AtomicUsize::new(0),
         }
     }
 
-    fn settings(&self) -> PoolSettings {
+    fn settings(&self) -> Arc<PoolSettings> {
         self.settings.lock().expect("pool lock").clone()
     }
 
     /// Takes a connection, opening one if none is idle.
     pub async fn checkout(self: &Arc<Self>) -> Result<PooledConn, PoolError> {
         let settings = self.settings();
+        // A free slot is the common case: no timer for it.
         let permit = match self.sem.clone().try_acquire_owned() {
             Ok(p) => p,
             Err(tokio::sync::TryAcquireError::Closed) => return Err(PoolError::Closed),
             Err(tokio::sync::TryAcquireError::NoPermits) => {
                 self.waiting.fetch_add(1, Ordering::Relaxed);
-                let r = tokio::time::timeout(
+                let r = Box::pin(tokio::time::timeout(
                     settings.checkout_timeout,
                     self.sem.clone().acquire_owned(),
-                )
+                ))
                 .await;
                 self.waiting.fetch_sub(1, Ordering::Relaxed);
                 match r {
@@ -217,7 +218,9 @@ impl NodePool {
                 pool: self.clone(),
             });
         }
-        let conn = self.open_conn(&settings).await?;
+        // Rare, and large (authentication): boxed so that every future that
+        // checks out a connection stays small.
+        let conn = Box::pin(self.open_conn(&settings)).await?;
         Ok(PooledConn {
             conn: Some(conn),
             _permit: permit,
@@ -255,7 +258,7 @@ impl NodePool {
 
     fn resize(&self, settings: PoolSettings) {
         let new = settings.size_for(self.key.node);
-        *self.settings.lock().expect("pool lock") = settings;
+        *self.settings.lock().expect("pool lock") = Arc::new(settings);
         let mut size = self.size.lock().expect("pool lock");
         let old = *size;
         *size = new;

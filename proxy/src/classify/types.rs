@@ -149,6 +149,22 @@ impl StatementKind {
         }
     }
 
+    /// Every value [`StatementKind::label`] returns.
+    pub const LABELS: [&'static str; 12] = [
+        "read",
+        "write",
+        "begin",
+        "end",
+        "set_transaction",
+        "savepoint",
+        "set",
+        "reset",
+        "discard",
+        "pin",
+        "show",
+        "other",
+    ];
+
     /// A short, stable, lower-case name for logs and metric labels (the
     /// `kind` label of `lagrouter_proxy_queries_total`).
     pub fn label(&self) -> &'static str {

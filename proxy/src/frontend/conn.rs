@@ -71,6 +71,9 @@ impl AsyncWrite for ClientStream {
     }
 }
 
+/// How much the receive buffer grows by when it runs low.
+const READ_CHUNK: usize = 4096;
+
 /// Why a client connection ended abnormally.
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
@@ -105,8 +108,8 @@ impl ClientConn {
     pub fn new(stream: ClientStream, peer: SocketAddr) -> Self {
         ClientConn {
             stream,
-            rbuf: BytesMut::with_capacity(8192),
-            wbuf: BytesMut::with_capacity(8192),
+            rbuf: BytesMut::new(),
+            wbuf: BytesMut::new(),
             peer,
         }
     }
@@ -133,14 +136,33 @@ impl ClientConn {
     /// Reads more bytes into the receive buffer (cancel-safe). Fails with
     /// [`ClientError::Closed`] at end of stream.
     pub async fn fill(&mut self) -> Result<(), ClientError> {
-        if self.rbuf.capacity() - self.rbuf.len() < 4096 {
-            self.rbuf.reserve(8192);
+        if self.rbuf.capacity() - self.rbuf.len() < 1024 {
+            if let ClientStream::Plain(s) = &self.stream {
+                if self.rbuf.capacity() == 0 {
+                    // An idle client holds no buffer: wait for its bytes
+                    // first (cancel-safe, as the read below).
+                    s.readable().await?;
+                }
+            }
+            self.rbuf.reserve(READ_CHUNK);
         }
         let n = self.stream.read_buf(&mut self.rbuf).await?;
         if n == 0 {
             return Err(ClientError::Closed);
         }
         Ok(())
+    }
+
+    /// Frees both buffers while they are empty (the client is idle): an
+    /// idle client then costs no buffer memory; the next read allocates
+    /// [`READ_CHUNK`] bytes again.
+    pub fn release_buffers(&mut self) {
+        if self.rbuf.is_empty() && self.rbuf.capacity() > 0 {
+            self.rbuf = BytesMut::new();
+        }
+        if self.wbuf.is_empty() && self.wbuf.capacity() > 0 {
+            self.wbuf = BytesMut::new();
+        }
     }
 
     /// Reads one complete message.

@@ -132,6 +132,7 @@ impl Proxy {
                 super::history::HISTORY_SAMPLES,
             )),
             shutdown_request: watch::Sender::new(false),
+            route_counters: std::sync::OnceLock::new(),
         });
 
         // Admin endpoint.
@@ -250,7 +251,9 @@ impl Shared {
 /// Runs one client connection: its startup phase, then its session (or
 /// the admin console), registered for `SHOW CLIENTS` while it lasts.
 async fn serve_client(shared: Arc<Shared>, tcp: tokio::net::TcpStream, peer: SocketAddr, id: u64) {
-    let Some((conn, info)) = crate::frontend::accept(&shared, tcp, peer).await else {
+    // Boxed: the startup phase's future is large and done with before the
+    // session starts.
+    let Some((conn, info)) = Box::pin(crate::frontend::accept(&shared, tcp, peer)).await else {
         return;
     };
     let status = Arc::new(ClientStatus {

@@ -80,6 +80,9 @@ pub struct Shared {
     /// Set by the console's `SHUTDOWN`; whoever runs the proxy watches it
     /// ([`super::ProxyHandle::shutdown_requested`]).
     pub(super) shutdown_request: watch::Sender<bool>,
+    /// The query path's counters, registered on first use (after the
+    /// metrics recorder is installed).
+    pub(super) route_counters: std::sync::OnceLock<crate::metrics::RouteCounters>,
 }
 
 /// Decrements the connection count when a client socket is closed.
@@ -105,6 +108,13 @@ impl Drop for ClientGuard {
 }
 
 impl Shared {
+    /// The query path's counters (see [`crate::metrics::RouteCounters`]).
+    pub fn route_counters(&self) -> &crate::metrics::RouteCounters {
+        self.route_counters.get_or_init(|| {
+            crate::metrics::RouteCounters::new(self.nodes.iter().map(|n| n.name.as_str()))
+        })
+    }
+
     /// The current settings.
     pub fn settings(&self) -> Arc<Settings> {
         self.settings.read().expect("settings lock").clone()

@@ -106,7 +106,7 @@ impl Session {
                     actions.push(Action::DeallocatedAll);
                 }
                 let h = self.backend.as_mut().expect("held");
-                h.count_statements(&class, &self.shared.stats, &self.unit_policy);
+                h.count_statements(&class, &self.shared, &self.unit_policy);
                 h.conn.wbuf.extend_from_slice(&frame.bytes);
                 h.unnamed_ok = false;
                 h.unit_state = UnitState::Ended;
@@ -177,7 +177,7 @@ impl Session {
                 self.note_statements(&class);
                 self.note_pinned_statement(&info.sql, &class.statements);
                 let h = self.backend.as_mut().expect("held");
-                h.count_statements(&class, &self.shared.stats, &self.unit_policy);
+                h.count_statements(&class, &self.shared, &self.unit_policy);
                 h.unit_state.open();
                 h.unit_has_portal = true;
                 h.portal_class.insert(portal.clone(), info.clone());

@@ -55,8 +55,15 @@ fn session_setting(name: &str) -> Option<&'static str> {
 }
 
 impl Session {
-    pub(super) fn classify(&self, sql: &str) -> Arc<Classification> {
-        self.shared.classifier.classify(sql)
+    pub(super) fn classify(&self, sql: &Arc<str>) -> Arc<Classification> {
+        if let Some((text, class)) = self.recent.class().as_ref() {
+            if **text == **sql {
+                return class.clone();
+            }
+        }
+        let class = self.shared.classifier.classify(sql);
+        *self.recent.class() = Some((sql.clone(), class.clone()));
+        class
     }
 
     /// Recognises statements the proxy answers itself.
@@ -404,8 +411,18 @@ impl Session {
     }
 }
 
+/// Whether `sql` starts with `keyword` (ASCII, any case) after blanks: a
+/// cheap test before the statement is looked at more closely.
+fn starts_with_keyword(sql: &str, keyword: &str) -> bool {
+    let b = sql.trim_ascii_start().as_bytes();
+    b.len() >= keyword.len() && b[..keyword.len()].eq_ignore_ascii_case(keyword.as_bytes())
+}
+
 /// `SHOW lagrouter.*` → the setting name.
 pub(super) fn show_lagrouter(sql: &str) -> Option<String> {
+    if !starts_with_keyword(sql, "show") {
+        return None;
+    }
     let s = sql.trim().trim_end_matches(';').trim();
     let mut words = s.split_whitespace();
     let first = words.next()?;

@@ -73,7 +73,7 @@ impl Session {
     /// The held connection failed and the unit cannot be retried: reports
     /// the error to the client and keeps the session (see the module
     /// docs). `h` is already marked broken.
-    pub(super) fn backend_lost(&mut self, mut h: Held, e: &BackendError) -> Flow {
+    pub(super) fn backend_lost(&mut self, mut h: Box<Held>, e: &BackendError) -> Flow {
         self.plan = None;
         if self.pooling == Pooling::Pinned || h.copy.is_in() {
             self.client.wbuf.extend_from_slice(&h.out);

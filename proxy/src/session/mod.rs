@@ -48,7 +48,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use lagrouter::TokenHolder;
-use lagrouter::routing::ReadPlan;
+use lagrouter::routing::{LastRead, ReadPlan, Served};
 use tracing::{debug, warn};
 
 use crate::backend::BackendError;
@@ -176,7 +176,15 @@ struct Session {
     /// read, or was given.
     token: TokenHolder,
     /// The read engine's plan for the read unit in flight, if any.
-    plan: Option<ReadPlan>,
+    plan: Option<Box<ReadPlan>>,
+    /// The read unit whose result stands, recorded as the session's last
+    /// read when its server connection is released.
+    read_served: Option<Served>,
+    /// Where the session's last read ran (monotonic reads), until a write
+    /// token covers it.
+    last_read: Option<LastRead>,
+    /// The position read after the last read unit, when the engine asked.
+    read_capture: Option<lagrouter::Lsn>,
     /// The session's own read policy (`SET lagrouter.consistency`, else the
     /// user's `consistency` from the configuration).
     consistency: Option<lagrouter::Consistency>,
@@ -212,7 +220,8 @@ struct Session {
     /// error the proxy reported itself).
     skip: Skip,
     /// The server connection held for the current unit or transaction.
-    backend: Option<Held>,
+    /// (Boxed, as the plan: an idle session's task stays small.)
+    backend: Option<Box<Held>>,
     /// Whether the server connection is given back between transactions.
     pooling: Pooling,
     /// The transaction status last reported to the client.
@@ -240,6 +249,10 @@ struct Session {
     deferred: Option<ClientMessage>,
     /// The optimistic transaction running on a replica, if any.
     optimistic: optimistic::OptState,
+    /// The last statement texts classified and prepared.
+    recent: prepared::Recent,
+    /// The session's pool of each node, once used.
+    pools: std::sync::Mutex<Vec<Option<Arc<crate::backend::NodePool>>>>,
 }
 
 /// Runs an authenticated client session to its end.
@@ -264,6 +277,9 @@ pub async fn run(
         cancel,
         token: TokenHolder::default(),
         plan: None,
+        read_served: None,
+        last_read: None,
+        read_capture: None,
         consistency: entry.consistency,
         user_consistency: entry.consistency,
         max_wait: None,
@@ -289,9 +305,15 @@ pub async fn run(
         client_utf8: true,
         sticky: pin::Sticky::No,
         pin_recheck: false,
+        recent: prepared::Recent::default(),
+        pools: std::sync::Mutex::new(Vec::new()),
     };
-    let result = match s.setup(&info, secret).await {
-        Ok(()) => s.main_loop().await,
+    let result = match Box::pin(s.setup(&info, secret)).await {
+        Ok(()) => {
+            // Not needed past the startup: an idle session keeps less.
+            drop(info);
+            s.main_loop().await
+        }
         Err(e) => Err(e),
     };
     match result {
@@ -444,6 +466,10 @@ impl Session {
             // 4. Wait for something to happen.
             let accept = self.accepts_client_input();
             let has_backend = self.backend.is_some();
+            if !has_backend {
+                // Idle between transactions: hold no buffer memory.
+                self.client.release_buffers();
+            }
             let idle_timeout = self.idle_timeout();
             let idle = !idle_timeout.is_zero();
             let closing = self.lifecycle == Lifecycle::Closing;
@@ -596,8 +622,13 @@ impl Session {
     fn move_output(&mut self) {
         if let Some(h) = &mut self.backend {
             if !h.out.is_empty() {
-                self.client.wbuf.extend_from_slice(&h.out);
-                h.out.clear();
+                if self.client.wbuf.is_empty() {
+                    // Hand the buffer over instead of copying it.
+                    std::mem::swap(&mut self.client.wbuf, &mut h.out);
+                } else {
+                    self.client.wbuf.extend_from_slice(&h.out);
+                    h.out.clear();
+                }
             }
         }
     }
@@ -651,6 +682,12 @@ impl Session {
 
     fn release(&mut self) {
         if let Some(mut h) = self.backend.take() {
+            if let Some(served) = self.read_served.take() {
+                // After the unit's last statement took its snapshot.
+                self.last_read = Some(
+                    LastRead::new(&served, Instant::now()).with_floor(self.read_capture.take()),
+                );
+            }
             *self.cancel.lock().expect("cancel slot") = None;
             if !h.out.is_empty() {
                 self.client.wbuf.extend_from_slice(&h.out);

@@ -418,7 +418,7 @@ impl Session {
         let h = self.backend.take().expect("held");
         *self.cancel.lock().expect("cancel slot") = None;
         let open = h.unit_state.is_open();
-        let Held { conn, .. } = h;
+        let Held { conn, .. } = *h;
         roll_back(conn, open).await;
         // 3. The recorded messages run again on the primary.
         let got = match self.shared.monitor.snapshot().primary {
@@ -459,7 +459,7 @@ impl Session {
             if let Some(h) = self.backend.take() {
                 *self.cancel.lock().expect("cancel slot") = None;
                 let open = h.unit_state.is_open();
-                let Held { mut conn, .. } = h;
+                let Held { mut conn, .. } = *h;
                 if replayed.is_err() {
                     conn.broken = true;
                 }

@@ -11,7 +11,6 @@ use lagrouter::routing::InFlight;
 use super::prepared::StmtInfo;
 use crate::backend::PooledConn;
 use crate::classify::{Classification, StatementKind};
-use crate::metrics as m;
 use crate::wire::{ClientMessage, Frame, TxnStatus};
 
 use lagrouter::probe::Position;
@@ -36,7 +35,8 @@ pub(super) enum Action {
 pub(super) enum ProbeKind {
     /// Before a read: the read engine's `check` or `verify`.
     Before,
-    /// After a replica read: monotonic reads.
+    /// After a replica read the engine asked to capture (a floor for the
+    /// session's next read, which moves to another replica).
     After,
     /// After a write committed: read-your-writes.
     Write,
@@ -213,7 +213,7 @@ pub(super) struct Held {
     /// connection until the unit ends.
     pub(super) unit_has_portal: bool,
     /// The node's name (the `node` label of the statement metrics).
-    pub(super) node_name: String,
+
     /// Client statements forwarded from now on are counted (`false` while
     /// a unit is first sent or re-sent: `start_unit` counts it once).
     pub(super) count: bool,
@@ -227,6 +227,9 @@ pub(super) struct Held {
     /// The server ended the connection with this FATAL error (not
     /// forwarded: the client keeps its connection, see `lost.rs`).
     pub(super) server_fatal: Option<String>,
+    /// The read engine asked for the position after the unit
+    /// ([`lagrouter::routing::Run::capture`]).
+    pub(super) capture: bool,
     /// Counts the unit in the router's per-node in-flight figures.
     pub(super) _inflight: InFlight<'static>,
 }
@@ -244,7 +247,11 @@ impl Held {
     pub(super) fn commit_output(&mut self) {
         if let Mode::Buffer(b) = &mut self.mode {
             let b = std::mem::take(b);
-            self.out.extend_from_slice(&b);
+            if self.out.is_empty() {
+                self.out = b;
+            } else {
+                self.out.extend_from_slice(&b);
+            }
             self.mode = Mode::Direct;
         }
     }
@@ -279,16 +286,18 @@ impl Held {
     pub(super) fn count_statements(
         &self,
         class: &Classification,
-        stats: &crate::stats::Stats,
+        shared: &crate::server::Shared,
         policy: &lagrouter::Consistency,
     ) {
         if !self.count {
             return;
         }
-        stats.sent(self.node, policy, class.statements.len(), false);
+        shared
+            .stats
+            .sent(self.node, policy, class.statements.len(), false);
+        let counters = shared.route_counters();
         for k in &class.statements {
-            metrics::counter!(m::QUERIES_TOTAL, m::LABEL_NODE => self.node_name.clone(), m::LABEL_KIND => k.label())
-                .increment(1);
+            counters.query(self.node, k.label());
         }
     }
 

@@ -23,22 +23,20 @@ pub const PROBE_STATEMENT: &str = "lagrouter_position_probe";
 impl Session {
     /// Pipelines a position probe behind the statement just forwarded:
     /// after every committed write (read-your-writes, whatever the policy:
-    /// a later one may use the token), after a replica read when the policy
-    /// uses tokens (monotonic reads).
+    /// a later one may use the token). Reads need none: monotonic reads
+    /// follow the session's last read ([`lagrouter::routing::LastRead`]),
+    /// unless the engine asks for the position to move the next read.
     pub(super) fn attach_probe(&mut self) {
-        let uses_token = self.unit_policy.uses_token();
         let Some(h) = &mut self.backend else { return };
         if std::mem::take(&mut h.no_pipelined_probe) || h.predicted != TxnStatus::Idle {
             // COPY FROM STDIN: the server would take the probe as COPY
             // data; the fallback probe runs after ReadyForQuery instead.
             return;
         }
-        if h.on_replica {
-            if uses_token {
-                let parsed = encode_probe(&mut h.conn);
-                h.queue.push_back(probe(ProbeKind::After, parsed));
-            }
-        } else if h.wrote_since_probe {
+        if h.capture {
+            let parsed = encode_probe(&mut h.conn);
+            h.queue.push_back(probe(ProbeKind::After, parsed));
+        } else if !h.on_replica && h.wrote_since_probe {
             let parsed = encode_probe(&mut h.conn);
             h.queue.push_back(probe(ProbeKind::Write, parsed));
             h.wrote_since_probe = false;
@@ -56,27 +54,35 @@ impl Session {
                 self.on_check(result);
                 None
             }
-            (ProbeKind::After, Some(pos)) => Some((pos, false)),
             (ProbeKind::Write, Some(pos))
                 if !pos.in_recovery
                     && h.held_rfq
                         .as_ref()
                         .is_some_and(|z| protocol::rfq_status(z) == b'I') =>
             {
-                Some((pos, true))
+                Some(pos)
             }
             (ProbeKind::Write, _) => {
                 h.wrote_since_probe = true;
                 None
             }
-            (ProbeKind::After, None) => None,
+            (ProbeKind::After, pos) => {
+                let topo = self.shared.monitor.snapshot();
+                self.read_capture = pos.and_then(|p| p.token(&topo)).map(|t| t.lsn);
+                None
+            }
         };
         // Labelled with the timeline the node reported, not the monitor's.
-        if let Some((pos, write)) = new_token {
+        if let Some(pos) = new_token {
             let before = self.token.get();
-            self.token
-                .observe(pos.token(&self.shared.monitor.snapshot()));
-            if write && self.token.get() != before {
+            let token = pos.token(&self.shared.monitor.snapshot());
+            if token.is_some() {
+                // Read on the primary after the commit: at or after
+                // everything any earlier read of the session saw.
+                self.last_read = None;
+            }
+            self.token.observe(token);
+            if self.token.get() != before {
                 if let Some(t) = self.token.get() {
                     let h = self.backend.as_mut().expect("held");
                     let mut b = BytesMut::new();

@@ -39,12 +39,13 @@ impl Session {
         let req = ReadRequest {
             last_write: self.last_write,
             retry_replica_errors: settings.config.routing.retry_on_replica_error,
+            last_read: self.last_read,
             ..ReadRequest::new(self.unit_policy, self.token.get())
         };
         let now = Instant::now();
         let mut plan = ReadPlan::new(req, now);
         let step = plan.start(&self.shared.monitor.snapshot(), self.shared.router(), now);
-        self.plan = Some(plan);
+        self.plan = Some(Box::new(plan));
         self.drive(step, batch, None).await
     }
 
@@ -80,12 +81,14 @@ impl Session {
                 },
                 Step::Poll { node, after } => match self.conn_for(node, &mut held).await {
                     Ok(mut conn) => {
-                        tokio::time::sleep(after).await;
+                        // Boxed, as the other rare paths below: the session's
+                        // future stays small while it idles.
+                        Box::pin(tokio::time::sleep(after)).await;
                         let left = self
                             .plan
                             .as_ref()
                             .map_or(POLL_SLACK, |p| p.wait_left(Instant::now()) + POLL_SLACK);
-                        let r = poll_position(&mut conn, left).await;
+                        let r = Box::pin(poll_position(&mut conn, left)).await;
                         match r {
                             Ok(pos) => {
                                 held = Some(conn);
@@ -275,11 +278,46 @@ impl Session {
     fn read_served(&mut self, served: Served) {
         self.plan = None;
         self.shared.stats.served(&self.unit_policy, &served);
+        self.read_served = Some(served);
         if let Some(f) = served.fallback {
             count_fallback(f);
         }
         if served.token_wait {
             count_wait(served.waited);
+        }
+    }
+
+    /// Before the session's token leaves it (`SHOW lagrouter.token`): makes
+    /// it cover the last read, from the monitor's sample after the read or
+    /// else from the node's position read now (in the read's epoch).
+    pub(super) async fn settle_last_read(&mut self) {
+        let Some(last) = self.last_read else { return };
+        let topo = self.shared.monitor.snapshot();
+        let token = match last.floor_token(&topo) {
+            Some(t) => Some(t),
+            None if last.same_epoch(&topo) => match self.checkout(last.node).await {
+                Ok(mut conn) => {
+                    let limit = self.settings().config.routing.probe_timeout;
+                    let r = Box::pin(poll_position(&mut conn, limit)).await;
+                    match r {
+                        Ok(pos) => {
+                            conn.release();
+                            pos.token(&topo)
+                        }
+                        Err(e) => {
+                            conn.broken = true;
+                            self.backend_failure(last.node, &e);
+                            None
+                        }
+                    }
+                }
+                Err(_) => None,
+            },
+            None => None,
+        };
+        if token.is_some() {
+            self.token.observe(token);
+            self.last_read = None;
         }
     }
 
@@ -295,7 +333,7 @@ impl Session {
             h.conn.broken = true;
         }
         let conn = take_conn(h);
-        self.drive(step, unit, conn).await
+        Box::pin(self.drive(step, unit, conn)).await
     }
 
     /// The held backend failed: a read whose replies were held back goes
@@ -320,7 +358,7 @@ impl Session {
             if let Some(step) = step {
                 let unit = h.unit.take().unwrap_or_default();
                 drop(h);
-                return self.drive(step, unit, None).await;
+                return Box::pin(self.drive(step, unit, None)).await;
             }
         }
         self.backend_lost(h, &e)
@@ -338,8 +376,8 @@ fn failure_of(e: &BackendError) -> Failure {
 }
 
 /// The held run's connection, kept for the next step unless broken.
-fn take_conn(h: Held) -> Option<PooledConn> {
-    let Held { conn, .. } = h;
+fn take_conn(h: Box<Held>) -> Option<PooledConn> {
+    let Held { conn, .. } = *h;
     (!conn.broken).then_some(conn)
 }
 

@@ -268,7 +268,7 @@ impl Session {
         let probe_follows = matches!(
             h.queue.front(),
             Some(Expect::Probe {
-                kind: ProbeKind::After | ProbeKind::Write,
+                kind: ProbeKind::Write,
                 ..
             })
         );

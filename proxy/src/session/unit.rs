@@ -12,7 +12,7 @@ use bytes::BytesMut;
 use postgres_protocol::message::frontend;
 use tracing::info;
 
-use crate::backend::{PoolError, PooledConn};
+use crate::backend::{NodePool, PoolError, PooledConn};
 use crate::classify::{Classification, RouteHint, StatementKind};
 use crate::config::parse_consistency;
 use crate::metrics as m;
@@ -112,8 +112,10 @@ impl Session {
             return Ok(());
         }
 
+        // Routing and checkout are boxed: their futures are large, and
+        // would otherwise be part of every idle session's task.
         match msg {
-            ClientMessage::Query { .. } => self.dispatch(vec![msg]).await,
+            ClientMessage::Query { .. } => Box::pin(self.dispatch(vec![msg])).await,
             ClientMessage::Sync { .. } | ClientMessage::Flush { .. } => {
                 if self.pending.is_empty() {
                     if matches!(msg, ClientMessage::Sync { .. }) {
@@ -123,7 +125,7 @@ impl Session {
                 }
                 self.pending.push(msg);
                 let batch = std::mem::take(&mut self.pending);
-                self.dispatch(batch).await
+                Box::pin(self.dispatch(batch)).await
             }
             other => {
                 if self.pending.len() >= MAX_PENDING {
@@ -182,6 +184,9 @@ impl Session {
         if self.lost.is_some() {
             self.answer_in_lost_transaction(batch);
             return Ok(());
+        }
+        if self.last_read.is_some() && batch.iter().any(shows_token) {
+            Box::pin(self.settle_last_read()).await;
         }
         // Simple query answered locally?
         if let [ClientMessage::Query { sql, .. }] = batch.as_slice() {
@@ -371,6 +376,21 @@ impl Session {
     }
 
     pub(super) async fn checkout(&self, node: usize) -> Result<PooledConn, PoolError> {
+        let pool = self.pool(node);
+        let r = pool.checkout().await;
+        if let Err(PoolError::Connect(e)) = &r {
+            self.backend_failure(node, e);
+        }
+        r
+    }
+
+    /// The pool of `node` for the session's server user and database
+    /// (looked up once per node: pools are never removed).
+    fn pool(&self, node: usize) -> Arc<NodePool> {
+        let mut cache = self.pools.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(Some(p)) = cache.get(node) {
+            return p.clone();
+        }
         let key = crate::backend::PoolKey {
             node,
             user: self.server_user.clone(),
@@ -385,11 +405,11 @@ impl Session {
                 &self.database,
             )
         });
-        let r = pool.checkout().await;
-        if let Err(PoolError::Connect(e)) = &r {
-            self.backend_failure(node, e);
+        if cache.len() <= node {
+            cache.resize(node + 1, None);
         }
-        r
+        cache[node] = Some(pool.clone());
+        pool
     }
 
     /// Sends the unit on `conn`, a connection to `node`: the settings
@@ -402,7 +422,6 @@ impl Session {
         batch: Vec<ClientMessage>,
         conn: PooledConn,
     ) {
-        let topo = self.shared.monitor.snapshot();
         let (on_replica, retryable, checked) = match send {
             Send::Read(run) => (
                 !run.primary,
@@ -417,16 +436,9 @@ impl Session {
             Send::Read(_) => m::TARGET_REPLICA,
             Send::Write | Send::ReadAsWrite => m::TARGET_PRIMARY,
         };
-        let node_name = topo
-            .nodes
-            .get(node)
-            .map(|n| n.name.clone())
-            .unwrap_or_default();
-        metrics::counter!(m::ROUTED_TOTAL, m::LABEL_TARGET => label, m::LABEL_NODE => node_name.clone())
-            .increment(1);
         tracing::debug!(
             pid = self.pid,
-            node = %node_name,
+            node,
             target = label,
             policy = self.unit_policy.label(),
             statements = ?self.unit_kinds,
@@ -439,9 +451,10 @@ impl Session {
             matches!(send, Send::Write | Send::ReadAsWrite),
         );
         // Counted once per unit, on the node it is first sent to.
-        for kind in std::mem::take(&mut self.unit_kinds) {
-            metrics::counter!(m::QUERIES_TOTAL, m::LABEL_NODE => node_name.clone(), m::LABEL_KIND => kind)
-                .increment(1);
+        let counters = self.shared.route_counters();
+        counters.routed(node, label);
+        for kind in self.unit_kinds.drain(..) {
+            counters.query(node, kind);
         }
         let mut h = Held {
             node,
@@ -462,12 +475,12 @@ impl Session {
             error: ErrorState::None,
             // A read that turned out to write: capture its commit.
             wrote_since_probe: matches!(send, Send::ReadAsWrite),
+            capture: matches!(send, Send::Read(run) if run.capture),
             no_pipelined_probe: false,
             predicted: self.txn_status,
             unit_state: UnitState::Ended,
             unnamed_ok: false,
             unit_has_portal: false,
-            node_name,
             count: false,
             txn_failed: false,
             portal_class: HashMap::new(),
@@ -489,7 +502,7 @@ impl Session {
             let parsed = encode_probe(&mut h.conn);
             h.queue.push_back(probe(ProbeKind::Before, parsed));
         }
-        self.backend = Some(h);
+        self.backend = Some(Box::new(h));
         self.forward_all(batch);
         if let Some(h) = &mut self.backend {
             h.count = true;
@@ -507,4 +520,14 @@ pub(super) enum Send {
     /// A read that wrote on a replica (25006), re-run on the primary as a
     /// write so that its commit advances the token.
     ReadAsWrite,
+}
+
+/// Whether `msg` asks for the session's token (`SHOW lagrouter.token`).
+fn shows_token(msg: &ClientMessage) -> bool {
+    match msg {
+        ClientMessage::Query { sql, .. } | ClientMessage::Parse { sql, .. } => {
+            super::local::show_lagrouter(sql).is_some()
+        }
+        _ => false,
+    }
 }

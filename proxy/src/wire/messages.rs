@@ -336,7 +336,86 @@ pub enum ClientMessage {
 impl ClientMessage {
     /// Decodes one client message after startup (as split by
     /// [`super::split_frame`]); the frame is kept for forwarding.
+    ///
+    /// The fields the proxy needs are read in place once [`check_layout`]
+    /// has checked the whole message (no copy, no decoder run); anything
+    /// else goes through `pgwire`'s codec.
     pub fn decode(frame: Frame) -> Result<ClientMessage, ProtocolError> {
+        let what = frontend_name(frame.tag);
+        if matches!(frame.tag, b'Q' | b'P' | b'B' | b'D' | b'E' | b'C')
+            || (matches!(frame.tag, b'S' | b'H') && frame.body().is_empty())
+        {
+            check_layout(frame.tag, frame.body()).map_err(|d| match d {
+                INVALID_UTF8 => ProtocolError::InvalidUtf8(what),
+                d => ProtocolError::malformed(what, d),
+            })?;
+            return Ok(Self::from_checked(frame));
+        }
+        Self::decode_with_codec(frame)
+    }
+
+    /// The fields of a message [`check_layout`] accepted.
+    fn from_checked(frame: Frame) -> ClientMessage {
+        let body = frame.body();
+        // Checked above: every string is NUL-terminated UTF-8.
+        let cstr = |at: usize| -> (&str, usize) {
+            let len = body[at..].iter().position(|&b| b == 0).unwrap_or(0);
+            let s = std::str::from_utf8(&body[at..at + len]).unwrap_or_default();
+            (s, at + len + 1)
+        };
+        match frame.tag {
+            b'Q' => {
+                let sql: Arc<str> = cstr(0).0.into();
+                ClientMessage::Query { sql, frame }
+            }
+            b'P' => {
+                let (name, at) = cstr(0);
+                let (sql, at) = cstr(at);
+                let n = i16::from_be_bytes([body[at], body[at + 1]]).max(0) as usize;
+                let types: Arc<[u32]> = (0..n)
+                    .map(|k| {
+                        let o = at + 2 + 4 * k;
+                        u32::from_be_bytes([body[o], body[o + 1], body[o + 2], body[o + 3]])
+                    })
+                    .collect();
+                let (name, sql) = (name.to_string(), Arc::from(sql));
+                ClientMessage::Parse {
+                    name,
+                    sql,
+                    types,
+                    frame,
+                }
+            }
+            b'B' => {
+                let (portal, at) = cstr(0);
+                let (stmt, _) = cstr(at);
+                let (portal, stmt) = (portal.to_string(), stmt.to_string());
+                ClientMessage::Bind {
+                    portal,
+                    stmt,
+                    frame,
+                }
+            }
+            b'D' | b'C' => {
+                let kind = body[0];
+                let name = cstr(1).0.to_string();
+                if frame.tag == b'D' {
+                    ClientMessage::Describe { kind, name, frame }
+                } else {
+                    ClientMessage::Close { kind, name, frame }
+                }
+            }
+            b'E' => {
+                let portal = cstr(0).0.to_string();
+                ClientMessage::Execute { portal, frame }
+            }
+            b'S' => ClientMessage::Sync { frame },
+            _ => ClientMessage::Flush { frame },
+        }
+    }
+
+    /// Decodes through `pgwire`'s codec (messages with unusual bodies).
+    fn decode_with_codec(frame: Frame) -> Result<ClientMessage, ProtocolError> {
         let msg = decode_frontend(&frame)?;
         Ok(match msg {
             PgWireFrontendMessage::Query(q) => ClientMessage::Query {
@@ -484,6 +563,46 @@ mod tests {
         let mut buf = b.clone();
         let f = split_frame(&mut buf, MAX_MESSAGE_LEN).unwrap().unwrap();
         assert!(decode_frontend(&f).is_err());
+    }
+
+    #[test]
+    fn in_place_decoding_agrees_with_the_codec() {
+        use postgres_protocol::message::frontend as fe;
+        let mut b = BytesMut::new();
+        fe::query("SELECT 'é' /* x */", &mut b).unwrap();
+        fe::parse("s1", "SELECT $1::int, $2", [23u32, 25], &mut b).unwrap();
+        fe::parse("", "SELECT 1", std::iter::empty(), &mut b).unwrap();
+        fe::bind(
+            "p1",
+            "s1",
+            [1i16],
+            [Some(&b"\0\0\0\x07"[..]), None],
+            |v: Option<&[u8]>, buf: &mut BytesMut| match v {
+                Some(v) => {
+                    buf.extend_from_slice(v);
+                    Ok(postgres_protocol::IsNull::No)
+                }
+                None => Ok(postgres_protocol::IsNull::Yes),
+            },
+            [0i16],
+            &mut b,
+        )
+        .map_err(|_| "bind")
+        .unwrap();
+        fe::describe(b'S', "s1", &mut b).unwrap();
+        fe::describe(b'P', "", &mut b).unwrap();
+        fe::execute("p1", 10, &mut b).unwrap();
+        fe::close(b'S', "s1", &mut b).unwrap();
+        fe::sync(&mut b);
+        fe::flush(&mut b);
+        let mut n = 0;
+        while let Some(f) = split_frame(&mut b, MAX_MESSAGE_LEN).unwrap() {
+            let fast = format!("{:?}", ClientMessage::decode(f.clone()).unwrap());
+            let codec = format!("{:?}", ClientMessage::decode_with_codec(f).unwrap());
+            assert_eq!(fast, codec);
+            n += 1;
+        }
+        assert_eq!(n, 10);
     }
 
     #[test]

@@ -43,6 +43,7 @@ fn replica(node: usize) -> Step {
         check: None,
         verify: None,
         retryable: true,
+        capture: false,
     })
 }
 
@@ -53,9 +54,23 @@ fn checked(node: usize, lsn: u64) -> Step {
         check: Some(Lsn(lsn)),
         verify: None,
         retryable: true,
+        capture: false,
     })
 }
 
+/// A read on the primary under a policy without tokens.
+fn plain_primary(verify: Option<u64>) -> Step {
+    match primary(verify) {
+        Step::Run(r) => Step::Run(Run {
+            capture: false,
+            ..r
+        }),
+        other => other,
+    }
+}
+
+/// A read on the primary (policies with tokens: its position captured
+/// after it, the floor of the session's next read).
 fn primary(verify: Option<u64>) -> Step {
     Step::Run(Run {
         node: 0,
@@ -63,6 +78,7 @@ fn primary(verify: Option<u64>) -> Step {
         check: None,
         verify: verify.map(Lsn),
         retryable: false,
+        capture: true,
     })
 }
 
@@ -80,6 +96,8 @@ fn done(node: usize, fallback: Option<FallbackReason>, waited_ms: u64, token_wai
         fallback,
         waited: ms(waited_ms),
         token_wait,
+        epoch: 0,
+        next: None,
     })
 }
 
@@ -265,7 +283,7 @@ fn routing_table() {
             first: replica(1),
             script: vec![
                 (1, failed(Failure::RecoveryConflict), replica(2)),
-                (2, failed(Failure::RecoveryConflict), primary(None)),
+                (2, failed(Failure::RecoveryConflict), plain_primary(None)),
                 (3, ran(None), done(0, Some(RecoveryConflict), 0, false)),
             ],
         },
@@ -276,7 +294,7 @@ fn routing_table() {
             first: replica(1),
             script: vec![
                 (1, failed(Failure::Connection), replica(2)),
-                (2, failed(Failure::PoolExhausted), primary(None)),
+                (2, failed(Failure::PoolExhausted), plain_primary(None)),
                 (3, ran(None), done(0, Some(ReplicaError), 0, false)),
             ],
         },
@@ -305,7 +323,7 @@ fn routing_table() {
             name: "a failure on the primary goes to the caller",
             req: req(Consistency::Primary, None),
             topo: topo(&[(1000, 0, true)]),
-            first: primary(None),
+            first: plain_primary(None),
             script: vec![(1, failed(Failure::Connection), Step::Fail(None))],
         },
         Case {
@@ -346,7 +364,7 @@ fn routing_table() {
             name: "policy primary is no fallback",
             req: req(Consistency::Primary, tok(900)),
             topo: topo(&[(1000, 0, true)]),
-            first: primary(None),
+            first: plain_primary(None),
             script: vec![(1, ran(None), done(0, None, 0, false))],
         },
         Case {
@@ -380,7 +398,7 @@ fn routing_table() {
                 )
             },
             topo: topo(&[(1000, 0, true)]),
-            first: primary(None),
+            first: plain_primary(None),
             script: vec![],
         },
         Case {
@@ -622,3 +640,5 @@ fn failures_are_classified_once_for_everyone() {
         assert!(!f.ejects_node(), "{f:?}");
     }
 }
+
+mod monotonic;
