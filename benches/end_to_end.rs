@@ -47,8 +47,8 @@
 //!   (`lagrouter::probe::POSITION_SQL`) pipelined by hand: the cost of the
 //!   probe alone, without lagrouter;
 //! * `read/session`: [`Session::query_one`] with the default read-your-writes
-//!   policy: route, checkout, run, and pipeline the replica's replay position
-//!   after the statement to advance the session token (monotonic reads);
+//!   policy: route, checkout and run; monotonic reads follow the session's
+//!   last read, with no position probe (the session stays on its replica);
 //! * `read/service_no_capture`: [`RouterService`] with `capture_token =
 //!   false`: routing only, nothing pipelined;
 //! * `write/plain`: a single-row `INSERT` on a plain pool;

@@ -249,7 +249,7 @@ struct Session {
     deferred: Option<ClientMessage>,
     /// The optimistic transaction running on a replica, if any.
     optimistic: optimistic::OptState,
-    /// The last statement texts classified and prepared.
+    /// The last statement text classified.
     recent: prepared::Recent,
     /// The session's pool of each node, once used.
     pools: std::sync::Mutex<Vec<Option<Arc<crate::backend::NodePool>>>>,

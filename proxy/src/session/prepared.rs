@@ -42,15 +42,13 @@ pub(super) struct StmtInfo {
     pub(super) raw_sql: Option<Bytes>,
 }
 
-/// The statement texts a session classified last, so that the messages of
+/// The statement text a session classified last, so that the messages of
 /// one batch (and the next batches of a client repeating itself) are
 /// classified once.
 #[derive(Debug, Default)]
 pub(super) struct Recent {
     /// The last text classified, and its classification.
     pub(super) class: Mutex<Option<(Arc<str>, Arc<Classification>)>>,
-    /// The last statement prepared, with the schema epoch it was named in.
-    pub(super) info: Mutex<Option<(u64, Arc<StmtInfo>)>>,
 }
 
 impl Recent {
@@ -59,11 +57,6 @@ impl Recent {
         &self,
     ) -> std::sync::MutexGuard<'_, Option<(Arc<str>, Arc<Classification>)>> {
         self.class.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// The last statement prepared.
-    pub(super) fn info(&self) -> std::sync::MutexGuard<'_, Option<(u64, Arc<StmtInfo>)>> {
-        self.info.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
 
@@ -95,17 +88,6 @@ impl Session {
         types: &Arc<[u32]>,
         frame: Option<(&str, &Frame)>,
     ) -> Result<Arc<StmtInfo>, PgError> {
-        // Clients re-parse the same text over and over (the unnamed
-        // statement above all): the last one is reused while no DDL changed
-        // the schema epoch its name carries (texts in other encodings are
-        // not reused: their raw bytes may differ).
-        let epoch = self.shared.catalog.epoch();
-        if let Some((e, last)) = self.recent.info().as_ref() {
-            if *e == epoch && last.raw_sql.is_none() && *last.sql == **sql && *last.types == **types
-            {
-                return Ok(last.clone());
-            }
-        }
         let class = self.classify(sql);
         reserved_prepare(sql, &class)?;
         let mut local = Self::local_stmt(sql, &class)?;
@@ -115,17 +97,15 @@ impl Session {
                 .map(LocalStmt::Deallocate);
         }
         let deallocates_all = local.is_none() && deallocates_all(sql, &class);
-        let info = Arc::new(StmtInfo {
+        Ok(Arc::new(StmtInfo {
             sql: sql.clone(),
             types: types.clone(),
-            global: global_name(sql, types, epoch),
+            global: global_name(sql, types, self.shared.catalog.epoch()),
             class,
             local,
             deallocates_all,
             raw_sql: frame.and_then(|(name, f)| raw_sql(name, sql, f)),
-        });
-        *self.recent.info() = Some((epoch, info.clone()));
-        Ok(info)
+        }))
     }
 
     /// The target of a `DEALLOCATE` the proxy answers itself: one of the

@@ -422,6 +422,10 @@ impl Session {
         batch: Vec<ClientMessage>,
         conn: PooledConn,
     ) {
+        if !matches!(send, Send::Read(_)) {
+            // Only the read this unit is part of is the session's last read.
+            self.read_served = None;
+        }
         let (on_replica, retryable, checked) = match send {
             Send::Read(run) => (
                 !run.primary,
