@@ -523,9 +523,11 @@ fn traces(pg: &PgCluster) -> Traces {
         "only Docker clusters have a label"
     );
     if let Some(label) = &docker_label {
-        assert!(
-            common::docker_objects(label).len() >= pg.node_count() + 1,
-            "the containers and the network carry {label}"
+        let objects = common::docker_objects(label);
+        assert_eq!(
+            objects.len(),
+            2 * pg.node_count() + 1,
+            "a container and a data volume per node, and the network, carry {label}: {objects:?}"
         );
     }
     Traces {
