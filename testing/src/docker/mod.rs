@@ -17,6 +17,7 @@
 //! removed by the next process that starts a cluster.
 
 mod engine;
+mod links;
 mod node;
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -116,6 +117,9 @@ impl DockerBackend {
         let primary = DockerNode::create(&backend.docker, &backend.blueprint, 0, &env).await?;
         backend.nodes.push(primary);
         backend.nodes[0]
+            .set_link(&backend.docker, Link::Connected)
+            .await?;
+        backend.nodes[0]
             .wait_ready(&backend.tcp_config(0), Some(false))
             .await?;
 
@@ -155,6 +159,9 @@ impl DockerBackend {
             let backend = &backend;
             async move {
                 let node = DockerNode::create(&backend.docker, &backend.blueprint, i, &env).await?;
+                // The standby's command waits until it can reach the primary
+                // over the cluster network.
+                node.set_link(&backend.docker, Link::Connected).await?;
                 node.wait_ready(&backend.config_for(node.port), Some(true))
                     .await?;
                 Ok::<_, HarnessError>(node)

@@ -7,10 +7,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use testcontainers::bollard::Docker;
-use testcontainers::bollard::models::{
-    EndpointSettings, Mount, MountType, MountVolumeOptions, NetworkConnectRequest,
-    NetworkDisconnectRequest,
-};
+use testcontainers::bollard::models::{Mount, MountType, MountVolumeOptions};
 use testcontainers::bollard::query_parameters::{
     KillContainerOptionsBuilder, RemoveContainerOptionsBuilder,
 };
@@ -20,7 +17,6 @@ use testcontainers::{ContainerAsync, GenericImage, ImageExt};
 use tokio::io::AsyncBufReadExt;
 
 use super::engine::{docker_err, labels};
-use crate::backend::Link;
 use crate::{HarnessError, NodeIndex, STARTUP_TIMEOUT, probe};
 
 /// The data directory inside the containers (an anonymous volume).
@@ -74,11 +70,11 @@ impl Blueprint {
 
 /// Which networks a node is attached to.
 #[derive(Debug, Clone, Copy)]
-struct Links {
+pub(super) struct Links {
     /// The engine's default network, where the port is published.
-    clients: bool,
+    pub(super) clients: bool,
     /// The cluster's replication network.
-    peers: bool,
+    pub(super) peers: bool,
 }
 
 /// One container of the cluster.
@@ -92,19 +88,20 @@ pub(super) struct DockerNode {
     pub(super) port: u16,
     pub(super) container: Option<ContainerAsync<GenericImage>>,
     /// The network the port is published on (the engine's default).
-    clients_network: String,
-    cluster_network: String,
+    pub(super) clients_network: String,
+    pub(super) cluster_network: String,
     running: Arc<AtomicBool>,
     paused: AtomicBool,
-    links: Mutex<Links>,
+    pub(super) links: Mutex<Links>,
     logs: Arc<Mutex<VecDeque<String>>>,
     log_tasks: Mutex<Vec<tokio::task::AbortHandle>>,
     generation: Arc<AtomicU64>,
 }
 
 impl DockerNode {
-    /// Creates and starts the node's container, joins it to the cluster
-    /// network and starts following its log. Does not wait for the server.
+    /// Creates and starts the node's container (on the engine's default
+    /// network only) and starts following its log. Does not wait for the
+    /// server.
     pub(super) async fn create(
         docker: &Docker,
         bp: &Blueprint,
@@ -211,7 +208,6 @@ impl DockerNode {
             generation: Arc::new(AtomicU64::new(0)),
         };
         node.follow_logs();
-        node.set_link(docker, Link::Connected).await?;
         Ok(node)
     }
 
@@ -424,85 +420,6 @@ impl DockerNode {
                 .map_err(tc_err("resuming the container"))?;
         }
         self.paused.store(frozen, Ordering::SeqCst);
-        Ok(())
-    }
-
-    /// Attaches the container to, or detaches it from, the client and
-    /// cluster networks as `link` says. The cluster network is left first
-    /// and joined last, so that the published port stays on the client
-    /// network.
-    pub(super) async fn set_link(&self, docker: &Docker, link: Link) -> Result<(), HarnessError> {
-        let want = match link {
-            Link::Connected => Links {
-                clients: true,
-                peers: true,
-            },
-            Link::ClientsOnly => Links {
-                clients: true,
-                peers: false,
-            },
-            Link::Isolated => Links {
-                clients: false,
-                peers: false,
-            },
-        };
-        let have = *self.links.lock().unwrap_or_else(|p| p.into_inner());
-        let id = self.container().id().to_string();
-        let disconnect = |network: String| {
-            let docker = docker.clone();
-            let id = id.clone();
-            async move {
-                docker
-                    .disconnect_network(
-                        &network,
-                        NetworkDisconnectRequest {
-                            container: id,
-                            force: Some(false),
-                        },
-                    )
-                    .await
-                    .map_err(docker_err("disconnecting a container from a network"))
-            }
-        };
-        let connect = |network: String, aliases: Option<Vec<String>>| {
-            let docker = docker.clone();
-            let id = id.clone();
-            async move {
-                docker
-                    .connect_network(
-                        &network,
-                        NetworkConnectRequest {
-                            container: id,
-                            endpoint_config: Some(EndpointSettings {
-                                aliases,
-                                ..Default::default()
-                            }),
-                        },
-                    )
-                    .await
-                    .map_err(docker_err("connecting a container to a network"))
-            }
-        };
-        // Each step is recorded as soon as it is done, so that a failure
-        // leaves the recorded state true.
-        let record =
-            |f: &dyn Fn(&mut Links)| f(&mut self.links.lock().unwrap_or_else(|p| p.into_inner()));
-        if have.peers && !want.peers {
-            disconnect(self.cluster_network.clone()).await?;
-            record(&|l| l.peers = false);
-        }
-        if have.clients && !want.clients {
-            disconnect(self.clients_network.clone()).await?;
-            record(&|l| l.clients = false);
-        }
-        if !have.clients && want.clients {
-            connect(self.clients_network.clone(), None).await?;
-            record(&|l| l.clients = true);
-        }
-        if !have.peers && want.peers {
-            connect(self.cluster_network.clone(), Some(vec![self.alias.clone()])).await?;
-            record(&|l| l.peers = true);
-        }
         Ok(())
     }
 }
