@@ -30,7 +30,7 @@ pub const TOKEN_WAIT_SECONDS: &str = "lagrouter_token_wait_seconds";
 /// ([`Error::TokenAhead`](crate::Error::TokenAhead)).
 pub const TOKENS_AHEAD_TOTAL: &str = "lagrouter_tokens_ahead_total";
 
-/// Counter: nodes ejected after a failed query.
+/// Counter: nodes ejected after a failed query or a failed monitor probe.
 pub const NODE_EJECTIONS_TOTAL: &str = "lagrouter_node_ejections_total";
 
 /// Counter: changes of the node routed to as the primary (promotions).
@@ -107,7 +107,7 @@ pub fn describe() {
     describe_counter!(
         NODE_EJECTIONS_TOTAL,
         Unit::Count,
-        "Nodes ejected after a failed query."
+        "Nodes ejected after a failed query or a failed monitor probe."
     );
     describe_counter!(
         PRIMARY_CHANGES_TOTAL,

@@ -58,6 +58,9 @@ fn a_dead_demo_server_stops_the_demo_with_a_clear_message() {
             "1",
         ])
         .env("RUST_LOG", "warn")
+        // The test watches the demo's server processes, children of the
+        // proxy: the local backend's.
+        .env("LAGROUTER_TEST_BACKEND", "local")
         .env_remove("LAGROUTER_CONFIG")
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())

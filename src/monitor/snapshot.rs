@@ -9,7 +9,10 @@ use tracing::{debug, info, warn};
 use super::MonitorConfig;
 use super::history::LsnHistory;
 use super::node_probe::{NodeMeta, Probe};
-use crate::metrics::{NODE_HEALTHY, PRIMARY_CHANGES_TOTAL, REPLICA_LAG_BYTES, REPLICA_LAG_SECONDS};
+use crate::metrics::{
+    NODE_EJECTIONS_TOTAL, NODE_HEALTHY, PRIMARY_CHANGES_TOTAL, REPLICA_LAG_BYTES,
+    REPLICA_LAG_SECONDS,
+};
 use crate::model::token::ClusterId;
 use crate::model::topology::{Role, Topology};
 
@@ -49,6 +52,9 @@ pub(super) fn build_snapshot(
             Err(e) => {
                 if node.healthy || node.last_error.as_deref() != Some(e) {
                     warn!(node = %node.name, error = %e, "probe failed");
+                }
+                if node.healthy {
+                    metrics::counter!(NODE_EJECTIONS_TOTAL).increment(1);
                 }
                 node.healthy = false;
                 node.role = Role::Unknown;

@@ -4,16 +4,17 @@
 use std::future::Future;
 use std::pin::Pin;
 use std::str::FromStr;
-use std::time::Duration;
 
-use crate::{BACKEND_ENV, DOCKER_BACKEND_COMPILED, HarnessError, NodeIndex};
+use crate::engine::{docker_image_buildable, find_engine, image_present};
+use crate::{BACKEND_ENV, DOCKER_BACKEND_COMPILED, HarnessError, NodeIndex, docker_image};
 
 /// Which implementation runs the PostgreSQL servers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum BackendKind {
     /// Server binaries on this machine, run as child processes.
     Local,
-    /// Containers of the official `postgres:15` image (feature `docker`).
+    /// One Docker container per node (feature `docker`), from the image
+    /// [`docker_image`] names.
     Docker,
 }
 
@@ -40,7 +41,8 @@ pub enum BackendRequest {
     Local,
     /// Always Docker (fails at start when the feature or engine is missing).
     Docker,
-    /// Docker when compiled in and an engine is reachable, else local.
+    /// Docker when compiled in, an engine is reachable and the image is
+    /// present or can be built; else local (see [`default_backend`]).
     Auto,
 }
 
@@ -90,9 +92,9 @@ impl FromStr for BackendRequest {
 }
 
 /// Turns a [`BackendRequest`] into a backend. Pure apart from calling
-/// `engine_reachable`, which is only consulted for [`BackendRequest::Auto`]
+/// `docker_usable`, which is only consulted for [`BackendRequest::Auto`]
 /// when `docker_compiled` is true ([`default_backend`] passes "an engine
-/// answers and has the image").
+/// answers, and the image is present or can be built here").
 ///
 /// ```
 /// use lagrouter_testing::{resolve_backend, BackendKind, BackendRequest};
@@ -103,13 +105,13 @@ impl FromStr for BackendRequest {
 pub fn resolve_backend(
     request: BackendRequest,
     docker_compiled: bool,
-    engine_reachable: impl FnOnce() -> bool,
+    docker_usable: impl FnOnce() -> bool,
 ) -> BackendKind {
     match request {
         BackendRequest::Local => BackendKind::Local,
         BackendRequest::Docker => BackendKind::Docker,
         BackendRequest::Auto => {
-            if docker_compiled && engine_reachable() {
+            if docker_compiled && docker_usable() {
                 BackendKind::Docker
             } else {
                 BackendKind::Local
@@ -120,97 +122,89 @@ pub fn resolve_backend(
 
 /// The backend a builder without an explicit [`PgClusterBuilder::backend`]
 /// uses: `LAGROUTER_TEST_BACKEND` resolved with [`resolve_backend`].
+///
+/// `auto` picks Docker when the `docker` feature is compiled in, an engine
+/// answers, and the image ([`docker_image`]) is present or can be built
+/// here without installing anything (the default image, as root, with
+/// `mmdebstrap` and the `docker` CLI on `PATH`); else the local binaries.
+/// The choice and its reason are printed once per process on standard
+/// error. A forced backend is never replaced: if it cannot start, starting
+/// a cluster fails with [`HarnessError::BackendUnavailable`].
+///
+/// [`PgClusterBuilder::backend`]: crate::PgClusterBuilder::backend
 pub fn default_backend() -> Result<BackendKind, HarnessError> {
     let request = BackendRequest::from_env()?;
-    Ok(resolve_backend(request, DOCKER_BACKEND_COMPILED, || {
-        docker_engine_reachable() && docker_image_present()
-    }))
+    let mut reason = String::new();
+    let kind = resolve_backend(request, DOCKER_BACKEND_COMPILED, || {
+        let (usable, why) = docker_usable();
+        reason = why;
+        usable
+    });
+    let reason = match request {
+        BackendRequest::Auto if !DOCKER_BACKEND_COMPILED => {
+            "auto: the `docker` feature of lagrouter-testing is not compiled in".to_string()
+        }
+        BackendRequest::Auto => format!("auto: {reason}"),
+        _ => format!("{BACKEND_ENV}={kind}"),
+    };
+    announce(kind, &reason);
+    Ok(kind)
 }
 
-/// The image the Docker backend runs.
-pub(crate) const DOCKER_IMAGE: &str = "postgres:15";
-
-/// Whether a Docker engine answers `GET /_ping`: at `DOCKER_HOST` when set
-/// (`unix://` or `tcp://`), else at `/var/run/docker.sock` or
-/// `~/.docker/run/docker.sock`. Each probe gives up after about a second.
-pub fn docker_engine_reachable() -> bool {
-    docker_get_ok("/_ping")
+/// Whether the Docker backend can run a cluster here, and why (not).
+fn docker_usable() -> (bool, String) {
+    let engine = match find_engine() {
+        Ok(e) => e,
+        Err(why) => return (false, why),
+    };
+    let image = docker_image();
+    let version = format!("{}.{}", engine.api_version.0, engine.api_version.1);
+    if image_present(&engine, &image) {
+        return (
+            true,
+            format!("Docker engine (API {version}) with the image {image}"),
+        );
+    }
+    match docker_image_buildable() {
+        Ok(()) => (
+            true,
+            format!(
+                "Docker engine (API {version}); the image {image} is missing and will be \
+                 built from Debian packages (testing/scripts/build-pg-image.sh)"
+            ),
+        ),
+        Err(why) => (
+            false,
+            format!(
+                "Docker engine (API {version}) reachable, but the image {image} is missing: {why}"
+            ),
+        ),
+    }
 }
 
-/// Whether the engine already has the PostgreSQL image the Docker backend
-/// runs (`GET /images/{name}/json`). Nothing is pulled: where no registry
-/// is reachable, an engine without the image cannot start a cluster, so
-/// [`default_backend`] does not pick Docker for it.
-pub fn docker_image_present() -> bool {
-    docker_get_ok(&format!("/images/{DOCKER_IMAGE}/json"))
+/// Prints the backend choice once per process, past the test harness's
+/// output capture.
+fn announce(kind: BackendKind, reason: &str) {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        use std::io::Write;
+        let _ = writeln!(
+            std::io::stderr().lock(),
+            "lagrouter-testing: {kind} backend ({reason})"
+        );
+    });
 }
 
-/// Whether the engine answers `GET path` with 200.
-fn docker_get_ok(path: &str) -> bool {
-    use std::io::{Read, Write};
-
-    fn get<S: Read + Write>(mut stream: S, path: &str) -> bool {
-        let request = format!("GET {path} HTTP/1.0\r\nHost: docker\r\n\r\n");
-        if stream.write_all(request.as_bytes()).is_err() {
-            return false;
-        }
-        let mut buf = Vec::new();
-        let _ = stream.take(4096).read_to_end(&mut buf);
-        let text = String::from_utf8_lossy(&buf);
-        text.starts_with("HTTP/1.") && text.lines().next().is_some_and(|l| l.contains(" 200"))
-    }
-
-    fn get_unix(socket: &str, path: &str) -> bool {
-        let Ok(stream) = std::os::unix::net::UnixStream::connect(socket) else {
-            return false;
-        };
-        let _ = stream.set_read_timeout(Some(Duration::from_secs(1)));
-        let _ = stream.set_write_timeout(Some(Duration::from_secs(1)));
-        get(stream, path)
-    }
-
-    fn get_tcp(addr: &str, path: &str) -> bool {
-        use std::net::ToSocketAddrs;
-        let Ok(addrs) = addr.to_socket_addrs() else {
-            return false;
-        };
-        for a in addrs {
-            if let Ok(stream) = std::net::TcpStream::connect_timeout(&a, Duration::from_secs(1)) {
-                if std::env::var_os("DOCKER_TLS_VERIFY").is_some_and(|v| !v.is_empty()) {
-                    // Speaking TLS is out of scope here; an open port is
-                    // taken as a live engine.
-                    return true;
-                }
-                let _ = stream.set_read_timeout(Some(Duration::from_secs(1)));
-                let _ = stream.set_write_timeout(Some(Duration::from_secs(1)));
-                return get(stream, path);
-            }
-        }
-        false
-    }
-
-    if let Ok(host) = std::env::var("DOCKER_HOST") {
-        let host = host.trim();
-        if !host.is_empty() {
-            if let Some(socket) = host.strip_prefix("unix://") {
-                return get_unix(socket, path);
-            }
-            if let Some(addr) = host.strip_prefix("tcp://") {
-                return get_tcp(addr.trim_end_matches('/'), path);
-            }
-            return false;
-        }
-    }
-    if get_unix("/var/run/docker.sock", path) {
-        return true;
-    }
-    match std::env::var_os("HOME") {
-        Some(home) => {
-            let p = std::path::Path::new(&home).join(".docker/run/docker.sock");
-            p.to_str().is_some_and(|socket| get_unix(socket, path))
-        }
-        None => false,
-    }
+/// The network links of a node (see [`ClusterBackend::set_link`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Link {
+    /// Reachable by clients and by the other nodes.
+    Connected,
+    /// Reachable by clients only: the other nodes cannot reach it, nor it
+    /// them.
+    ClientsOnly,
+    /// Reachable by nobody.
+    Isolated,
 }
 
 /// Boxed future returned by [`ClusterBackend`] methods.
@@ -254,6 +248,22 @@ pub(crate) trait ClusterBackend: Send + Sync {
                 self.kind()
             )))
         })
+    }
+    /// Cuts the node's network links as `link` says, or restores them,
+    /// while its server keeps running.
+    fn set_link(&self, node: NodeIndex, link: Link) -> BoxFut<'_, ()> {
+        let _ = (node, link);
+        Box::pin(async move {
+            Err(HarnessError::BackendUnavailable(format!(
+                "cutting a node off the network needs the docker backend (this cluster runs on the {} backend)",
+                self.kind()
+            )))
+        })
+    }
+    /// The label that every container and network of this cluster carries
+    /// (`key=value`), when the backend creates such objects.
+    fn cluster_label(&self) -> Option<String> {
+        None
     }
     /// Turns a stopped former primary into a standby of `upstream` with
     /// `pg_rewind` (the node stays stopped).

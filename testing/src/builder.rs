@@ -17,6 +17,7 @@ pub struct PgClusterBuilder {
     user: String,
     password: String,
     auth_method: String,
+    image: Option<String>,
 }
 
 impl Default for PgClusterBuilder {
@@ -28,6 +29,7 @@ impl Default for PgClusterBuilder {
             user: "postgres".to_string(),
             password: "postgres".to_string(),
             auth_method: "scram-sha-256".to_string(),
+            image: None,
         }
     }
 }
@@ -48,10 +50,6 @@ impl PgClusterBuilder {
 
     /// Adds a `postgresql.conf` setting for every node (applied after the
     /// harness defaults, so it can override them). The value is quoted.
-    ///
-    /// The Docker backend passes settings as `-c` server options, which
-    /// `ALTER SYSTEM` (used by [`PgCluster::set_apply_delay`] and
-    /// [`PgCluster::promote`]) cannot override there.
     pub fn setting(mut self, name: &str, value: &str) -> Self {
         self.settings.push((name.to_string(), value.to_string()));
         self
@@ -70,6 +68,15 @@ impl PgClusterBuilder {
     /// used.
     pub fn auth_method(mut self, m: &str) -> Self {
         self.auth_method = m.to_string();
+        self
+    }
+
+    /// The Docker image to run instead of [`crate::docker_image`]
+    /// (`LAGROUTER_PG_IMAGE` or `lagrouter/postgres:15`), as
+    /// `repository[:tag]`. An image other than the default must already be
+    /// in the engine: nothing is pulled. Ignored by the local backend.
+    pub fn image(mut self, image: &str) -> Self {
+        self.image = Some(image.to_string());
         self
     }
 
@@ -117,6 +124,7 @@ impl PgClusterBuilder {
             user: self.user,
             password: self.password,
             auth_method: self.auth_method,
+            image: self.image,
         };
         let started = Instant::now();
         let backend: Box<dyn ClusterBackend> = match kind {

@@ -1,6 +1,7 @@
 //! Controls of a running [`PgCluster`]: pausing and delaying replay,
-//! stopping, crashing, freezing and restarting nodes, promotion, rejoining,
-//! and waiting for replay positions.
+//! stopping, crashing and restarting nodes, promotion, rejoining, and
+//! waiting for replay positions. Freezing and network faults are in
+//! `faults.rs`.
 
 use std::time::{Duration, Instant};
 
@@ -85,41 +86,28 @@ impl PgCluster {
     }
 
     /// Fast shutdown of `node` (`SIGINT`); waits for the server to exit.
+    /// On Docker the server is the container's main process, so its
+    /// container stops too: its address leaves the cluster's network and
+    /// its published port refuses connections.
     pub async fn stop_node(&self, node: NodeIndex) -> Result<(), HarnessError> {
         self.check(node)?;
         self.backend.stop_node(node).await
     }
 
     /// Crashes `node` (immediate shutdown, `SIGQUIT`); waits for the server
-    /// to exit and its port to refuse connections.
+    /// to exit and its port to refuse connections. On Docker its container
+    /// stops as well.
     pub async fn kill_node(&self, node: NodeIndex) -> Result<(), HarnessError> {
         self.check(node)?;
         self.backend.kill_node(node).await
-    }
-
-    /// Freezes `node` like a host that hangs without closing connections
-    /// (a network partition, a paused VM): every process of its server is
-    /// stopped with `SIGSTOP`. Connections stay open and nothing answers;
-    /// new connections are accepted by the kernel but never served.
-    /// [`PgCluster::thaw_node`] resumes it; stopping the cluster also does.
-    /// Local backend only.
-    pub async fn freeze_node(&self, node: NodeIndex) -> Result<(), HarnessError> {
-        self.check(node)?;
-        self.backend.freeze_node(node, true).await
-    }
-
-    /// Resumes a node frozen by [`PgCluster::freeze_node`].
-    pub async fn thaw_node(&self, node: NodeIndex) -> Result<(), HarnessError> {
-        self.check(node)?;
-        self.backend.freeze_node(node, false).await
     }
 
     /// Restarts a stopped or killed node on the same port and waits until it
     /// accepts connections. A standby whose upstream was replaced by a
     /// promotion while it was down is repointed to the current primary.
     ///
-    /// With the Docker backend the engine may map a different host port
-    /// after a restart; [`PgCluster::config`] always reports the current one.
+    /// The Docker backend starts the node's container again, publishing the
+    /// same host port.
     pub async fn start_node(&self, node: NodeIndex) -> Result<(), HarnessError> {
         self.check(node)?;
         if self.backend.is_running(node) {
@@ -202,7 +190,8 @@ impl PgCluster {
     /// Turns a former primary (replaced by [`PgCluster::promote`]) into a
     /// standby of the current primary: stops it if running, runs
     /// `pg_rewind` against the current primary, configures streaming from
-    /// it and starts it. Local backend only.
+    /// it and starts it. On Docker, `pg_rewind` runs in a helper container
+    /// that shares the node's data volume.
     pub async fn rejoin_as_standby(&self, node: NodeIndex) -> Result<(), HarnessError> {
         self.check(node)?;
         let (role, primary) = {

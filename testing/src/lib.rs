@@ -12,13 +12,24 @@
 //!   `PG_BIN` or `pg_config --bindir` as child processes, each cluster in its
 //!   own temporary directory and on OS-assigned ports. When the test runs as
 //!   root the servers run as the unprivileged `postgres` OS user.
-//! * [`BackendKind::Docker`] (cargo feature `docker`) runs the official
-//!   `postgres:15` image through testcontainers.
+//! * [`BackendKind::Docker`] (cargo feature `docker`) runs one container
+//!   per node from the image [`docker_image`] names: by default
+//!   `lagrouter/postgres:15`, built on this machine from Debian's packages
+//!   by `testing/scripts/build-pg-image.sh` (no registry needed; the
+//!   harness runs the script when the image is missing), or any image with
+//!   the PostgreSQL server binaries and a `postgres` user, such as the
+//!   official `postgres:15` (`LAGROUTER_PG_IMAGE=postgres:15`). The
+//!   harness runs `initdb`, `pg_basebackup` and the server itself, never the
+//!   image's entrypoint. Nodes replicate over a network of their own, so
+//!   [`PgCluster::isolate_node`] and [`PgCluster::partition_from_peers`]
+//!   can cut them off.
 //!
 //! Without an explicit [`PgClusterBuilder::backend`] call the backend comes
 //! from the `LAGROUTER_TEST_BACKEND` environment variable (`docker`, `local`
 //! or `auto`); `auto` (the default) picks Docker when the `docker` feature is
-//! compiled in and an engine answers, else the local binaries.
+//! compiled in, an engine answers and the image is present or can be built,
+//! else the local binaries (see [`default_backend`]). A forced backend that
+//! cannot start is an error, never replaced by the other.
 //!
 //! Dropping a [`PgCluster`] stops every server it started (also while a
 //! panic unwinds) and removes its files.
@@ -48,17 +59,19 @@ mod cluster;
 mod controls;
 #[cfg(feature = "docker")]
 mod docker;
+mod engine;
 mod error;
+mod faults;
 mod local;
 mod report;
 mod spec;
 
-pub use backend::{
-    BackendKind, BackendRequest, default_backend, docker_engine_reachable, docker_image_present,
-    resolve_backend,
-};
+pub use backend::{BackendKind, BackendRequest, default_backend, resolve_backend};
 pub use builder::PgClusterBuilder;
 pub use cluster::PgCluster;
+pub use engine::{
+    DEFAULT_DOCKER_IMAGE, PG_IMAGE_ENV, docker_engine_reachable, docker_image, docker_image_present,
+};
 pub use error::HarnessError;
 pub use report::report;
 

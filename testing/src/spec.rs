@@ -15,6 +15,8 @@ pub(crate) struct ClusterSpec {
     pub(crate) user: String,
     pub(crate) password: String,
     pub(crate) auth_method: String,
+    /// Docker image overriding [`crate::docker_image`].
+    pub(crate) image: Option<String>,
 }
 
 impl ClusterSpec {
@@ -163,6 +165,7 @@ mod tests {
             user: "u".into(),
             password: "p".into(),
             auth_method: "md5".into(),
+            image: None,
         };
         let hba = spec.hba_conf(&["127.0.0.1/32"]);
         assert!(hba.contains("host all all 127.0.0.1/32 md5\n"));

@@ -4,6 +4,8 @@ use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
 use lagrouter::Lsn;
+mod common;
+
 use lagrouter_testing::{
     BackendKind, BackendRequest, HarnessError, NodeIndex, PgCluster, resolve_backend,
 };
@@ -234,9 +236,7 @@ async fn killed_replica_can_be_restarted() {
         pg.connect(1).await.is_err(),
         "connecting to a killed node fails"
     );
-    if pg.backend() == BackendKind::Local {
-        assert!(!accepts_connections("127.0.0.1", port));
-    }
+    assert!(!accepts_connections("127.0.0.1", port));
     assert!(matches!(
         pg.kill_node(1).await,
         Err(HarnessError::InvalidState { .. })
@@ -246,9 +246,7 @@ async fn killed_replica_can_be_restarted() {
 
     pg.start_node(1).await.unwrap();
     assert!(pg.is_running(1));
-    if pg.backend() == BackendKind::Local {
-        assert_eq!(pg.config(1).get_ports()[0], port, "same port after restart");
-    }
+    assert_eq!(pg.config(1).get_ports()[0], port, "same port after restart");
     pg.wait_for_replay(1, lsn, DEADLINE).await.unwrap();
     assert!(exists(&pg, 1, "t", 1).await);
     let lsn = insert(&pg, "t", 2).await;
@@ -323,10 +321,6 @@ async fn standby_restarted_after_promotion_follows_the_new_primary() {
 #[tokio::test]
 async fn former_primary_rejoins_after_split_brain() {
     let pg = start(1).await;
-    if pg.backend() != BackendKind::Local {
-        eprintln!("rejoin_as_standby is local-only; skipping");
-        return;
-    }
     create_table(&pg, "t").await;
     pg.wait_caught_up(DEADLINE).await.unwrap();
     // Promote while the old primary keeps running, then let it diverge.
@@ -503,41 +497,16 @@ async fn docker_backend_needs_the_feature() {
     assert!(matches!(err, HarnessError::BackendUnavailable(_)), "{err}");
 }
 
-#[cfg(feature = "docker")]
-#[tokio::test]
-async fn docker_backend_smoke() {
-    if !lagrouter_testing::docker_engine_reachable() || !lagrouter_testing::docker_image_present() {
-        eprintln!("no Docker engine with the postgres:15 image; skipping docker_backend_smoke");
-        return;
-    }
-    let pg = PgCluster::builder()
-        .backend(BackendKind::Docker)
-        .replicas(1)
-        .start()
-        .await
-        .unwrap();
-    assert_eq!(pg.backend(), BackendKind::Docker);
-    create_table(&pg, "t").await;
-    let lsn = insert(&pg, "t", 1).await;
-    pg.wait_for_replay(1, lsn, DEADLINE).await.unwrap();
-    assert!(exists(&pg, 1, "t", 1).await);
-    pg.pause_replay(1).await.unwrap();
-    let lsn = insert(&pg, "t", 2).await;
-    assert!(!exists(&pg, 1, "t", 2).await);
-    pg.resume_replay(1).await.unwrap();
-    pg.wait_for_replay(1, lsn, DEADLINE).await.unwrap();
-    pg.kill_node(1).await.unwrap();
-    assert!(pg.connect(1).await.is_err());
-    pg.start_node(1).await.unwrap();
-    pg.stop_node(0).await.unwrap();
-    pg.promote(1).await.unwrap();
-    let lsn = insert(&pg, "t", 3).await;
-    pg.wait_for_replay(1, lsn, DEADLINE).await.unwrap();
+/// What a cluster holds that must be gone once it is dropped: the ports
+/// of its nodes, their data directories (local backend) and the label of
+/// its containers, networks and volumes (Docker backend).
+struct Traces {
+    nodes: Vec<(String, u16, Option<std::path::PathBuf>)>,
+    docker_label: Option<String>,
 }
 
-/// Ports of every node, plus the data directories (local backend).
-fn endpoints(pg: &PgCluster) -> Vec<(String, u16, Option<std::path::PathBuf>)> {
-    (0..pg.node_count())
+fn traces(pg: &PgCluster) -> Traces {
+    let nodes = (0..pg.node_count())
         .map(|n| {
             let cfg = pg.config(n);
             let host = match &cfg.get_hosts()[0] {
@@ -546,11 +515,29 @@ fn endpoints(pg: &PgCluster) -> Vec<(String, u16, Option<std::path::PathBuf>)> {
             };
             (host, cfg.get_ports()[0], pg.data_dir(n))
         })
-        .collect()
+        .collect();
+    let docker_label = pg.docker_label();
+    assert_eq!(
+        docker_label.is_some(),
+        pg.backend() == BackendKind::Docker,
+        "only Docker clusters have a label"
+    );
+    if let Some(label) = &docker_label {
+        let objects = common::docker_objects(label);
+        assert_eq!(
+            objects.len(),
+            2 * pg.node_count() + 1,
+            "a container and a data volume per node, and the network, carry {label}: {objects:?}"
+        );
+    }
+    Traces {
+        nodes,
+        docker_label,
+    }
 }
 
-fn assert_all_gone(eps: &[(String, u16, Option<std::path::PathBuf>)]) {
-    for (host, port, dir) in eps {
+fn assert_all_gone(t: &Traces) {
+    for (host, port, dir) in &t.nodes {
         if host == "127.0.0.1" {
             assert!(
                 !accepts_connections(host, *port),
@@ -561,31 +548,35 @@ fn assert_all_gone(eps: &[(String, u16, Option<std::path::PathBuf>)]) {
             assert!(!dir.exists(), "{} still exists", dir.display());
         }
     }
+    if let Some(label) = &t.docker_label {
+        let left = common::docker_objects(label);
+        assert!(left.is_empty(), "left behind: {left:?}");
+    }
 }
 
 #[tokio::test]
 async fn drop_stops_servers() {
     let pg = start(1).await;
-    let eps = endpoints(&pg);
-    for (host, port, _) in &eps {
+    let t = traces(&pg);
+    for (host, port, _) in &t.nodes {
         if host == "127.0.0.1" {
             assert!(accepts_connections(host, *port));
         }
     }
     drop(pg);
-    assert_all_gone(&eps);
+    assert_all_gone(&t);
 }
 
 #[tokio::test]
 async fn drop_during_panic_unwind_stops_servers() {
     let pg = start(1).await;
-    let eps = endpoints(&pg);
+    let t = traces(&pg);
     let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || {
         let _owned = pg;
         panic!("test panic while owning the cluster");
     }));
     assert!(result.is_err());
-    assert_all_gone(&eps);
+    assert_all_gone(&t);
 }
 
 #[test]
@@ -600,12 +591,12 @@ fn drop_in_panicking_thread_stops_servers() {
         // outside of any runtime context.
         let pg = rt.block_on(start(1));
         drop(rt);
-        tx.send(endpoints(&pg)).unwrap();
+        tx.send(traces(&pg)).unwrap();
         panic!("thread panics while owning the cluster");
     });
-    let eps = rx.recv().expect("endpoints");
+    let t = rx.recv().expect("traces");
     assert!(handle.join().is_err(), "the thread panicked");
-    assert_all_gone(&eps);
+    assert_all_gone(&t);
 }
 
 /// A frozen node answers nothing (it hangs like a partitioned host), a
@@ -614,10 +605,6 @@ fn drop_in_panicking_thread_stops_servers() {
 #[tokio::test]
 async fn frozen_node_hangs_until_thawed_and_drop_still_stops_it() {
     let pg = start(1).await;
-    if pg.backend() != BackendKind::Local {
-        eprintln!("freeze_node is local-only; skipping");
-        return;
-    }
     let replica = pg.replicas()[0];
     let c = pg.connect(replica).await.unwrap();
     pg.freeze_node(replica).await.unwrap();
@@ -639,8 +626,8 @@ async fn frozen_node_hangs_until_thawed_and_drop_still_stops_it() {
     pg.connect(replica).await.unwrap();
 
     pg.freeze_node(replica).await.unwrap();
-    let eps = endpoints(&pg);
+    let t = traces(&pg);
     drop(c);
     drop(pg);
-    assert_all_gone(&eps);
+    assert_all_gone(&t);
 }

@@ -2,7 +2,7 @@
 //! the proxy, with and without replication delay.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use crate::support::*;
@@ -64,14 +64,13 @@ async fn ryw_round(env: &Env, table: &str, pairs: i32, writers: i32) -> (usize, 
     }
     let replica_reads = Arc::new(AtomicUsize::new(0));
     let reads = Arc::new(AtomicUsize::new(0));
-    let done = Arc::new(tokio::sync::Notify::new());
+    let done = Arc::new(AtomicBool::new(false));
     let mut readers = Vec::new();
     for _ in 0..2 {
         let c = env.connect().await;
         let (replica_reads, reads, done) = (replica_reads.clone(), reads.clone(), done.clone());
         readers.push(tokio::spawn(async move {
-            loop {
-                let notified = done.notified();
+            while !done.load(Ordering::Relaxed) {
                 let r = c
                     .query_one("SELECT pg_is_in_recovery()", &[])
                     .await
@@ -80,17 +79,14 @@ async fn ryw_round(env: &Env, table: &str, pairs: i32, writers: i32) -> (usize, 
                 if r.get::<_, bool>(0) {
                     replica_reads.fetch_add(1, Ordering::Relaxed);
                 }
-                tokio::select! {
-                    _ = notified => return,
-                    _ = tokio::time::sleep(Duration::from_millis(2)) => {}
-                }
+                tokio::time::sleep(Duration::from_millis(2)).await;
             }
         }));
     }
     for t in tasks {
         t.await.unwrap();
     }
-    done.notify_waiters();
+    done.store(true, Ordering::Relaxed);
     for r in readers {
         r.await.unwrap();
     }

@@ -17,34 +17,34 @@ const DEADLINE: Duration = Duration::from_secs(30);
 
 /// A write the proxy acknowledged, with the session token after it.
 #[derive(Clone, Debug)]
-struct Ack {
-    id: i32,
-    token: String,
-    at: Instant,
+pub(crate) struct Ack {
+    pub(crate) id: i32,
+    pub(crate) token: String,
+    pub(crate) at: Instant,
 }
 
 /// A write that failed: how long it took and its SQLSTATE.
 #[derive(Clone, Debug)]
-struct Failure {
-    at: Instant,
-    took: Duration,
-    code: String,
-    error: String,
+pub(crate) struct Failure {
+    pub(crate) at: Instant,
+    pub(crate) took: Duration,
+    pub(crate) code: String,
+    pub(crate) error: String,
 }
 
 #[derive(Default)]
-struct Log {
-    acks: Mutex<Vec<Ack>>,
-    failures: Mutex<Vec<Failure>>,
-    stop: AtomicBool,
+pub(crate) struct Log {
+    pub(crate) acks: Mutex<Vec<Ack>>,
+    pub(crate) failures: Mutex<Vec<Failure>>,
+    pub(crate) stop: AtomicBool,
 }
 
 impl Log {
-    fn acked(&self) -> usize {
+    pub(crate) fn acked(&self) -> usize {
         self.acks.lock().unwrap().len()
     }
 
-    async fn wait_acks(&self, n: usize) {
+    pub(crate) async fn wait_acks(&self, n: usize) {
         wait_until(DEADLINE, &format!("{n} acknowledged writes"), || async {
             self.acked() >= n
         })
@@ -52,7 +52,7 @@ impl Log {
     }
 }
 
-fn first_value(msgs: &[SimpleQueryMessage]) -> Option<String> {
+pub(crate) fn first_value(msgs: &[SimpleQueryMessage]) -> Option<String> {
     msgs.iter().find_map(|m| match m {
         SimpleQueryMessage::Row(r) => r.get(0).map(str::to_string),
         _ => None,
@@ -61,7 +61,7 @@ fn first_value(msgs: &[SimpleQueryMessage]) -> Option<String> {
 
 /// One client writing through the proxy in a loop; it reconnects when the
 /// proxy closes its connection (a write in flight on a dying primary).
-async fn writer(conn: String, log: Arc<Log>) {
+pub(crate) async fn writer(conn: String, log: Arc<Log>) {
     let mut client: Option<tokio_postgres::Client> = None;
     let mut id = 0;
     while !log.stop.load(Ordering::Relaxed) {
@@ -105,7 +105,7 @@ async fn writer(conn: String, log: Arc<Log>) {
 }
 
 /// The proxy's index of the harness node `node` (matched by port).
-fn proxy_index(env: &Env, node: usize) -> usize {
+pub(crate) fn proxy_index(env: &Env, node: usize) -> usize {
     let port = env.cluster.config(node).get_ports()[0];
     env.proxy_config()
         .nodes
@@ -115,7 +115,7 @@ fn proxy_index(env: &Env, node: usize) -> usize {
 }
 
 /// Reads `id` back on a fresh connection carrying `token`.
-async fn read_back(env: &Env, id: i32, token: &str) -> Result<bool, (String, String)> {
+pub(crate) async fn read_back(env: &Env, id: i32, token: &str) -> Result<bool, (String, String)> {
     let c = connect(&raw_conn_str(env.addr())).await;
     c.batch_execute(&format!("SET lagrouter.min_token = '{token}'"))
         .await
@@ -295,14 +295,16 @@ async fn promoted_replica_is_followed_and_lost_writes_are_reported() {
         n.healthy && n.role == lagrouter::Role::Replica
     })
     .await;
-    let old_port = pg.config(old_primary).get_ports()[0].to_string();
+    // Nodes are told apart by the application name the harness gives each
+    // standby's WAL receiver (server ports are all 5432 on Docker).
+    let old_name = format!("application_name=node{old_primary}");
     let reader = env.connect().await;
     wait_until(DEADLINE, "a read served by the rejoined node", || async {
         let msgs = reader
-            .simple_query("SELECT inet_server_port()::text")
+            .simple_query("SELECT current_setting('primary_conninfo')")
             .await
             .unwrap();
-        first_value(&msgs).as_deref() == Some(old_port.as_str())
+        first_value(&msgs).is_some_and(|c| c.contains(&old_name))
     })
     .await;
 

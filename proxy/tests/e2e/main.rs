@@ -14,6 +14,7 @@ mod bad_input;
 mod basic;
 mod consistency;
 mod console;
+mod containers;
 mod dashboard;
 mod drivers;
 mod extended;
