@@ -126,7 +126,7 @@ pub(crate) fn image_present(engine: &Engine, image: &str) -> bool {
 /// anything: the requested image is [`DEFAULT_DOCKER_IMAGE`], the process
 /// runs as root (mmdebstrap's root mode), and `mmdebstrap`, `docker` and
 /// `flock` are on `PATH`. Otherwise the reason it cannot.
-pub fn docker_image_buildable() -> Result<(), String> {
+pub(crate) fn docker_image_buildable() -> Result<(), String> {
     let image = docker_image();
     if image != DEFAULT_DOCKER_IMAGE {
         return Err(format!(
