@@ -33,7 +33,9 @@
 #      pooler CPU per transaction and how many runs succeeded;
 #   6. opens IDLE_CLIENTS (1,000) idle client connections (pgbench clients
 #      sleeping in `\sleep`) to the proxy and then to PgBouncer and reads each
-#      one's VmRSS from /proc/<pid>/status.
+#      one's VmRSS from /proc/<pid>/status. After rounds with many clients
+#      the heaps have grown already and idle clients look free: measure
+#      memory with small CLIENTS (the default 8).
 # Every process it starts is stopped by an EXIT/INT/TERM trap.
 #
 # Environment: ROUNDS (3), DURATION (10, seconds per run), CLIENTS ("8";
