@@ -193,7 +193,7 @@ impl Session {
         if out.token.is_some() {
             // Read on the primary after the commit: at or after everything
             // any earlier read saw.
-            self.last_read = None;
+            self.last_read = self.last_read.map(LastRead::covered);
         }
         self.observe(out.token);
         self.last_served = Some(out.served);
@@ -423,7 +423,7 @@ impl Transaction<'_> {
         if token.is_some() {
             // Read after the commit on the transaction's node: covers the
             // transaction and every earlier read.
-            self.session.last_read = None;
+            self.session.last_read = self.session.last_read.map(LastRead::covered);
         }
         self.session.observe(token);
         if !self.read_only {

@@ -530,22 +530,8 @@ impl ReadPlan {
             return self.stay_on(topo, router, node, now);
         }
         if let Some(m) = self.prefer.take() {
-            let has_need = topo.nodes.get(m).is_some_and(|n| {
-                self.need
-                    .is_none_or(|need| n.lsn.is_some_and(|l| l >= need))
-            });
-            if has_need && self.usable_replica(topo, m) {
-                return self.run(
-                    topo,
-                    Run {
-                        node: m,
-                        primary: false,
-                        check: None,
-                        verify: None,
-                        retryable: true,
-                        capture: false,
-                    },
-                );
+            if let Some(step) = self.preferred(topo, m) {
+                return step;
             }
         }
         let cx = ReadContext {

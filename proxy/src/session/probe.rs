@@ -79,7 +79,7 @@ impl Session {
             if token.is_some() {
                 // Read on the primary after the commit: at or after
                 // everything any earlier read of the session saw.
-                self.last_read = None;
+                self.last_read = self.last_read.map(lagrouter::routing::LastRead::covered);
             }
             self.token.observe(token);
             if self.token.get() != before {

@@ -16,9 +16,9 @@ use crate::routing::ReadContext;
 /// read.
 ///
 /// Drivers record it when a read's result stands (at the end of its last
-/// statement) and drop it when a write's token is captured (a commit
-/// position read on the primary after the read covers whatever the read
-/// saw). The engine then decides (see ARCHITECTURE.md, "Monotonic reads"):
+/// statement) and mark it [covered](LastRead::covered) when a write's
+/// token is captured (a commit position read on the primary after the read
+/// covers whatever the read saw). The engine then decides (see ARCHITECTURE.md, "Monotonic reads"):
 ///
 /// * once the monitor has sampled the node with a probe sent after
 ///   `ended`, in the same `epoch`, that sample is a **floor**: a position
@@ -54,6 +54,18 @@ impl LastRead {
             ended,
             captured: None,
             next: served.next,
+        }
+    }
+
+    /// A write's token, read after this read, covers it: no floor, but the
+    /// next read prefers the same node (its connections have the
+    /// session's statements prepared, and they are revalidated there as
+    /// on a direct connection).
+    pub fn covered(self) -> Self {
+        LastRead {
+            captured: Some(Lsn(0)),
+            next: Some(self.node),
+            ..self
         }
     }
 
@@ -169,6 +181,45 @@ impl ReadPlan {
             };
         }
         self.leave_stay(topo)
+    }
+
+    /// The read on `m`, where the session's last read wanted to go next,
+    /// when it can serve it: known to have what the read needs, or as far
+    /// ahead as any usable replica (then checked in the round trip).
+    pub(super) fn preferred(&mut self, topo: &Topology, m: usize) -> Option<Step> {
+        if !self.usable_replica(topo, m) {
+            return None;
+        }
+        let lsn = topo.nodes[m].lsn;
+        let run = Run {
+            node: m,
+            primary: false,
+            check: None,
+            verify: None,
+            retryable: true,
+            capture: false,
+        };
+        match self.need {
+            Some(need) if lsn.is_none_or(|l| l < need) => {
+                let best = topo
+                    .serving_replicas()
+                    .filter(|&i| self.usable_replica(topo, i))
+                    .filter_map(|i| topo.nodes[i].lsn)
+                    .max();
+                if self.checked || lsn.is_none() || lsn < best {
+                    return None;
+                }
+                self.checked = true;
+                Some(self.run(
+                    topo,
+                    Run {
+                        check: Some(need),
+                        ..run
+                    },
+                ))
+            }
+            _ => Some(self.run(topo, run)),
+        }
     }
 
     /// Whether replica `node` may serve this read: healthy, not failed for

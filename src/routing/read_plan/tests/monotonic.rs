@@ -326,6 +326,30 @@ fn monotonic_reads_table() {
             first: replica(2),
             script: vec![],
         },
+        Mono {
+            name: "a write covers the last read: its node again, checked for the token",
+            policy: rr,
+            token: tok(995),
+            last_node: 2,
+            sample_ms: -1,
+            replicas: two,
+            adjust: no_change,
+            captured: Some((0, 2)),
+            first: checked(2, 995),
+            script: vec![],
+        },
+        Mono {
+            name: "a write covers the last read, whose node is behind: routed as usual",
+            policy: rr,
+            token: tok(995),
+            last_node: 2,
+            sample_ms: -1,
+            replicas: &[(990, 5, true), (980, 5, true)],
+            adjust: no_change,
+            captured: Some((0, 2)),
+            first: checked(1, 995),
+            script: vec![],
+        },
     ];
     for c in cases {
         run_mono(c);
