@@ -22,7 +22,10 @@ pub struct Demo {
 /// Starts a primary and `replicas` streaming replicas and builds the
 /// configuration with [`Config::demo`].
 pub async fn start(replicas: usize) -> Result<Demo, HarnessError> {
+    // Local processes always: the demo promises the server binaries only,
+    // and watches (and reaps) its servers as child processes.
     let cluster = PgCluster::builder()
+        .backend(lagrouter_testing::BackendKind::Local)
         .replicas(replicas)
         .user(DEMO_USER, DEMO_PASSWORD)
         .start()

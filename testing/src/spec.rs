@@ -16,6 +16,7 @@ pub(crate) struct ClusterSpec {
     pub(crate) password: String,
     pub(crate) auth_method: String,
     /// Docker image overriding [`crate::docker_image`].
+    #[cfg_attr(not(feature = "docker"), allow(dead_code))]
     pub(crate) image: Option<String>,
 }
 
