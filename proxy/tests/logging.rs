@@ -6,15 +6,31 @@ use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
 
-/// Starts the proxy on a configuration whose node does not answer (port 1
-/// on loopback is closed), and returns its first stderr lines up to the
-/// one that says it listens.
-fn first_lines(extra: &[&str]) -> Vec<String> {
+/// The proxy binary running on a configuration whose node does not answer
+/// (port 1 on loopback is closed), its stderr lines arriving on `lines`.
+/// Dropping it kills the process.
+struct Running {
+    _dir: tempfile::TempDir,
+    child: Child,
+    lines: mpsc::Receiver<String>,
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Starts the proxy with `user` as its `[[users]]` entry and `extra`
+/// arguments, logging at `info`.
+fn start(user: &str, extra: &[&str]) -> Running {
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("lagrouter.toml");
     std::fs::write(
         &config,
-        r#"
+        format!(
+            r#"
 [proxy]
 listen = "127.0.0.1:0"
 admin_listen = "127.0.0.1:0"
@@ -26,9 +42,9 @@ port = 1
 role = "primary"
 
 [[users]]
-name = "app"
-password = "secret"
-"#,
+{user}
+"#
+        ),
     )
     .unwrap();
     let mut child: Child = Command::new(env!("CARGO_BIN_EXE_lagrouter-proxy"))
@@ -42,26 +58,33 @@ password = "secret"
         .spawn()
         .expect("start the proxy binary");
     let stderr = child.stderr.take().unwrap();
-    let (tx, rx) = mpsc::channel();
+    let (tx, lines) = mpsc::channel();
     std::thread::spawn(move || {
         for line in BufReader::new(stderr).lines() {
             let Ok(line) = line else { break };
-            let done = line.contains("listening");
-            if tx.send(line).is_err() || done {
+            if tx.send(line).is_err() {
                 break;
             }
         }
     });
+    Running {
+        _dir: dir,
+        child,
+        lines,
+    }
+}
+
+/// The proxy's first stderr lines up to the one that says it listens.
+fn first_lines(extra: &[&str]) -> Vec<String> {
+    let proxy = start("name = \"app\"\npassword = \"secret\"", extra);
     let mut lines = Vec::new();
-    while let Ok(line) = rx.recv_timeout(Duration::from_secs(30)) {
+    while let Ok(line) = proxy.lines.recv_timeout(Duration::from_secs(30)) {
         let done = line.contains("listening");
         lines.push(line);
         if done {
             break;
         }
     }
-    let _ = child.kill();
-    let _ = child.wait();
     assert!(
         lines.iter().any(|l| l.contains("listening")),
         "the proxy did not log that it listens: {lines:?}"
@@ -106,53 +129,15 @@ fn startup_packet(user: &str) -> Vec<u8> {
 #[test]
 fn every_client_connection_logs_under_its_own_id() {
     use std::io::{Read, Write};
-    let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("lagrouter.toml");
-    std::fs::write(
-        &config,
-        r#"
-[proxy]
-listen = "127.0.0.1:0"
-admin_listen = "127.0.0.1:0"
-
-[[nodes]]
-name = "primary"
-host = "127.0.0.1"
-port = 1
-role = "primary"
-
-[[users]]
-name = "t"
-auth = "trust"
-"#,
-    )
-    .unwrap();
-    let mut child: Child = Command::new(env!("CARGO_BIN_EXE_lagrouter-proxy"))
-        .arg("--config")
-        .arg(&config)
-        .args(["--log-format", "json"])
-        .env("RUST_LOG", "info")
-        .stderr(Stdio::piped())
-        .stdout(Stdio::null())
-        .spawn()
-        .expect("start the proxy binary");
-    let stderr = child.stderr.take().unwrap();
-    let (tx, rx) = mpsc::channel::<serde_json::Value>();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines() {
-            let Ok(line) = line else { break };
-            let Ok(v) = serde_json::from_str(&line) else {
-                continue;
-            };
-            if tx.send(v).is_err() {
-                break;
-            }
-        }
-    });
+    let proxy = start("name = \"t\"\nauth = \"trust\"", &["--log-format", "json"]);
     let next = |what: &str| loop {
-        let v = rx
+        let line = proxy
+            .lines
             .recv_timeout(Duration::from_secs(30))
             .unwrap_or_else(|_| panic!("no log line with {what:?}"));
+        let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) else {
+            continue;
+        };
         if v["fields"]["message"]
             .as_str()
             .is_some_and(|m| m.contains(what))
@@ -179,7 +164,6 @@ auth = "trust"
         assert_eq!(line["span"]["name"], "client", "{line}");
         ids.push(id);
     }
-    let _ = child.kill();
-    let _ = child.wait();
+    drop(proxy);
     assert_ne!(ids[0], ids[1], "each connection has its own id");
 }
