@@ -73,7 +73,7 @@ fn apply_overrides(config: &mut Config, args: &Args) {
     }
 }
 
-#[tokio::main]
+#[tokio::main(flavor = "current_thread")]
 async fn main() -> ExitCode {
     let args = Args::parse();
     init_logging(args.log_format);

@@ -126,6 +126,9 @@ pub struct BackendConn {
     pub created_at: Instant,
     /// When it was last returned to the pool.
     pub idle_since: Instant,
+    /// The worker whose event loop the socket is registered with
+    /// ([`super::home`]).
+    pub home: usize,
 }
 
 impl std::fmt::Debug for BackendConn {
@@ -139,6 +142,21 @@ impl std::fmt::Debug for BackendConn {
 }
 
 impl BackendConn {
+    /// Moves the socket to the event loop of the worker running this
+    /// thread if it is registered with another one (a connection opened by
+    /// a session on another worker, or by pool maintenance), so that its
+    /// readiness wakes this thread directly. Must run inside a runtime.
+    pub fn rehome(mut self) -> io::Result<Self> {
+        let here = super::home::current();
+        if self.home == here {
+            return Ok(self);
+        }
+        let std = self.stream.into_std()?;
+        self.stream = TcpStream::from_std(std)?;
+        self.home = here;
+        Ok(self)
+    }
+
     /// Connects and authenticates, within `timeout`.
     pub async fn connect(
         node: usize,
@@ -171,6 +189,7 @@ impl BackendConn {
             broken: false,
             created_at: now,
             idle_since: now,
+            home: super::home::current(),
         };
         let params = [
             ("user", target.user.as_str()),

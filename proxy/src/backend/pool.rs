@@ -204,14 +204,23 @@ impl NodePool {
             }
         };
         let now = Instant::now();
+        let here = super::home::current();
         loop {
-            let candidate = self.idle.lock().expect("pool lock").pop();
+            let candidate = take_idle(&mut self.idle.lock().expect("pool lock"), here);
             let Some(conn) = candidate else { break };
             if settings.expired(&conn, now) {
                 self.open.fetch_sub(1, Ordering::Relaxed);
                 tokio::spawn(conn.terminate());
                 continue;
             }
+            let conn = match conn.rehome() {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::debug!(node = self.key.node, error = %e, "moving a server connection to this worker failed");
+                    self.open.fetch_sub(1, Ordering::Relaxed);
+                    continue;
+                }
+            };
             return Ok(PooledConn {
                 conn: Some(conn),
                 _permit: permit,
@@ -370,6 +379,15 @@ impl NodePool {
         for c in conns {
             tokio::spawn(c.terminate());
         }
+    }
+}
+
+/// Takes the newest idle connection registered with worker `here`, else
+/// the newest of any worker (it will be moved over).
+fn take_idle(idle: &mut Vec<BackendConn>, here: usize) -> Option<BackendConn> {
+    match idle.iter().rposition(|c| c.home == here) {
+        Some(i) => Some(idle.remove(i)),
+        None => idle.pop(),
     }
 }
 

@@ -54,6 +54,10 @@ pub struct ProxyConfig {
     /// Users who may connect to the admin console and run its `SHOW`
     /// commands only. Reloadable. Default: none.
     pub stats_users: Vec<String>,
+    /// Threads that run client sessions, each with its own event loop; a
+    /// session and the server connections it uses stay on one thread. `0`
+    /// (the default): one per CPU. Needs a restart.
+    pub workers: usize,
 }
 
 impl Default for ProxyConfig {
@@ -69,6 +73,7 @@ impl Default for ProxyConfig {
             client_write_timeout: Duration::from_secs(30),
             admin_users: Vec::new(),
             stats_users: Vec::new(),
+            workers: 0,
         }
     }
 }

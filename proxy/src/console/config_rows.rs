@@ -10,6 +10,7 @@ use crate::config::{Config, PoolConfig, ProxyConfig, RoutingConfig};
 const FIXED: &[&str] = &[
     "proxy.listen",
     "proxy.admin_listen",
+    "proxy.workers",
     "routing.monitor_interval",
     "routing.probe_timeout",
 ];

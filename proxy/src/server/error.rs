@@ -28,6 +28,9 @@ pub enum ProxyError {
         /// What is wrong.
         message: String,
     },
+    /// The worker threads could not be started.
+    #[error("cannot start the worker threads: {0}")]
+    Workers(#[source] std::io::Error),
     /// `RELOAD` without a configuration file (demo mode).
     #[error("the proxy was started without a configuration file; there is nothing to reload")]
     NoConfigFile,

@@ -25,6 +25,14 @@ pub struct ProxyHandle {
     pub(super) tasks: Vec<JoinHandle<()>>,
 }
 
+/// Dropping the handle without [`ProxyHandle::shutdown`] ends the worker
+/// threads, and the sessions on them, at once.
+impl Drop for ProxyHandle {
+    fn drop(&mut self) {
+        self.shared.workers.stop();
+    }
+}
+
 impl ProxyHandle {
     /// The PostgreSQL protocol listener's address.
     pub fn local_addr(&self) -> SocketAddr {

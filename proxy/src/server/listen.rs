@@ -100,6 +100,8 @@ impl Proxy {
                 source,
             })?;
         monitor.first_probe(Duration::from_secs(5)).await;
+        let workers =
+            super::workers::Workers::start(config.proxy.workers).map_err(ProxyError::Workers)?;
 
         let (shutdown_tx, shutdown_rx) = watch::channel(false);
         let router: &'static Router =
@@ -133,6 +135,7 @@ impl Proxy {
             )),
             shutdown_request: watch::Sender::new(false),
             route_counters: std::sync::OnceLock::new(),
+            workers,
         });
 
         // Admin endpoint.
@@ -203,7 +206,7 @@ impl Proxy {
                 }
             }
         });
-        info!(%local_addr, %admin_addr, "lagrouter-proxy listening");
+        info!(%local_addr, %admin_addr, workers = shared.workers.len(), "lagrouter-proxy listening");
         Ok(ProxyHandle {
             shared,
             local_addr,
@@ -226,22 +229,34 @@ async fn refuse(_shared: Arc<Shared>, tcp: tokio::net::TcpStream, peer: SocketAd
 }
 
 impl Shared {
-    /// Runs a client connection in its own task, tracked for shutdown.
+    /// Runs a client connection on a worker thread, tracked for shutdown.
     fn spawn_session(self: &Arc<Self>, tcp: tokio::net::TcpStream, peer: SocketAddr) {
+        // The socket moves to the worker's event loop: deregistered here,
+        // registered again on the worker's thread.
+        let tcp = match tcp.into_std() {
+            Ok(tcp) => tcp,
+            Err(e) => {
+                warn!(error = %e, %peer, "could not hand the connection to a worker");
+                return;
+            }
+        };
         let id = self.next_session.fetch_add(1, Ordering::Relaxed);
         let shared = self.clone();
         self.connections.fetch_add(1, Ordering::SeqCst);
         let guard = ConnectionGuard(self.clone());
         let mut sessions = self.sessions.lock().expect("sessions lock");
         let span = tracing::info_span!("client", id);
-        let task = tokio::spawn(
+        let task = self.workers.spawn(move || {
             async move {
                 let _guard = guard;
-                serve_client(shared.clone(), tcp, peer, id).await;
+                match tokio::net::TcpStream::from_std(tcp) {
+                    Ok(tcp) => serve_client(shared.clone(), tcp, peer, id).await,
+                    Err(e) => warn!(error = %e, %peer, "could not register the connection"),
+                }
                 shared.sessions.lock().expect("sessions lock").remove(&id);
             }
-            .instrument(span),
-        );
+            .instrument(span)
+        });
         if !task.is_finished() {
             sessions.insert(id, task.abort_handle());
         }

@@ -14,9 +14,10 @@
 //! gate of the admin console), [`history`] (lag samples for the status
 //! page), [`catalog`] (schema knowledge), [`shared`] (state every session uses; it imports neither the
 //! client side nor the session), [`status_page`] (the HTML page at `/`),
-//! [`admin`] (the HTTP endpoint), [`handle`], [`reload`], [`shutdown`], and
-//! [`listen`], which starts everything and hands each accepted connection
-//! to [`crate::frontend`] and then [`crate::session`] or
+//! [`admin`] (the HTTP endpoint), [`workers`] (the per-core threads that
+//! run sessions), [`handle`], [`reload`], [`shutdown`], and [`listen`],
+//! which starts everything and hands each accepted connection to a worker,
+//! where it runs [`crate::frontend`] and then [`crate::session`] or
 //! [`crate::console`].
 #![warn(missing_docs)]
 
@@ -32,6 +33,7 @@ pub mod settings;
 pub mod shared;
 pub mod shutdown;
 pub mod status_page;
+pub mod workers;
 
 pub use clients::{ClientRegistry, ClientStatus, PauseGate, Paused, Registration};
 pub use error::ProxyError;

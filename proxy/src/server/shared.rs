@@ -83,6 +83,8 @@ pub struct Shared {
     /// The query path's counters, registered on first use (after the
     /// metrics recorder is installed).
     pub(super) route_counters: std::sync::OnceLock<crate::metrics::RouteCounters>,
+    /// The threads that run the sessions.
+    pub(super) workers: super::workers::Workers,
 }
 
 /// Decrements the connection count when a client socket is closed.
@@ -239,6 +241,8 @@ impl Shared {
             stats: Vec<StatsRow>,
             /// Reads refused with 55000 (token ahead of the primary).
             tokens_ahead: u64,
+            /// Connections (logging in or in session) on each worker thread.
+            workers: Vec<usize>,
         }
         #[derive(Serialize)]
         struct StatsRow {
@@ -288,6 +292,7 @@ impl Shared {
             history: self.history.lock().expect("history").per_node(),
             stats,
             tokens_ahead: self.stats.tokens_ahead(),
+            workers: self.workers.loads(),
         })
         .unwrap_or_default()
     }

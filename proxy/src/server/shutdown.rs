@@ -10,7 +10,7 @@ impl ProxyHandle {
     /// Graceful shutdown: stops accepting, lets sessions finish their
     /// current transaction (idle ones are closed at once) for up to
     /// `proxy.shutdown_timeout`, then closes everything.
-    pub async fn shutdown(self) {
+    pub async fn shutdown(mut self) {
         let timeout = self.shared.settings().config.proxy.shutdown_timeout;
         let _ = self.shutdown_tx.send(true);
         let deadline = tokio::time::Instant::now() + timeout;
@@ -38,12 +38,14 @@ impl ProxyHandle {
         for h in remaining {
             h.abort();
         }
-        for t in &self.tasks {
+        let tasks = std::mem::take(&mut self.tasks);
+        for t in &tasks {
             t.abort();
         }
-        for t in self.tasks {
+        for t in tasks {
             let _ = t.await;
         }
+        self.shared.workers.stop();
         self.shared.pools.close_idle();
         info!("lagrouter-proxy stopped");
     }

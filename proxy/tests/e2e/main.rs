@@ -31,3 +31,4 @@ mod session_state;
 mod slow_client;
 mod status_page;
 mod tools;
+mod workers;
