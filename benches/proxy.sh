@@ -44,7 +44,10 @@
 # THREADS (2), SCALE (10), MODES ("simple extended prepared"), REPLICAS (2),
 # POOL_SIZE (20, server connections per node in both poolers),
 # IDLE_CLIENTS (1000), PROXY_POLICIES ("read-your-writes"; e.g.
-# "read-your-writes eventual" adds a proxy per policy as a target), PG_BIN (pg_config --bindir), PROXY_BIN,
+# "read-your-writes eventual" adds a proxy per policy as a target),
+# PROXY_WORKERS (unset: the proxy's default, half the CPUs;
+# e.g. "1 2" adds a proxy per value, named .../w1, .../w2), PG_BIN
+# (pg_config --bindir), PROXY_BIN,
 # PGBOUNCER_BIN (default: the system's pgbouncer), SKIP_MEMORY=1,
 # RYW_DURATION (DURATION; 0 skips the read-your-writes latency run),
 # CHARTS_DIR (unset; e.g. docs/bench: writes the results there and draws
@@ -272,17 +275,26 @@ fi
 rss_kb() { awk '/^VmRSS:/ {print $2}' "/proc/$1/status" 2>/dev/null || echo 0; }
 PROXY_TARGETS=()
 for policy in $PROXY_POLICIES; do
+for workers in ${PROXY_WORKERS:-default}; do
   name="lagrouter-proxy"
   [ "$policy" != read-your-writes ] && name="lagrouter-proxy/$policy"
+  tag=$policy
+  if [ "$workers" != default ] && [ "$(echo "$PROXY_WORKERS" | wc -w)" -gt 1 ]; then
+    name="$name/w$workers"
+    tag="$policy-w$workers"
+  fi
   port=$(free_port)
   admin=$(free_port)
-  cfg="$WORK/proxy-$policy.toml"
+  cfg="$WORK/proxy-$tag.toml"
   {
     cat <<EOF
 [proxy]
 listen = "127.0.0.1:$port"
 admin_listen = "127.0.0.1:$admin"
 max_client_connections = $((IDLE_CLIENTS + 500))
+EOF
+    [ "$workers" != default ] && echo "workers = $workers"
+    cat <<EOF
 
 [routing]
 policy = "$policy"
@@ -303,7 +315,7 @@ EOF
     done
     printf '\n[[users]]\nname = "postgres"\npassword = "%s"\nauth = "scram-sha-256"\n' "$PASSWORD"
   } >"$cfg"
-  RUST_LOG=${RUST_LOG:-warn} "$PROXY_BIN" --config "$cfg" >"$WORK/proxy-$policy.log" 2>&1 &
+  RUST_LOG=${RUST_LOG:-warn} "$PROXY_BIN" --config "$cfg" >"$WORK/proxy-$tag.log" 2>&1 &
   pid=$!
   PIDS+=("$pid")
   for _ in $(seq 1 100); do
@@ -313,7 +325,7 @@ EOF
   done
   if ! psql -X -At -p "$port" -c "SELECT 1" >/dev/null 2>&1; then
     log "$name does not answer; its rows will be missing"
-    tail -20 "$WORK/proxy-$policy.log" >&2 || true
+    tail -20 "$WORK/proxy-$tag.log" >&2 || true
     continue
   fi
   T_PORT[$name]=$port
@@ -321,12 +333,13 @@ EOF
   T_ADMIN[$name]=$admin
   T_RSS_START[$name]=$(rss_kb "$pid")
   PROXY_TARGETS+=("$name")
-  if [ -n "${BASELINE_BIN:-}" ]; then
+  # One baseline per policy (it may predate the workers key).
+  if [ -n "${BASELINE_BIN:-}" ] && [ "$workers" = "$(echo "${PROXY_WORKERS:-default}" | awk '{print $1}')" ]; then
     bname="baseline"
     [ "$policy" != read-your-writes ] && bname="baseline/$policy"
     bport=$(free_port)
     badmin=$(free_port)
-    sed -e "s/127.0.0.1:$port/127.0.0.1:$bport/" -e "s/127.0.0.1:$admin/127.0.0.1:$badmin/" "$cfg" >"$WORK/baseline-$policy.toml"
+    sed -e "s/127.0.0.1:$port/127.0.0.1:$bport/" -e "s/127.0.0.1:$admin/127.0.0.1:$badmin/" -e "/^workers = /d" "$cfg" >"$WORK/baseline-$policy.toml"
     RUST_LOG=${RUST_LOG:-warn} "$BASELINE_BIN" --config "$WORK/baseline-$policy.toml" >"$WORK/baseline-$policy.log" 2>&1 &
     bpid=$!
     PIDS+=("$bpid")
@@ -340,6 +353,7 @@ EOF
     T_RSS_START[$bname]=$(rss_kb "$bpid")
     PROXY_TARGETS+=("$bname")
   fi
+done
 done
 
 # --- pgbench rounds -----------------------------------------------------------

@@ -15,7 +15,7 @@ idle_transaction_timeout = "0s"    # 0 = never close clients idle inside a trans
 client_write_timeout = "30s"       # close a client that reads nothing for this long; 0 = never
 admin_users = []                   # users who may run every command of the admin console (psql ... dbname=lagrouter)
 stats_users = []                   # users who may run its SHOW commands only
-workers = 0                        # threads running client sessions; 0 = one per CPU (restart to change)
+workers = 0                        # threads running client sessions; 0 = half the CPUs, at least 1 (restart to change)
 
 [routing]
 policy = "read-your-writes"        # read-your-writes | bounded-staleness | eventual | primary | primary-after-write

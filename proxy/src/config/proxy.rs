@@ -56,7 +56,9 @@ pub struct ProxyConfig {
     pub stats_users: Vec<String>,
     /// Threads that run client sessions, each with its own event loop; a
     /// session and the server connections it uses stay on one thread. `0`
-    /// (the default): one per CPU. Needs a restart.
+    /// (the default): half the CPUs, at least one, which leaves room for
+    /// servers or clients on the same host; on a host of its own, set it
+    /// to the number of cores. Needs a restart.
     pub workers: usize,
 }
 

@@ -109,9 +109,10 @@ impl Proxy {
         let pool_settings = settings.pool_settings();
         let shared = Arc::new(Shared {
             settings: RwLock::new(Arc::new(settings)),
+            settings_epoch: AtomicU64::new(0),
             nodes,
             monitor,
-            router: RwLock::new(router),
+            router,
             pools: Pools::new(pool_settings),
             classifier: crate::classify::Classifier::new(10_000),
             catalog: Default::default(),

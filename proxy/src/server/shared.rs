@@ -34,12 +34,17 @@ pub(super) struct NodeAddr {
 pub struct Shared {
     /// The settings in force (replaced on reload).
     pub(super) settings: RwLock<Arc<Settings>>,
+    /// Counts reloads: sessions keep the settings they last read and take
+    /// them again only when this changed (an atomic load, where reading
+    /// the lock and cloning the `Arc` would write to memory every session
+    /// on every thread shares).
+    pub(super) settings_epoch: AtomicU64,
     /// Node addresses, by node index.
     pub(super) nodes: Vec<NodeAddr>,
     /// The background lag/health monitor.
     pub monitor: LagMonitor,
     /// The routing library's router.
-    pub(super) router: RwLock<&'static Router>,
+    pub(super) router: &'static Router,
     /// Backend pools.
     pub pools: Pools,
     /// The statement classifier (with its cache).
@@ -117,6 +122,13 @@ impl Shared {
         })
     }
 
+    /// The settings if they changed since `epoch` (see `settings_epoch`),
+    /// with the new epoch.
+    pub fn settings_since(&self, epoch: u64) -> Option<(u64, Arc<Settings>)> {
+        let now = self.settings_epoch.load(Ordering::Acquire);
+        (now != epoch).then(|| (now, self.settings()))
+    }
+
     /// The current settings.
     pub fn settings(&self) -> Arc<Settings> {
         self.settings.read().expect("settings lock").clone()
@@ -124,7 +136,7 @@ impl Shared {
 
     /// The routing library's router (per-node in-flight counts).
     pub fn router(&self) -> &'static Router {
-        *self.router.read().expect("router lock")
+        self.router
     }
 
     /// A receiver that changes when shutdown begins.
@@ -348,6 +360,7 @@ impl Shared {
         let settings = Settings::build(config, Some(&old))?;
         self.pools.reconfigure(settings.pool_settings());
         *self.settings.write().expect("settings lock") = Arc::new(settings);
+        self.settings_epoch.fetch_add(1, Ordering::Release);
         info!("configuration reloaded");
         Ok(())
     }

@@ -19,6 +19,19 @@ use tokio::runtime::Handle;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
+/// Worker threads when `proxy.workers` is 0: half the CPUs, at least one.
+///
+/// A pooler usually shares its host with its clients or its servers; a
+/// worker that must share a core wakes up (a context switch) for nearly
+/// every message, where one busy worker handles several per wake-up. On the
+/// 2-core benchmark machine, with PostgreSQL and pgbench beside it, one
+/// worker gave more transactions per second and less CPU per transaction
+/// than two (BENCHMARKS.md, section 3). On a host of its own, set
+/// `workers` to the number of cores.
+pub fn default_count() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| (n.get() / 2).max(1))
+}
+
 /// One worker thread.
 struct Worker {
     /// Its runtime.
@@ -44,13 +57,9 @@ impl Drop for LoadGuard {
 }
 
 impl Workers {
-    /// Starts `n` worker threads (`0`: one per CPU).
+    /// Starts `n` worker threads (`0`: [`default_count`]).
     pub fn start(n: usize) -> std::io::Result<Workers> {
-        let n = if n == 0 {
-            std::thread::available_parallelism().map_or(1, |n| n.get())
-        } else {
-            n
-        };
+        let n = if n == 0 { default_count() } else { n };
         let (stop, _) = watch::channel(false);
         let mut workers = Vec::with_capacity(n);
         for id in 0..n {

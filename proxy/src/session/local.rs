@@ -129,7 +129,7 @@ impl Session {
             PgError::error("22023", format!("invalid lagrouter token: {e}"))
                 .with_hint("Pass the value of the lagrouter.token parameter status (or SHOW lagrouter.token) unchanged.")
         })?;
-        if let Some(cluster) = self.shared.monitor.snapshot().cluster {
+        if let Some(cluster) = self.topology().cluster {
             token
                 .check_cluster(&cluster)
                 .map_err(|e| PgError::error("22023", format!("invalid lagrouter token: {e}")))?;

@@ -253,6 +253,15 @@ struct Session {
     recent: prepared::Recent,
     /// The session's pool of each node, once used.
     pools: std::sync::Mutex<Vec<Option<Arc<crate::backend::NodePool>>>>,
+    /// The settings as of `settings_epoch` (see `Shared::settings_since`):
+    /// a session reads its own copy, not the shared lock.
+    settings: Arc<crate::server::Settings>,
+    /// The reload count when `settings` was taken.
+    settings_epoch: u64,
+    /// The lag monitor's snapshots.
+    topo_rx: tokio::sync::watch::Receiver<Arc<lagrouter::Topology>>,
+    /// The newest snapshot seen ([`Session::topology`]).
+    topo: Arc<lagrouter::Topology>,
 }
 
 /// Runs an authenticated client session to its end.
@@ -307,7 +316,12 @@ pub async fn run(
         pin_recheck: false,
         recent: prepared::Recent::default(),
         pools: std::sync::Mutex::new(Vec::new()),
+        settings_epoch: 0,
+        settings: shared.settings(),
+        topo: shared.monitor.snapshot(),
+        topo_rx: shared.monitor.subscribe(),
     };
+    s.refresh_settings();
     let result = match Box::pin(s.setup(&info, secret)).await {
         Ok(()) => {
             // Not needed past the startup: an idle session keeps less.
@@ -337,8 +351,26 @@ pub async fn run(
 }
 
 impl Session {
-    fn settings(&self) -> Arc<crate::server::Settings> {
-        self.shared.settings()
+    /// The settings in force (as of the last [`Session::refresh_settings`]).
+    fn settings(&self) -> &crate::server::Settings {
+        &self.settings
+    }
+
+    /// Takes the settings again if a reload replaced them.
+    fn refresh_settings(&mut self) {
+        if let Some((epoch, settings)) = self.shared.settings_since(self.settings_epoch) {
+            self.settings_epoch = epoch;
+            self.settings = settings;
+        }
+    }
+
+    /// The lag monitor's newest snapshot. Checking for a new one is an
+    /// atomic load; the shared snapshot is cloned only when it changed.
+    fn topology(&mut self) -> &Arc<lagrouter::Topology> {
+        if self.topo_rx.has_changed().unwrap_or(false) {
+            self.topo = self.topo_rx.borrow_and_update().clone();
+        }
+        &self.topo
     }
 
     /// Validates the startup settings on a backend, learns the server's
@@ -347,7 +379,7 @@ impl Session {
         // Any node can validate the startup: the primary when it is up,
         // else a healthy replica, so that clients can still connect and read
         // while the primary is down (degraded read-only mode).
-        let topo = self.shared.monitor.snapshot();
+        let topo = self.topology().clone();
         let mut candidates: Vec<usize> = topo
             .primary
             .filter(|&p| topo.nodes[p].healthy)
@@ -429,6 +461,7 @@ impl Session {
         let mut shutdown = self.shared.shutdown_signal();
         let mut topology = self.shared.monitor.subscribe();
         loop {
+            self.refresh_settings();
             // 1. Client input, when it can be taken now.
             while self.accepts_client_input() {
                 let frame = match self.client.try_frame() {

@@ -421,7 +421,7 @@ impl Session {
         let Held { conn, .. } = *h;
         roll_back(conn, open).await;
         // 3. The recorded messages run again on the primary.
-        let got = match self.shared.monitor.snapshot().primary {
+        let got = match self.topology().primary {
             Some(p) => self
                 .checkout(p)
                 .await

@@ -67,7 +67,7 @@ impl Session {
                 None
             }
             (ProbeKind::After, pos) => {
-                let topo = self.shared.monitor.snapshot();
+                let topo = self.topology().clone();
                 self.read_capture = pos.and_then(|p| p.token(&topo)).map(|t| t.lsn);
                 None
             }
@@ -75,7 +75,7 @@ impl Session {
         // Labelled with the timeline the node reported, not the monitor's.
         if let Some(pos) = new_token {
             let before = self.token.get();
-            let token = pos.token(&self.shared.monitor.snapshot());
+            let token = pos.token(self.topology());
             if token.is_some() {
                 // Read on the primary after the commit: at or after
                 // everything any earlier read of the session saw.

@@ -44,16 +44,17 @@ impl Session {
         };
         let now = Instant::now();
         let mut plan = ReadPlan::new(req, now);
-        let step = plan.start(&self.shared.monitor.snapshot(), self.shared.router(), now);
+        let router = self.shared.router();
+        let step = plan.start(self.topology(), router, now);
         self.plan = Some(Box::new(plan));
         self.drive(step, batch, None).await
     }
 
     /// Feeds the plan and returns its next step (`None` without a plan).
     fn feed(&mut self, outcome: Outcome) -> Option<Step> {
+        self.topology();
         let plan = self.plan.as_mut()?;
-        let topo = self.shared.monitor.snapshot();
-        Some(plan.feed(&topo, self.shared.router(), outcome, Instant::now()))
+        Some(plan.feed(&self.topo, self.shared.router(), outcome, Instant::now()))
     }
 
     /// Carries out `step` for the unit `batch` until the unit is sent to a
@@ -114,7 +115,7 @@ impl Session {
                 Step::RunAsWrite { fallback, .. } => {
                     self.plan = None;
                     count_fallback(fallback);
-                    let Some(primary) = self.shared.monitor.snapshot().primary else {
+                    let Some(primary) = self.topology().primary else {
                         self.unit_error(&batch, PgError::error("08006", "no primary is known"));
                         return Ok(());
                     };
@@ -292,7 +293,7 @@ impl Session {
     /// else from the node's position read now (in the read's epoch).
     pub(super) async fn settle_last_read(&mut self) {
         let Some(last) = self.last_read else { return };
-        let topo = self.shared.monitor.snapshot();
+        let topo = self.topology().clone();
         let token = match last.floor_token(&topo) {
             Some(t) => Some(t),
             None if last.same_epoch(&topo) => match self.checkout(last.node).await {

@@ -328,7 +328,7 @@ impl Session {
             self.start_read(batch).await?;
         } else {
             self.plan = None;
-            let Some(primary) = self.shared.monitor.snapshot().primary else {
+            let Some(primary) = self.topology().primary else {
                 self.unit_error(
                     &batch,
                     PgError::error("08006", "no primary server is available"),

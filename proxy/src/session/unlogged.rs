@@ -42,7 +42,7 @@ impl Session {
         let catalog = &self.shared.catalog;
         let epoch = catalog.epoch();
         let mut names = Vec::new();
-        if let Some(primary) = self.shared.monitor.snapshot().primary {
+        if let Some(primary) = self.topology().primary {
             match self.checkout(primary).await {
                 Ok(mut conn) => match conn.simple_query(UNLOGGED_SQL).await {
                     Ok(rows) => {
