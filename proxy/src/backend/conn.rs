@@ -146,15 +146,16 @@ impl BackendConn {
     /// thread if it is registered with another one (a connection opened by
     /// a session on another worker, or by pool maintenance), so that its
     /// readiness wakes this thread directly. Must run inside a runtime.
-    pub fn rehome(mut self) -> io::Result<Self> {
+    pub fn rehome(self: Box<Self>) -> io::Result<Box<Self>> {
         let here = super::home::current();
         if self.home == here {
             return Ok(self);
         }
-        let std = self.stream.into_std()?;
-        self.stream = TcpStream::from_std(std)?;
-        self.home = here;
-        Ok(self)
+        let mut conn = *self;
+        let std = conn.stream.into_std()?;
+        conn.stream = TcpStream::from_std(std)?;
+        conn.home = here;
+        Ok(Box::new(conn))
     }
 
     /// Connects and authenticates, within `timeout`.
