@@ -462,6 +462,12 @@ impl Session {
         let mut topology = self.shared.monitor.subscribe();
         loop {
             self.refresh_settings();
+            // Shutdown is looked for here (an atomic load) and waited for
+            // only while idle: registering with the shared channel on
+            // every wait cost more than a tenth of the loop.
+            if self.lifecycle == Lifecycle::Running && shutdown.has_changed().unwrap_or(true) {
+                self.lifecycle = Lifecycle::Closing;
+            }
             // 1. Client input, when it can be taken now.
             while self.accepts_client_input() {
                 let frame = match self.client.try_frame() {
@@ -522,7 +528,7 @@ impl Session {
                     }
                 }, if has_backend => Event::Backend(r),
                 r = client.fill(), if accept => Event::Client(r),
-                _ = shutdown.changed(), if !closing => Event::Shutdown,
+                _ = shutdown.changed(), if !closing && !has_backend => Event::Shutdown,
                 _ = tokio::time::sleep(idle_timeout), if idle => Event::Idle,
                 r = topology.changed(), if watch_node => Event::Topology(r.is_ok()),
             };
