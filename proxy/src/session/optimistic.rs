@@ -345,7 +345,9 @@ impl Session {
                 Ok(Some(msg))
             }
             Verdict::Move(reason) => {
-                self.move_to_primary(msg, reason).await?;
+                // Boxed: rare, and its future would otherwise be part of
+                // every idle session's task.
+                Box::pin(self.move_to_primary(msg, reason)).await?;
                 Ok(None)
             }
         }
