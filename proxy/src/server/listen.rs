@@ -256,22 +256,16 @@ async fn serve_client(shared: Arc<Shared>, tcp: tokio::net::TcpStream, peer: Soc
     let Some((conn, info)) = Box::pin(crate::frontend::accept(&shared, tcp, peer)).await else {
         return;
     };
-    let status = Arc::new(ClientStatus {
+    let status = Arc::new(ClientStatus::new(
         id,
-        user: info.user.clone(),
-        database: info.database.clone(),
-        server_user: info.entry.server_user.clone(),
+        info.entry.clone(),
+        &info.database,
         peer,
-        tls: conn.is_tls(),
-        application_name: info
-            .params
+        conn.is_tls(),
+        info.params
             .get("application_name")
-            .cloned()
-            .unwrap_or_default(),
-        connected_at: std::time::SystemTime::now(),
-        server: Arc::new(Mutex::new(None)),
-        waiting: Default::default(),
-    });
+            .map_or("", |a| a.as_str()),
+    ));
     let _registration = shared.registry.register(status.clone());
     match info.console {
         Some(role) => crate::console::run(shared, conn, info, role).await,
