@@ -263,9 +263,12 @@ pub fn run(
     let info = Box::new(info);
     async move {
         let _guard = guard;
-        let result = match Box::pin(s.setup(info, secret)).await {
-            Ok(()) => s.main_loop().await,
-            Err(e) => Err(e),
+        // (A failed setup's end is boxed: a value as large as `Flow` held
+        // here would be kept in the task while the session runs.)
+        let failed = Box::pin(s.setup(info, secret)).await.err().map(Box::new);
+        let result = match failed {
+            None => s.main_loop().await,
+            Some(e) => Err(*e),
         };
         // Boxed, as the setup: only a closing session needs it.
         Box::pin(s.close(result)).await;
