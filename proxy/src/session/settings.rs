@@ -225,3 +225,43 @@ pub(super) fn prelude_sql(
     }
     (!sql.is_empty()).then_some(sql)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings(app: &str) -> SettingMap {
+        SettingMap::from([(
+            "application_name".to_string(),
+            set_statement_sql("application_name", app),
+        )])
+    }
+
+    #[test]
+    fn equal_startup_settings_are_shared_and_copied_on_write() {
+        let a = shared_startup(settings("shared-startup-test"));
+        let b = shared_startup(settings("shared-startup-test"));
+        assert!(Arc::ptr_eq(&a, &b), "one map for equal startup settings");
+        let other = shared_startup(settings("shared-startup-test-other"));
+        assert!(!Arc::ptr_eq(&a, &other));
+        let mut changed = b.clone();
+        Arc::make_mut(&mut changed).insert("search_path".into(), "SET search_path TO x".into());
+        assert_eq!(
+            *a,
+            settings("shared-startup-test"),
+            "a change is the session's own"
+        );
+        assert_eq!(changed.len(), 2);
+    }
+
+    #[test]
+    fn shared_startup_settings_are_bounded() {
+        // (None held: maps no session uses go first, so the other test's,
+        // held, are not evicted.)
+        for i in 0..2 * SHARED_STARTUP_MAX {
+            shared_startup(settings(&format!("bounded-test-{i}")));
+        }
+        let n = SHARED_STARTUP.lock().unwrap().len();
+        assert!(n <= SHARED_STARTUP_MAX, "{n} maps kept");
+    }
+}
