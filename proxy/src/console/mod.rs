@@ -21,6 +21,7 @@ mod config_rows;
 mod result;
 mod show;
 
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -43,7 +44,20 @@ enum Skip {
 }
 
 /// Serves an admin console connection until the client leaves.
-pub async fn run(shared: Arc<Shared>, mut conn: ClientConn, info: StartupInfo, role: ConsoleRole) {
+///
+/// Boxed: console connections are few, and the future of a connection's
+/// task is as large as the larger of the console's and the session's.
+pub fn run(
+    shared: Arc<Shared>,
+    conn: ClientConn,
+    info: StartupInfo,
+    role: ConsoleRole,
+) -> Pin<Box<impl Future<Output = ()> + Send>> {
+    Box::pin(serve(shared, conn, info, role))
+}
+
+/// The console's loop (see [`run`]).
+async fn serve(shared: Arc<Shared>, mut conn: ClientConn, info: StartupInfo, role: ConsoleRole) {
     info!(user = %info.user, ?role, "admin console opened");
     for (k, val) in [
         ("server_version", "15.0 (lagrouter-proxy admin console)"),

@@ -121,7 +121,7 @@ fn pools(shared: &Shared) -> ResultSet {
     for p in shared.pools.stats() {
         let active = clients
             .iter()
-            .filter(|c| c.database == p.database && c.server_user == p.user)
+            .filter(|c| *c.database == *p.database && c.server_user() == p.user)
             .filter(|c| {
                 c.server
                     .lock()
@@ -175,14 +175,14 @@ fn clients(shared: &Shared) -> ResultSet {
         rs.push(vec![
             v("C"),
             v(c.id),
-            v(&c.user),
+            v(c.user()),
             v(&c.database),
             v(state),
             v(c.peer.ip()),
             v(c.peer.port()),
             time(c.connected_at),
             flag(c.tls),
-            v(&c.application_name),
+            v(&*c.application_name),
             server.and_then(|t| node_name(shared, t.node)),
             server.map(|t| t.pid.to_string()),
         ]);
@@ -210,7 +210,7 @@ fn servers(shared: &Shared) -> ResultSet {
         };
         rs.push(vec![
             v("S"),
-            v(&c.server_user),
+            v(c.server_user()),
             v(&c.database),
             node_name(shared, t.node),
             v("active"),

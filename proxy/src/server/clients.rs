@@ -12,35 +12,72 @@ use std::time::SystemTime;
 
 use tokio::sync::watch;
 
+use super::settings::UserEntry;
 use crate::backend::CancelTarget;
 
 /// Where a session's current query can be cancelled (and which server
 /// connection it holds).
 pub type CancelSlot = Mutex<Option<CancelTarget>>;
 
-/// One connected client.
+/// One connected client. Kept small: every idle client has one (the
+/// strings it shares with the configuration are read from `entry`).
 #[derive(Debug)]
 pub struct ClientStatus {
     /// The connection id (also in every log line of the connection).
     pub id: u64,
-    /// The client user.
-    pub user: String,
+    /// The client user's configuration as it was at login (its `name` is
+    /// the client user, `server_user` the user the proxy logs in to
+    /// servers as for it).
+    pub entry: Arc<UserEntry>,
     /// The database it asked for.
-    pub database: String,
-    /// The user the proxy logs in to servers as for it.
-    pub server_user: String,
+    pub database: Box<str>,
     /// Its address.
     pub peer: SocketAddr,
     /// Whether it uses TLS.
     pub tls: bool,
     /// Its `application_name`.
-    pub application_name: String,
+    pub application_name: Box<str>,
     /// When it connected.
     pub connected_at: SystemTime,
-    /// The server connection it holds, if any (its cancel slot).
-    pub server: Arc<CancelSlot>,
+    /// The server connection it holds, if any (where its current query can
+    /// be cancelled).
+    pub server: CancelSlot,
     /// True while it waits for `RESUME`.
     pub waiting: AtomicBool,
+}
+
+impl ClientStatus {
+    /// A client that just logged in as `entry`'s user, connected now.
+    pub fn new(
+        id: u64,
+        entry: Arc<UserEntry>,
+        database: &str,
+        peer: SocketAddr,
+        tls: bool,
+        application_name: &str,
+    ) -> ClientStatus {
+        ClientStatus {
+            id,
+            entry,
+            database: database.into(),
+            peer,
+            tls,
+            application_name: application_name.into(),
+            connected_at: SystemTime::now(),
+            server: Mutex::new(None),
+            waiting: AtomicBool::new(false),
+        }
+    }
+
+    /// The client user.
+    pub fn user(&self) -> &str {
+        &self.entry.name
+    }
+
+    /// The user the proxy logs in to servers as for this client.
+    pub fn server_user(&self) -> &str {
+        &self.entry.server_user
+    }
 }
 
 /// The connected clients, by id.
@@ -209,19 +246,24 @@ mod tests {
     #[test]
     fn registry_forgets_dropped_clients() {
         let r = Arc::new(ClientRegistry::default());
+        let entry = Arc::new(UserEntry {
+            name: "u".into(),
+            auth: crate::config::AuthMethod::Trust,
+            password: String::new(),
+            scram: None,
+            server_user: "u".into(),
+            server_password: None,
+            consistency: None,
+        });
         let status = |id| {
-            Arc::new(ClientStatus {
+            Arc::new(ClientStatus::new(
                 id,
-                user: "u".into(),
-                database: "d".into(),
-                server_user: "u".into(),
-                peer: "127.0.0.1:1".parse().unwrap(),
-                tls: false,
-                application_name: String::new(),
-                connected_at: SystemTime::now(),
-                server: Arc::new(Mutex::new(None)),
-                waiting: AtomicBool::new(false),
-            })
+                entry.clone(),
+                "d",
+                "127.0.0.1:1".parse().unwrap(),
+                false,
+                "",
+            ))
         };
         let a = r.register(status(1));
         let _b = r.register(status(2));

@@ -8,6 +8,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
+use futures_util::future::Either;
 use lagrouter::{Connector, LagMonitor, LoadBalance, MonitorConfig, MonitorTarget, Router};
 use tokio::net::TcpListener;
 use tokio::sync::{Notify, OnceCell, watch};
@@ -268,29 +269,28 @@ impl Shared {
 /// the admin console), registered for `SHOW CLIENTS` while it lasts.
 async fn serve_client(shared: Arc<Shared>, tcp: tokio::net::TcpStream, peer: SocketAddr, id: u64) {
     // Boxed: the startup phase's future is large and done with before the
-    // session starts.
-    let Some((conn, info)) = Box::pin(crate::frontend::accept(&shared, tcp, peer)).await else {
-        return;
+    // session starts. (The connection and its startup are moved into the
+    // session's future in a block: the task keeps no room for them.)
+    let (_registration, serve) = {
+        let Some((conn, info)) = Box::pin(crate::frontend::accept(&shared, tcp, peer)).await else {
+            return;
+        };
+        let status = Arc::new(ClientStatus::new(
+            id,
+            info.entry.clone(),
+            &info.database,
+            peer,
+            conn.is_tls(),
+            info.params
+                .get("application_name")
+                .map_or("", |a| a.as_str()),
+        ));
+        let registration = shared.registry.register(status.clone());
+        let serve = match info.console {
+            Some(role) => Either::Left(crate::console::run(shared, conn, info, role)),
+            None => Either::Right(crate::session::run(shared, conn, info, status)),
+        };
+        (registration, serve)
     };
-    let status = Arc::new(ClientStatus {
-        id,
-        user: info.user.clone(),
-        database: info.database.clone(),
-        server_user: info.entry.server_user.clone(),
-        peer,
-        tls: conn.is_tls(),
-        application_name: info
-            .params
-            .get("application_name")
-            .cloned()
-            .unwrap_or_default(),
-        connected_at: std::time::SystemTime::now(),
-        server: Arc::new(Mutex::new(None)),
-        waiting: Default::default(),
-    });
-    let _registration = shared.registry.register(status.clone());
-    match info.console {
-        Some(role) => crate::console::run(shared, conn, info, role).await,
-        None => crate::session::run(shared, conn, info, status).await,
-    }
+    serve.await;
 }

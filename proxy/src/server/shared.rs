@@ -52,7 +52,7 @@ pub struct Shared {
     /// What the proxy knows about the schema (epoch of the last DDL).
     pub catalog: super::catalog::Catalog,
     /// Cancel keys: session pid → (secret, where its query runs).
-    pub(super) cancels: Mutex<HashMap<i32, (i32, Arc<CancelSlot>)>>,
+    pub(super) cancels: Mutex<HashMap<i32, (i32, Arc<super::clients::ClientStatus>)>>,
     /// Becomes `true` when shutdown begins.
     pub(super) shutdown: watch::Receiver<bool>,
     /// The server's parameter names, learnt from the first backend.
@@ -153,8 +153,9 @@ impl Shared {
     }
 
     /// Allocates the (pid, secret) a session reports in `BackendKeyData`;
-    /// a cancel request with them goes to whatever `slot` holds.
-    pub fn register_session(&self, slot: Arc<CancelSlot>) -> (i32, i32) {
+    /// a cancel request with them goes to whatever `client`'s cancel slot
+    /// (`ClientStatus::server`) holds.
+    pub fn register_session(&self, client: Arc<super::clients::ClientStatus>) -> (i32, i32) {
         let mut map = self.cancels.lock().expect("cancel map");
         loop {
             let pid = rand::random::<i32>() & 0x3fff_ffff;
@@ -162,7 +163,7 @@ impl Shared {
                 continue;
             }
             let secret = rand::random::<i32>();
-            map.insert(pid, (secret, slot));
+            map.insert(pid, (secret, client));
             return (pid, secret);
         }
     }
@@ -178,7 +179,7 @@ impl Shared {
         let target = {
             let map = self.cancels.lock().expect("cancel map");
             match map.get(&pid) {
-                Some((s, slot)) if *s == secret => *slot.lock().expect("cancel slot"),
+                Some((s, client)) if *s == secret => *client.server.lock().expect("cancel slot"),
                 _ => {
                     warn!(pid, "cancel request with an unknown key ignored");
                     return;

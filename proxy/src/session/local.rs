@@ -164,7 +164,7 @@ impl Session {
                 let routing = &self.settings().config.routing;
                 self.consistency = Some(parse_consistency(v, routing).map_err(invalid)?);
             }
-            (CONSISTENCY_SETTING, None) => self.consistency = self.user_consistency,
+            (CONSISTENCY_SETTING, None) => self.consistency = self.status.entry.consistency,
             (_, Some(v)) => self.max_wait = Some(parse_duration(v).map_err(invalid)?),
             (_, None) => self.max_wait = None,
         }

@@ -148,13 +148,15 @@ impl Session {
             }
         }
         // The server undid what the lost transaction (or statement) set.
-        if let Some((desired, _)) = self.settings_before_txn.take() {
-            self.desired = desired;
+        if let Some(before) = self.settings_before_txn.take() {
+            self.desired = before.desired;
         }
         self.txn_status = status;
-        self.lost = (status == TxnStatus::Failed).then(|| LostTxn {
-            portals: HashMap::new(),
-            untold,
+        self.lost = (status == TxnStatus::Failed).then(|| {
+            Box::new(LostTxn {
+                portals: HashMap::new(),
+                untold,
+            })
         });
         Ok(())
     }

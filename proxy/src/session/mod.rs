@@ -43,7 +43,7 @@
 //! * `unlogged`: reads of unlogged relations go to the primary.
 #![warn(missing_docs)]
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -55,7 +55,7 @@ use crate::backend::BackendError;
 use crate::classify::set_statement_sql;
 use crate::frontend::{ClientConn, ClientError, StartupInfo};
 use crate::metrics as m;
-use crate::server::{CancelSlot, Shared};
+use crate::server::Shared;
 use crate::wire::{self as protocol, ClientMessage, Frame, PgError, TxnStatus};
 
 mod forward;
@@ -78,7 +78,7 @@ pub use probe::PROBE_STATEMENT;
 use local::LocalStmt;
 use pipeline::{Held, Mode, UnitState};
 use prepared::StmtInfo;
-use settings::prelude_sql;
+use settings::{SettingMap, prelude_sql};
 
 /// Most extended-protocol messages buffered before a `Sync`/`Flush`.
 const MAX_PENDING: usize = 100_000;
@@ -159,19 +159,8 @@ struct Session {
     shared: Arc<Shared>,
     /// The client connection.
     client: ClientConn,
-    /// The client user.
-    user: String,
-    /// The database.
-    database: String,
-    /// The user the proxy logs in to servers as.
-    server_user: String,
-    /// That user's password.
-    server_password: Option<String>,
     /// The pid reported to the client in `BackendKeyData`.
     pid: i32,
-    /// Where the current query can be cancelled (set while a backend is
-    /// held).
-    cancel: Arc<CancelSlot>,
     /// The session's consistency token: the newest position it wrote or
     /// read, or was given.
     token: TokenHolder,
@@ -188,9 +177,6 @@ struct Session {
     /// The session's own read policy (`SET lagrouter.consistency`, else the
     /// user's `consistency` from the configuration).
     consistency: Option<lagrouter::Consistency>,
-    /// The user's default policy from the configuration (what `RESET
-    /// lagrouter.consistency` returns to).
-    user_consistency: Option<lagrouter::Consistency>,
     /// The session's read-your-writes wait (`SET lagrouter.max_wait`).
     max_wait: Option<Duration>,
     /// The policy of the unit being sent: the session's, or a
@@ -198,15 +184,16 @@ struct Session {
     unit_policy: lagrouter::Consistency,
     /// When the session last wrote (given to the router with each read).
     last_write: Option<Instant>,
-    /// Session settings to have on any backend (name → SQL to apply).
-    desired: BTreeMap<String, String>,
+    /// Session settings to have on any backend (name → SQL to apply);
+    /// copied on write.
+    desired: Arc<SettingMap>,
     /// The settings from the startup packet (what `RESET` returns to).
-    startup_desired: BTreeMap<String, String>,
+    startup_desired: Arc<SettingMap>,
     /// `desired` and the held connection's applied settings as they were
     /// before the first setting change since the last transaction
     /// boundary: what a rollback returns them to, as the server undoes a
     /// `SET` made inside a transaction that does not commit.
-    settings_before_txn: Option<(BTreeMap<String, String>, BTreeMap<String, String>)>,
+    settings_before_txn: Option<Box<settings::BeforeTxn>>,
     /// The client's named prepared statements.
     prepared: HashMap<String, Arc<StmtInfo>>,
     /// The client's unnamed statement.
@@ -230,11 +217,13 @@ struct Session {
     lifecycle: Lifecycle,
     /// Statement kinds of the unit being routed (for metrics).
     unit_kinds: Vec<&'static str>,
-    /// What the admin console shows of this client.
+    /// What the admin console shows of this client; also its user, its
+    /// database, its configuration (`entry`) and where its current query
+    /// can be cancelled (`server`, set while a backend is held).
     status: Arc<crate::server::ClientStatus>,
     /// A transaction whose server connection died, answered as aborted
     /// until the client ends it (`lost.rs`).
-    lost: Option<lost::LostTxn>,
+    lost: Option<Box<lost::LostTxn>>,
     /// What keeps a pinned session pinned besides server-side objects.
     sticky: pin::Sticky,
     /// A statement that may have released session state ran on the pinned
@@ -246,7 +235,7 @@ struct Session {
     client_utf8: bool,
     /// A client message that starts a new unit, held while the open unit
     /// before it ends on the replica that ran it.
-    deferred: Option<ClientMessage>,
+    deferred: Option<Box<ClientMessage>>,
     /// The optimistic transaction running on a replica, if any.
     optimistic: optimistic::OptState,
     /// The last statement text classified.
@@ -265,92 +254,118 @@ struct Session {
 }
 
 /// Runs an authenticated client session to its end.
-pub async fn run(
+///
+/// Not an `async fn`: the session is built before the future exists, so
+/// the future, which every connected client's task holds, keeps the
+/// session once and not also the arguments it is built from (an `async
+/// fn` keeps a slot for each argument).
+pub fn run(
     shared: Arc<Shared>,
     client: ClientConn,
     info: StartupInfo,
     status: Arc<crate::server::ClientStatus>,
-) {
-    let cancel = status.server.clone();
-    let (pid, secret) = shared.register_session(cancel.clone());
-    let _guard = shared.client_guard();
-    let entry = info.entry.clone();
-    let mut s = Session {
-        shared: shared.clone(),
-        client,
-        user: info.user.clone(),
-        database: info.database.clone(),
-        server_user: entry.server_user.clone(),
-        server_password: entry.server_password.clone(),
-        pid,
-        cancel,
-        token: TokenHolder::default(),
-        plan: None,
-        read_served: None,
-        last_read: None,
-        read_capture: None,
-        consistency: entry.consistency,
-        user_consistency: entry.consistency,
-        max_wait: None,
-        unit_policy: shared.settings().policy,
-        last_write: None,
-        desired: BTreeMap::new(),
-        startup_desired: BTreeMap::new(),
-        settings_before_txn: None,
-        prepared: HashMap::new(),
-        unnamed: None,
-        local_portals: HashMap::new(),
-        pending: Vec::new(),
-        skip: Skip::No,
-        backend: None,
-        pooling: Pooling::Transaction,
-        txn_status: TxnStatus::Idle,
-        lifecycle: Lifecycle::Running,
-        unit_kinds: Vec::new(),
-        status,
-        lost: None,
-        deferred: None,
-        optimistic: optimistic::OptState::Off,
-        client_utf8: true,
-        sticky: pin::Sticky::No,
-        pin_recheck: false,
-        recent: prepared::Recent::default(),
-        pools: std::sync::Mutex::new(Vec::new()),
-        settings_epoch: 0,
-        settings: shared.settings(),
-        topo: shared.monitor.snapshot(),
-        topo_rx: shared.monitor.subscribe(),
-    };
-    s.refresh_settings();
-    let result = match Box::pin(s.setup(&info, secret)).await {
-        Ok(()) => {
-            // Not needed past the startup: an idle session keeps less.
-            drop(info);
-            s.main_loop().await
-        }
-        Err(e) => Err(e),
-    };
-    match result {
-        Ok(()) | Err(SessionEnd::Closed) => {}
-        Err(SessionEnd::Fatal(e)) => {
-            debug!(pid, error = %e, "session ended with a fatal error");
-            if e.code == protocol::SQLSTATE_PROTOCOL_VIOLATION {
-                metrics::counter!(m::PROTOCOL_ERRORS_TOTAL).increment(1);
-            }
-            s.client.fatal(&e).await;
-        }
-        Err(SessionEnd::Client(e)) => debug!(pid, error = %e, "client connection failed"),
+) -> impl Future<Output = ()> + Send {
+    let (pid, secret) = shared.register_session(status.clone());
+    let guard = shared.client_guard();
+    let mut s = Session::new(shared, client, pid, status);
+    // Only the setup needs the startup parameters: boxed, they go with it.
+    let info = Box::new(info);
+    async move {
+        let _guard = guard;
+        // (A failed setup's end is boxed: a value as large as `Flow` held
+        // here would be kept in the task while the session runs.)
+        let failed = Box::pin(s.setup(info, secret)).await.err().map(Box::new);
+        let result = match failed {
+            None => s.main_loop().await,
+            Some(e) => Err(*e),
+        };
+        // Boxed, as the setup: only a closing session needs it.
+        Box::pin(s.close(result)).await;
     }
-    if let Some(h) = s.backend.take() {
-        // Mid-statement or pinned: the connection's state is unknown or
-        // belongs to this session; close it.
-        drop(h);
-    }
-    shared.unregister_session(pid);
-    debug!(pid, user = %s.user, "session closed");
 }
 
 impl Session {
+    /// A session for `status`'s client, before its setup.
+    fn new(
+        shared: Arc<Shared>,
+        client: ClientConn,
+        pid: i32,
+        status: Arc<crate::server::ClientStatus>,
+    ) -> Session {
+        let settings = shared.settings();
+        let unit_policy = settings.policy;
+        let topo = shared.monitor.snapshot();
+        let topo_rx = shared.monitor.subscribe();
+        let no_settings = settings::shared_startup(SettingMap::new());
+        Session {
+            shared,
+            client,
+            pid,
+            token: TokenHolder::default(),
+            plan: None,
+            read_served: None,
+            last_read: None,
+            read_capture: None,
+            consistency: status.entry.consistency,
+            max_wait: None,
+            unit_policy,
+            last_write: None,
+            desired: no_settings.clone(),
+            startup_desired: no_settings,
+            settings_before_txn: None,
+            prepared: HashMap::new(),
+            unnamed: None,
+            local_portals: HashMap::new(),
+            pending: Vec::new(),
+            skip: Skip::No,
+            backend: None,
+            pooling: Pooling::Transaction,
+            txn_status: TxnStatus::Idle,
+            lifecycle: Lifecycle::Running,
+            unit_kinds: Vec::new(),
+            status,
+            lost: None,
+            deferred: None,
+            optimistic: optimistic::OptState::Off,
+            client_utf8: true,
+            sticky: pin::Sticky::No,
+            pin_recheck: false,
+            recent: prepared::Recent::default(),
+            pools: std::sync::Mutex::new(Vec::new()),
+            settings_epoch: 0,
+            settings,
+            topo,
+            topo_rx,
+        }
+    }
+}
+
+impl Session {
+    /// Ends the session: the fatal error it ended with, if any, is sent to
+    /// the client, a server connection still held is closed, and the
+    /// cancel key forgotten.
+    async fn close(&mut self, result: Flow) {
+        let pid = self.pid;
+        match result {
+            Ok(()) | Err(SessionEnd::Closed) => {}
+            Err(SessionEnd::Fatal(e)) => {
+                debug!(pid, error = %e, "session ended with a fatal error");
+                if e.code == protocol::SQLSTATE_PROTOCOL_VIOLATION {
+                    metrics::counter!(m::PROTOCOL_ERRORS_TOTAL).increment(1);
+                }
+                self.client.fatal(&e).await;
+            }
+            Err(SessionEnd::Client(e)) => debug!(pid, error = %e, "client connection failed"),
+        }
+        if let Some(h) = self.backend.take() {
+            // Mid-statement or pinned: the connection's state is unknown or
+            // belongs to this session; close it.
+            drop(h);
+        }
+        self.shared.unregister_session(pid);
+        debug!(pid, user = %self.status.user(), "session closed");
+    }
+
     /// The settings in force (as of the last [`Session::refresh_settings`]).
     fn settings(&self) -> &crate::server::Settings {
         &self.settings
@@ -375,7 +390,8 @@ impl Session {
 
     /// Validates the startup settings on a backend, learns the server's
     /// parameters and completes the startup exchange.
-    async fn setup(&mut self, info: &StartupInfo, secret: i32) -> Flow {
+    /// (`info` is dropped when it ends: an idle session keeps none of it.)
+    async fn setup(&mut self, info: Box<StartupInfo>, secret: i32) -> Flow {
         // Any node can validate the startup: the primary when it is up,
         // else a healthy replica, so that clients can still connect and read
         // while the primary is down (degraded read-only mode).
@@ -420,6 +436,7 @@ impl Session {
             Ok(k) => k,
             Err(e) => return Err(SessionEnd::Fatal(backend_fatal(&e))),
         };
+        let mut startup = SettingMap::new();
         for (name, value) in &info.params {
             if !name.contains('.') && !known.contains(name) {
                 return Err(SessionEnd::Fatal(PgError::fatal(
@@ -433,15 +450,15 @@ impl Session {
                     format!("lagrouter settings cannot be set at startup: \"{name}\""),
                 )));
             }
-            self.desired
-                .insert(name.clone(), set_statement_sql(name, value));
+            startup.insert(name.clone(), set_statement_sql(name, value));
         }
+        self.desired = settings::shared_startup(startup);
         self.startup_desired = self.desired.clone();
         if let Some(sql) = prelude_sql(&self.desired, &conn) {
             if let Err(e) = conn.simple_query(&sql).await {
                 return Err(SessionEnd::Fatal(backend_fatal(&e)));
             }
-            conn.applied = self.desired.clone();
+            conn.applied = (*self.desired).clone();
         }
         let params = conn.server_params.clone();
         conn.release();
@@ -685,7 +702,7 @@ impl Session {
             });
             if deferred_ready {
                 if let Some(msg) = self.deferred.take() {
-                    self.on_message(msg).await?;
+                    self.on_message(*msg).await?;
                     continue;
                 }
             }
@@ -727,7 +744,7 @@ impl Session {
                     LastRead::new(&served, Instant::now()).with_floor(self.read_capture.take()),
                 );
             }
-            *self.cancel.lock().expect("cancel slot") = None;
+            *self.status.server.lock().expect("cancel slot") = None;
             if !h.out.is_empty() {
                 self.client.wbuf.extend_from_slice(&h.out);
                 h.out.clear();
@@ -745,5 +762,28 @@ fn backend_fatal(e: &BackendError) -> PgError {
     match e {
         BackendError::Server(f) => PgError::fatal(&f.code, f.message.clone()),
         other => PgError::fatal(other.sqlstate(), other.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The size of the future `f` returns.
+    fn future_size<A, B, C, D, F>(_: fn(A, B, C, D) -> F) -> usize {
+        std::mem::size_of::<F>()
+    }
+
+    /// Every connected client's task holds its session's future, so it
+    /// must stay small (BENCHMARKS.md, memory per idle client): rare and
+    /// large steps (setup, routing, the optimistic move to the primary,
+    /// closing, the console) are boxed. On `main` before this test it was
+    /// 4.5 KiB.
+    #[test]
+    fn an_idle_session_future_stays_small() {
+        let session = future_size(run);
+        assert!(session <= 2048, "session future: {session} bytes");
+        let console = future_size(crate::console::run);
+        assert!(console <= 64, "console future: {console} bytes");
     }
 }

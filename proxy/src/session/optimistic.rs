@@ -345,7 +345,9 @@ impl Session {
                 Ok(Some(msg))
             }
             Verdict::Move(reason) => {
-                self.move_to_primary(msg, reason).await?;
+                // Boxed: rare, and its future would otherwise be part of
+                // every idle session's task.
+                Box::pin(self.move_to_primary(msg, reason)).await?;
                 Ok(None)
             }
         }
@@ -416,7 +418,7 @@ impl Session {
         }
         // 2. The replica's transaction is rolled back.
         let h = self.backend.take().expect("held");
-        *self.cancel.lock().expect("cancel slot") = None;
+        *self.status.server.lock().expect("cancel slot") = None;
         let open = h.unit_state.is_open();
         let Held { conn, .. } = *h;
         roll_back(conn, open).await;
@@ -457,7 +459,7 @@ impl Session {
                 warn!(pid = self.pid, error = %e, "replaying a transaction on the primary failed");
             }
             if let Some(h) = self.backend.take() {
-                *self.cancel.lock().expect("cancel slot") = None;
+                *self.status.server.lock().expect("cancel slot") = None;
                 let open = h.unit_state.is_open();
                 let Held { mut conn, .. } = *h;
                 if replayed.is_err() {
@@ -517,11 +519,11 @@ impl Session {
             self.optimistic = OptState::PrimaryNext;
         }
         debug!(pid = self.pid, code = %e.code, "optimistic transaction aborted");
-        if let Some((desired, _)) = self.settings_before_txn.take() {
-            self.desired = desired;
+        if let Some(before) = self.settings_before_txn.take() {
+            self.desired = before.desired;
         }
         self.txn_status = TxnStatus::Failed;
-        self.lost = Some(LostTxn::aborted(e));
+        self.lost = Some(Box::new(LostTxn::aborted(e)));
         Box::pin(self.on_message(msg)).await
     }
 }

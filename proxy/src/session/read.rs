@@ -327,7 +327,7 @@ impl Session {
         let Some(mut h) = self.backend.take() else {
             return Ok(());
         };
-        *self.cancel.lock().expect("cancel slot") = None;
+        *self.status.server.lock().expect("cancel slot") = None;
         let unit = h.unit.take().unwrap_or_default();
         if h.unit_state.is_open() || h.error == ErrorState::SkippingToSync {
             // Left mid-unit (the client's Sync never came): not reusable.
@@ -344,7 +344,7 @@ impl Session {
         let Some(mut h) = self.backend.take() else {
             return Ok(());
         };
-        *self.cancel.lock().expect("cancel slot") = None;
+        *self.status.server.lock().expect("cancel slot") = None;
         warn!(node = h.node, error = %e, "server connection failed");
         h.conn.broken = true;
         let failure = self.backend_failure(h.node, &e);

@@ -2,8 +2,14 @@
 //! recorded when the server confirms them, replayed as a prelude on
 //! whichever backend serves the next statement, and undone when the
 //! transaction they were made in rolls back.
+//!
+//! The session's settings are kept as an `Arc` and copied on write: the
+//! startup settings and the current ones are one map until the client
+//! changes one, and sessions that log in with the same startup settings
+//! (an application's clients, with its `application_name`) share one map.
 
 use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
 
 use crate::backend::BackendConn;
 use crate::classify::{Classification, StatementKind, reset_statement_sql, set_statement_sql};
@@ -12,6 +18,45 @@ use crate::wire::TxnStatus;
 use super::pipeline::Action;
 
 use super::Session;
+
+/// Settings by name → the SQL that applies them.
+pub(super) type SettingMap = BTreeMap<String, String>;
+
+/// The session's settings and the held connection's applied settings as
+/// they were before the first setting change since the last transaction
+/// boundary: what a rollback returns them to.
+pub(super) struct BeforeTxn {
+    /// The session's settings.
+    pub(super) desired: Arc<SettingMap>,
+    /// The held connection's applied settings.
+    pub(super) applied: SettingMap,
+}
+
+/// Most distinct startup settings kept for sharing.
+const SHARED_STARTUP_MAX: usize = 64;
+
+/// Startup settings in use, shared between the sessions that have them.
+static SHARED_STARTUP: Mutex<Vec<Arc<SettingMap>>> = Mutex::new(Vec::new());
+
+/// `settings` as a shared map: the one another session logged in with, if
+/// equal, so that idle clients of one application keep one copy. (Called
+/// once per login; at most [`SHARED_STARTUP_MAX`] maps are kept, those no
+/// session uses any more dropped first.)
+pub(super) fn shared_startup(settings: SettingMap) -> Arc<SettingMap> {
+    let mut shared = SHARED_STARTUP.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some(found) = shared.iter().find(|m| ***m == settings) {
+        return found.clone();
+    }
+    if shared.len() >= SHARED_STARTUP_MAX {
+        shared.retain(|m| Arc::strong_count(m) > 1);
+        if shared.len() >= SHARED_STARTUP_MAX {
+            shared.remove(0);
+        }
+    }
+    let map = Arc::new(settings);
+    shared.push(map.clone());
+    map
+}
 
 impl Session {
     /// The client's `ReadyForQuery` reports `status`: when the session is
@@ -22,12 +67,10 @@ impl Session {
         match status {
             TxnStatus::Idle => {
                 let before = self.settings_before_txn.take();
-                if let (true, Some((desired, applied))) =
-                    (std::mem::take(&mut h.txn_failed), before)
-                {
+                if let (true, Some(before)) = (std::mem::take(&mut h.txn_failed), before) {
                     // Rolled back: the server undid this transaction's SETs.
-                    self.desired = desired;
-                    h.conn.applied = applied;
+                    self.desired = before.desired;
+                    h.conn.applied = before.applied;
                 }
             }
             // Recovered (ROLLBACK TO SAVEPOINT): the transaction goes on.
@@ -60,7 +103,10 @@ impl Session {
                 .as_ref()
                 .map(|h| h.conn.applied.clone())
                 .unwrap_or_default();
-            self.settings_before_txn = Some((self.desired.clone(), applied));
+            self.settings_before_txn = Some(Box::new(BeforeTxn {
+                desired: self.desired.clone(),
+                applied,
+            }));
         }
         let h = self.backend.as_mut();
         match kind {
@@ -73,13 +119,18 @@ impl Session {
                 if let Some(h) = h {
                     h.conn.applied.insert(name.clone(), sql.clone());
                 }
-                self.desired.insert(name, sql);
+                Arc::make_mut(&mut self.desired).insert(name, sql);
             }
             StatementKind::Reset { name: Some(name) } => {
-                match self.startup_desired.get(&name) {
-                    Some(v) => self.desired.insert(name.clone(), v.clone()),
-                    None => self.desired.remove(&name),
-                };
+                // (Copied on write only when it changes.)
+                let startup = self.startup_desired.get(&name);
+                if self.desired.get(&name) != startup {
+                    let desired = Arc::make_mut(&mut self.desired);
+                    match startup {
+                        Some(v) => desired.insert(name.clone(), v.clone()),
+                        None => desired.remove(&name),
+                    };
+                }
                 if let Some(h) = h {
                     h.conn.applied.remove(&name);
                 }
@@ -173,4 +224,44 @@ pub(super) fn prelude_sql(
         }
     }
     (!sql.is_empty()).then_some(sql)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings(app: &str) -> SettingMap {
+        SettingMap::from([(
+            "application_name".to_string(),
+            set_statement_sql("application_name", app),
+        )])
+    }
+
+    #[test]
+    fn equal_startup_settings_are_shared_and_copied_on_write() {
+        let a = shared_startup(settings("shared-startup-test"));
+        let b = shared_startup(settings("shared-startup-test"));
+        assert!(Arc::ptr_eq(&a, &b), "one map for equal startup settings");
+        let other = shared_startup(settings("shared-startup-test-other"));
+        assert!(!Arc::ptr_eq(&a, &other));
+        let mut changed = b.clone();
+        Arc::make_mut(&mut changed).insert("search_path".into(), "SET search_path TO x".into());
+        assert_eq!(
+            *a,
+            settings("shared-startup-test"),
+            "a change is the session's own"
+        );
+        assert_eq!(changed.len(), 2);
+    }
+
+    #[test]
+    fn shared_startup_settings_are_bounded() {
+        // (None held: maps no session uses go first, so the other test's,
+        // held, are not evicted.)
+        for i in 0..2 * SHARED_STARTUP_MAX {
+            shared_startup(settings(&format!("bounded-test-{i}")));
+        }
+        let n = SHARED_STARTUP.lock().unwrap().len();
+        assert!(n <= SHARED_STARTUP_MAX, "{n} maps kept");
+    }
 }

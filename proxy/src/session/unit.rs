@@ -174,7 +174,7 @@ impl Session {
         h.queue.push_back(Expect::ProxySync);
         h.unit_state = UnitState::Ended;
         h.unit_has_portal = false;
-        self.deferred = Some(next);
+        self.deferred = Some(Box::new(next));
     }
 
     /// Routes and starts a unit (one `Query`, or a batch up to `Sync` /
@@ -239,7 +239,7 @@ impl Session {
         }
 
         // The admin console's PAUSE holds new transactions back.
-        if self.shared.pause.is_paused(&self.database) {
+        if self.shared.pause.is_paused(&self.status.database) {
             self.wait_resumed().await?;
         }
         // Classify the unit. A Bind or Describe of a statement the batch
@@ -347,11 +347,11 @@ impl Session {
     /// the session with 57P01).
     async fn wait_resumed(&mut self) -> Flow {
         use std::sync::atomic::Ordering;
-        info!(pid = self.pid, database = %self.database, "paused: waiting for RESUME");
+        info!(pid = self.pid, database = %self.status.database, "paused: waiting for RESUME");
         self.status.waiting.store(true, Ordering::Relaxed);
         let mut shutdown = self.shared.shutdown_signal();
         let resumed = tokio::select! {
-            () = self.shared.pause.wait(&self.database) => true,
+            () = self.shared.pause.wait(&self.status.database) => true,
             _ = shutdown.wait_for(|s| *s) => false,
         };
         self.status.waiting.store(false, Ordering::Relaxed);
@@ -393,16 +393,16 @@ impl Session {
         }
         let key = crate::backend::PoolKey {
             node,
-            user: self.server_user.clone(),
-            database: self.database.clone(),
+            user: self.status.server_user().to_owned(),
+            database: self.status.database.to_string(),
         };
         let shared = &self.shared;
         let pool = shared.pools.get(&key, || {
             shared.backend_target(
                 node,
-                &self.server_user,
-                self.server_password.clone(),
-                &self.database,
+                self.status.server_user(),
+                self.status.entry.server_password.clone(),
+                &self.status.database,
             )
         });
         if cache.len() <= node {
@@ -492,14 +492,14 @@ impl Session {
             _inflight: self.shared.router().track(node),
             conn,
         };
-        *self.cancel.lock().expect("cancel slot") = Some(h.conn.cancel_target());
+        *self.status.server.lock().expect("cancel slot") = Some(h.conn.cancel_target());
         if let super::optimistic::OptState::Armed(rec) = &mut self.optimistic {
             rec.unit_restarted();
         }
         if let Some(sql) = prelude_sql(&self.desired, &h.conn) {
             if frontend::query(&sql, &mut h.conn.wbuf).is_ok() {
                 h.queue.push_back(Expect::Prelude);
-                h.conn.applied = self.desired.clone();
+                h.conn.applied = (*self.desired).clone();
             }
         }
         if checked {

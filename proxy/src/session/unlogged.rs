@@ -17,7 +17,7 @@ use super::Session;
 impl Session {
     /// Whether the read unit `batch` names an unlogged relation.
     pub(super) async fn reads_unlogged(&mut self, batch: &[ClientMessage]) -> bool {
-        let unlogged = match self.shared.catalog.unlogged(&self.database) {
+        let unlogged = match self.shared.catalog.unlogged(&self.status.database) {
             Some(u) => u,
             None => self.load_unlogged().await,
         };
@@ -58,9 +58,9 @@ impl Session {
                 Err(e) => warn!(error = %e, "cannot list the unlogged relations"),
             }
         }
-        debug!(database = %self.database, ?names, "unlogged relations");
+        debug!(database = %self.status.database, ?names, "unlogged relations");
         self.shared
             .catalog
-            .set_unlogged(&self.database, epoch, names)
+            .set_unlogged(&self.status.database, epoch, names)
     }
 }
