@@ -482,48 +482,39 @@ impl Pools {
 
     /// Statistics of every pool.
     pub fn stats(&self) -> Vec<PoolStats> {
-        let mut v: Vec<_> = self
-            .pools
-            .lock()
-            .expect("pools lock")
-            .values()
-            .map(|p| p.stats())
-            .collect();
+        let mut v: Vec<_> = self.all().iter().map(|p| p.stats()).collect();
         v.sort_by(|a, b| (a.node, &a.user, &a.database).cmp(&(b.node, &b.user, &b.database)));
         v
     }
 
     /// The idle connections of every pool.
     pub fn idle_servers(&self) -> Vec<IdleServer> {
-        let pools: Vec<Arc<NodePool>> = self
-            .pools
-            .lock()
-            .expect("pools lock")
-            .values()
-            .cloned()
-            .collect();
-        pools.iter().flat_map(|p| p.idle_servers()).collect()
+        self.all().iter().flat_map(|p| p.idle_servers()).collect()
     }
 
     /// Expires idle connections and tops pools up to `min_idle`; the proxy
     /// runs this every second.
     pub async fn maintain(&self) {
-        let pools: Vec<Arc<NodePool>> = self
-            .pools
-            .lock()
-            .expect("pools lock")
-            .values()
-            .cloned()
-            .collect();
-        for p in pools {
+        for p in self.all() {
             p.maintain().await;
         }
     }
 
     /// Closes idle connections of every pool (at shutdown).
     pub fn close_idle(&self) {
-        for p in self.pools.lock().expect("pools lock").values() {
+        for p in self.all() {
             p.close_idle();
         }
+    }
+
+    /// Every pool, taken out of the lock (so that what is done with them
+    /// holds no lock other sessions need for checkout).
+    fn all(&self) -> Vec<Arc<NodePool>> {
+        self.pools
+            .lock()
+            .expect("pools lock")
+            .values()
+            .cloned()
+            .collect()
     }
 }
