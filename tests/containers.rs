@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{DEADLINE, cluster, eventually, node_index, start_pg, wait_topology};
+use common::{DEADLINE, cluster, eventually, ids_on, node_index, start_pg, wait_topology};
 use lagrouter::{
     Cluster, Consistency, ConsistencyToken, Error, FallbackReason, MonitorConfig, Role,
 };
@@ -480,21 +480,7 @@ async fn failover_across_containers_resumes_writes_and_reports_lost_ones() {
     acked(at_cut + 20).await;
 
     // Promote the replica that received the most (the other can follow).
-    let mut target = (pg.replicas()[0], None);
-    for r in pg.replicas() {
-        let c = pg.connect(r).await.unwrap();
-        let received: String = c
-            .query_one("SELECT pg_last_wal_receive_lsn()::text", &[])
-            .await
-            .unwrap()
-            .get(0);
-        let received: lagrouter::Lsn = received.parse().unwrap();
-        pg.wait_for_replay(r, received, DEADLINE).await.unwrap();
-        if target.1.is_none_or(|l| received > l) {
-            target = (r, Some(received));
-        }
-    }
-    let target = target.0;
+    let target = pg.most_advanced_replica(DEADLINE).await.unwrap();
     let ti = node_index(&pg, target);
     // Killed, not stopped: a fast shutdown waits for the WAL senders to
     // reach the partitioned standbys, up to wal_sender_timeout (60 s).
@@ -536,14 +522,7 @@ async fn failover_across_containers_resumes_writes_and_reports_lost_ones() {
         .unwrap();
 
     let acks = acks.lock().unwrap().clone();
-    let c = pg.connect(target).await.unwrap();
-    let present: HashSet<i32> = c
-        .query("SELECT id FROM items", &[])
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
+    let present = ids_on(&pg, target).await;
     let lost: HashSet<i32> = acks
         .iter()
         .map(|a| a.0)

@@ -10,7 +10,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{DEADLINE, cluster, counters, eventually, node_index, start_pg, wait_topology};
+use common::{
+    DEADLINE, cluster, counters, eventually, ids_on, node_index, start_pg, wait_topology,
+};
 use lagrouter::{Cluster, Consistency, ConsistencyToken, Error, Fallback, Role};
 use lagrouter_testing::PgCluster;
 use tokio::time::timeout;
@@ -210,17 +212,6 @@ async fn verify(cluster: &Cluster, acks: &[Ack], policy: Consistency) -> Verdict
         }
     }
     v
-}
-
-/// Ids present on `node`.
-async fn ids_on(pg: &PgCluster, node: usize) -> HashSet<i32> {
-    let c = pg.connect(node).await.unwrap();
-    c.query("SELECT id FROM items", &[])
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect()
 }
 
 /// Asynchronous-replication failover: writes acknowledged by the old

@@ -249,6 +249,36 @@ impl PgCluster {
             })
     }
 
+    /// The standby that received the most WAL, once every standby has
+    /// replayed what it received: the one to promote after the primary is
+    /// lost, which the others can then follow. Each wait is bounded by
+    /// `timeout`.
+    pub async fn most_advanced_replica(
+        &self,
+        timeout: Duration,
+    ) -> Result<NodeIndex, HarnessError> {
+        let mut best: Option<(NodeIndex, Lsn)> = None;
+        for r in self.replicas() {
+            let client = self.control(r).await?;
+            let received = self
+                .query_lsn(r, &client, "SELECT pg_last_wal_receive_lsn()::text")
+                .await?
+                .ok_or_else(|| HarnessError::InvalidState {
+                    node: r,
+                    message: "pg_last_wal_receive_lsn() returned NULL".into(),
+                })?;
+            self.wait_for_replay(r, received, timeout).await?;
+            if best.is_none_or(|(_, l)| received > l) {
+                best = Some((r, received));
+            }
+        }
+        best.map(|(r, _)| r)
+            .ok_or_else(|| HarnessError::InvalidState {
+                node: self.primary(),
+                message: "the cluster has no replica".into(),
+            })
+    }
+
     /// Polls until `node` has replayed up to `lsn`, failing after `timeout`.
     ///
     /// `lsn` is first passed through [`Lsn::round_to_record_boundary`], so

@@ -94,3 +94,14 @@ pub fn node_index(pg: &PgCluster, pg_node: usize) -> usize {
             .expect("a replica")
     }
 }
+
+/// The ids in the `items` table of `node` (the failover tests' writes).
+pub async fn ids_on(pg: &PgCluster, node: usize) -> std::collections::HashSet<i32> {
+    let c = pg.connect(node).await.unwrap();
+    c.query("SELECT id FROM items", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect()
+}

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use lagrouter_testing::{BackendKind, PgCluster, default_backend};
 use tokio_postgres::Client;
 
-use crate::failover::{Log, first_value, proxy_index, read_back, writer};
+use crate::failover::{Log, first_value, ids_on, proxy_index, read_back, writer};
 use crate::support::*;
 
 const DEADLINE: Duration = Duration::from_secs(30);
@@ -346,26 +346,6 @@ async fn a_primary_partitioned_from_its_replicas_keeps_serving_through_the_prima
     env.stop().await;
 }
 
-/// The standby that received the most WAL (it can be promoted and the
-/// other can follow it), once both have replayed what they received.
-async fn most_advanced(pg: &PgCluster) -> usize {
-    let mut best = (pg.replicas()[0], None);
-    for r in pg.replicas() {
-        let c = pg.connect(r).await.unwrap();
-        let received: String = c
-            .query_one("SELECT pg_last_wal_receive_lsn()::text", &[])
-            .await
-            .unwrap()
-            .get(0);
-        let received: lagrouter::Lsn = received.parse().unwrap();
-        pg.wait_for_replay(r, received, DEADLINE).await.unwrap();
-        if best.1.is_none_or(|l| received > l) {
-            best = (r, Some(received));
-        }
-    }
-    best.0
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failover_across_containers_resumes_writes_and_reports_lost_ones() {
     if !docker_in_use() {
@@ -397,7 +377,7 @@ async fn failover_across_containers_resumes_writes_and_reports_lost_ones() {
     let at_cut = log.acked();
     log.wait_acks(at_cut + 20).await;
 
-    let target = most_advanced(pg).await;
+    let target = pg.most_advanced_replica(DEADLINE).await.unwrap();
     let ti = proxy_index(&env, target);
     // Killed, not stopped: a fast shutdown waits for the WAL senders to
     // reach the partitioned standbys, up to wal_sender_timeout (60 s).
@@ -415,28 +395,9 @@ async fn failover_across_containers_resumes_writes_and_reports_lost_ones() {
     })
     .await;
     let detected = promote_called.elapsed();
-    wait_until(
-        DEADLINE,
-        "a write acknowledged by the new primary",
-        || async {
-            log.acks
-                .lock()
-                .unwrap()
-                .last()
-                .is_some_and(|a| a.at > promote_called)
-        },
-    )
-    .await;
-    let n = log.acked();
-    log.wait_acks(n + 20).await;
-    log.stop.store(true, Ordering::Relaxed);
-    tokio::time::timeout(DEADLINE, task)
-        .await
-        .expect("writer stops")
-        .unwrap();
-
-    let acks = log.acks.lock().unwrap().clone();
-    let failures = log.failures.lock().unwrap().clone();
+    log.wait_ack_after(promote_called, "a write acknowledged by the new primary")
+        .await;
+    let (acks, failures) = log.finish(task, 20).await;
     for f in &failures {
         assert!(
             f.code.starts_with("08") || f.code.starts_with("57P"),
@@ -450,16 +411,7 @@ async fn failover_across_containers_resumes_writes_and_reports_lost_ones() {
         .find(|a| a.at > first_failure)
         .expect("checked")
         .at;
-    let present: HashSet<i32> = pg
-        .connect(target)
-        .await
-        .unwrap()
-        .query("SELECT id FROM items", &[])
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
+    let present = ids_on(pg, target).await;
     let lost: HashSet<i32> = acks
         .iter()
         .map(|a| a.id)

@@ -50,6 +50,46 @@ impl Log {
         })
         .await;
     }
+
+    /// Waits for a write acknowledged after `t`.
+    pub(crate) async fn wait_ack_after(&self, t: Instant, what: &str) {
+        wait_until(DEADLINE, what, || async {
+            self.acks.lock().unwrap().last().is_some_and(|a| a.at > t)
+        })
+        .await;
+    }
+
+    /// Lets `more` further writes be acknowledged, stops the writer `task`
+    /// and returns every acknowledged and failed write.
+    pub(crate) async fn finish(
+        &self,
+        task: tokio::task::JoinHandle<()>,
+        more: usize,
+    ) -> (Vec<Ack>, Vec<Failure>) {
+        self.wait_acks(self.acked() + more).await;
+        self.stop.store(true, Ordering::Relaxed);
+        tokio::time::timeout(DEADLINE, task)
+            .await
+            .expect("writer stops")
+            .unwrap();
+        (
+            self.acks.lock().unwrap().clone(),
+            self.failures.lock().unwrap().clone(),
+        )
+    }
+}
+
+/// The ids in the `items` table of `node` (the writer's rows).
+pub(crate) async fn ids_on(pg: &PgCluster, node: usize) -> HashSet<i32> {
+    pg.connect(node)
+        .await
+        .unwrap()
+        .query("SELECT id FROM items", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect()
 }
 
 pub(crate) fn first_value(msgs: &[SimpleQueryMessage]) -> Option<String> {
@@ -203,28 +243,9 @@ async fn promoted_replica_is_followed_and_lost_writes_are_reported() {
     })
     .await;
     let detected = promoted_at.elapsed();
-    wait_until(
-        DEADLINE,
-        "a write acknowledged after the failover",
-        || async {
-            log.acks
-                .lock()
-                .unwrap()
-                .last()
-                .is_some_and(|a| a.at > first_failure)
-        },
-    )
-    .await;
-    let recovered = log.acked();
-    log.wait_acks(recovered + 20).await;
-    log.stop.store(true, Ordering::Relaxed);
-    tokio::time::timeout(DEADLINE, task)
-        .await
-        .expect("writer stops")
-        .unwrap();
-
-    let acks = log.acks.lock().unwrap().clone();
-    let failures = log.failures.lock().unwrap().clone();
+    log.wait_ack_after(first_failure, "a write acknowledged after the failover")
+        .await;
+    let (acks, failures) = log.finish(task, 20).await;
     for f in &failures {
         assert!(
             f.code.starts_with("08") || f.code.starts_with("57P"),
@@ -237,16 +258,7 @@ async fn promoted_replica_is_followed_and_lost_writes_are_reported() {
     let first_success = acks.iter().find(|a| a.at > first_failure).unwrap().at;
 
     // Which acknowledged writes the new primary lacks.
-    let present: HashSet<i32> = pg
-        .connect(r1)
-        .await
-        .unwrap()
-        .query("SELECT id FROM items", &[])
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
+    let present = ids_on(pg, r1).await;
     let lost: Vec<i32> = acks
         .iter()
         .map(|a| a.id)
